@@ -1,0 +1,142 @@
+"""Argument checks shared by every public op. Each failure is a ValueError that names the argument."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _dispatch
+
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class Rows:
+    """Both logit tensors seen as 2-D rows, plus what every op needs to know about them."""
+
+    student: torch.Tensor  # [N, V_s], unit stride along the vocabulary
+    teacher: torch.Tensor  # [N, V_t]
+    lead_shape: torch.Size
+    vocab: int  # min(V_s, V_t)
+    inv_temp: float
+    mask: torch.Tensor | None  # bool [N] or None (all valid)
+    backend: object
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def check_logits(student_logits, teacher_logits) -> None:
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] < 1:
+            raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"teacher_logits: leading shape {tuple(teacher_logits.shape[:-1])} does not match "
+                         f"student_logits' {tuple(student_logits.shape[:-1])}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"teacher_logits: on {teacher_logits.device}, but student_logits is on "
+                         f"{student_logits.device}; both must be on the same device")
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits: requires grad, but the teacher never receives a gradient; compute the "
+                         "teacher's forward under torch.no_grad() (or pass teacher_logits.detach())")
+
+
+def check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_range(name: str, value, low: float, high: float, *, high_inclusive: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value <= high if high_inclusive else value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name}: expected a number in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_num_tokens(num_tokens):
+    if num_tokens is None:
+        return None
+    if isinstance(num_tokens, torch.Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens: expected a scalar, got a tensor of shape {tuple(num_tokens.shape)}")
+        return num_tokens.detach().to(torch.float32).reshape(())
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not num_tokens > 0:
+        raise ValueError(f"num_tokens: expected a number > 0 (the global count of valid tokens), got {num_tokens!r}")
+    return float(num_tokens)
+
+
+def per_position(name: str, x, lead_shape, device, *, integer: bool = False) -> torch.Tensor:
+    """A tensor with the logits' leading shape (tokens, advantages, ...), flattened to [N]."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape {tuple(lead_shape)}, got {type(x).__name__}")
+    if x.shape != lead_shape:
+        raise ValueError(f"{name}: expected shape {tuple(lead_shape)} (the logits' leading shape), "
+                         f"got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name}: on {x.device}, but the logits are on {device}")
+    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise ValueError(f"{name}: expected an integer tensor (token ids), got {x.dtype}")
+    if not integer and not x.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    return x.reshape(-1)
+
+
+def check_mask(mask, lead_shape, device):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a torch.Tensor of shape {tuple(lead_shape)} or None, "
+                         f"got {type(mask).__name__}")
+    if mask.shape != lead_shape:
+        raise ValueError(f"mask: expected shape {tuple(lead_shape)} (the logits' leading shape), got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask: on {mask.device}, but the logits are on {device}")
+    return (mask.reshape(-1) != 0) if mask.dtype != torch.bool else mask.reshape(-1)
+
+
+def check_tokens(name: str, tokens, lead_shape, device, vocab: int, valid) -> torch.Tensor:
+    """Token ids as int64 [N], in [0, vocab) wherever ``valid``; elsewhere replaced by 0 (never read)."""
+    flat = per_position(name, tokens, lead_shape, device, integer=True).to(torch.int64)
+    if valid is not None:
+        flat = torch.where(valid, flat, torch.zeros_like(flat))
+    if flat.numel() and bool(((flat < 0) | (flat >= vocab)).any()):
+        bad = flat[(flat < 0) | (flat >= vocab)][0].item()
+        raise ValueError(f"{name}: token id {bad} is out of range [0, {vocab}) (vocabulary = min(V_s, V_t))")
+    return flat
+
+
+def prepare(student_logits, teacher_logits, *, temperature, mask, backend) -> Rows:
+    """Validate the common arguments and view both logit tensors as rows."""
+    check_logits(student_logits, teacher_logits)
+    tau = check_positive("temperature", temperature)
+    lead_shape = student_logits.shape[:-1]
+    flat_mask = check_mask(mask, lead_shape, student_logits.device)
+    if not isinstance(backend, str):
+        raise ValueError(f"backend: expected a string, got {type(backend).__name__}")
+    return Rows(
+        student=_as_rows(student_logits),
+        teacher=_as_rows(teacher_logits.detach()),
+        lead_shape=lead_shape,
+        vocab=min(student_logits.shape[-1], teacher_logits.shape[-1]),
+        inv_temp=1.0 / tau,
+        mask=flat_mask,
+        backend=_dispatch.get_backend(backend, student_logits.device),
+    )

@@ -1,0 +1,44 @@
+"""Backends: interchangeable implementations of five row-wise primitives.
+
+Every public op in ``minillm_fast.loss`` and ``minillm_fast.sampling`` is written on top of these primitives, so a
+backend is a small module (``torch``, ``cpu``, ``triton``, ``cuda``) that provides exactly them. Inputs are 2-D
+``[N, V_s]`` student and ``[N, V_t]`` teacher logits with unit stride along the vocabulary (any row stride), in
+float32/bfloat16/float16, possibly of different dtypes; the distributions are taken over the first
+``V = min(V_s, V_t)`` columns; ``inv_temp`` is 1/tau; all accumulation is float32.
+
+``row_stats(z, u, tokens, inv_temp) -> float32 [N, NUM_STATS]``
+    One pass over both rows (online max and rescaled sums). With z' = z/tau, u' = u/tau, ``s_q = sum exp(z'-m_q)``,
+    ``s_p = sum exp(u'-m_p)``, q = exp(z'-m_q)/s_q and p = exp(u'-m_p)/s_p, the columns are::
+
+        M_Q   max_v z'_v                LOGS_Q  log s_q
+        M_P   max_v u'_v                LOGS_P  log s_p
+        EQ_D  E_q[z' - u']              EQ_ZC   E_q[z' - m_q]     (<= 0)
+        EP_D  E_p[u' - z']              EP_UC   E_p[u' - m_p]     (<= 0)
+        ZY    z'_y                      UY      u'_y              (0 when tokens is None)
+
+    with 0 * inf = 0 (an entry of zero probability contributes nothing). An empty row (all -inf) has
+    M = -inf and LOGS = -inf; the ops treat it as masked.
+
+``logits_grad(z, u, tokens, stats, coef, inv_temp) -> [N, V_s] in z.dtype``
+    coef is float32 [N, 4] = (c_kl, c_q, c_p, c_y) and the gradient is
+    ``dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]`` with d = z' - u'. Every gradient of
+    every op is such a combination (the 1/tau factor is folded into coef). Rows whose four coefficients are all
+    zero are written as zeros without reading the logits; columns >= V are zero.
+
+``jsd_rows(z, u, stats, beta, inv_temp) -> float32 [N, 2]``
+    Second pass for 0 < beta < 1: (JSD_beta, E_q[g]) with g_v = log q_v - log m_v, m = beta p + (1-beta) q.
+
+``jsd_grad(z, u, stats, jsd, coef, beta, inv_temp) -> [N, V_s] in z.dtype``
+    ``dz_v = coef q_v (g_v - E_q[g])`` with coef float32 [N] (it includes (1-beta)/tau).
+
+``sample_rows(z, u, use_teacher, uniform, inv_temp) -> int64 [N]``
+    Inverse-CDF draw from softmax(u'/...) where use_teacher else softmax(z'), with one float64 uniform in [0, 1)
+    per row: the first v with cumsum(exp(x - m)) > uniform * s. Never returns an entry of probability 0.
+    Rows whose chosen distribution is empty return -1.
+"""
+from __future__ import annotations
+
+M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY = range(10)
+NUM_STATS = 10
+C_KL, C_Q, C_P, C_Y = range(4)
+NUM_COEFS = 4

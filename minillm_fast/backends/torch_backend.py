@@ -1,0 +1,149 @@
+"""Pure-PyTorch backend: runs anywhere, processes rows in chunks so that at most one chunk of full-vocabulary
+float32 temporaries exists at a time. The primitives are specified in ``minillm_fast.backends``."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import NUM_STATS, C_KL, C_Q, C_P, C_Y
+
+name = "torch"
+
+# At most this many float32 elements per temporary (16 MiB each).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(n_rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _scaled(x: torch.Tensor, vocab: int, inv_temp: float) -> torch.Tensor:
+    return x[:, :vocab].float() * inv_temp
+
+
+def _max_and_logsum(x: torch.Tensor):
+    """(m, e = exp(x - m), log sum e); an all -inf row gives m = -inf, e = 0, log sum = -inf."""
+    m = x.amax(dim=1)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - shift[:, None])
+    s = e.sum(1)
+    return m, e, torch.log(s), s
+
+
+def _weighted_mean(e: torch.Tensor, s: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum_v e_v values_v / s, where entries with e_v = 0 contribute 0 even if values_v is infinite or NaN."""
+    terms = torch.where(e > 0, e * values, torch.zeros_like(values))
+    return terms.sum(1) / s
+
+
+def row_stats(z, u, tokens, inv_temp):
+    n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
+    out = torch.zeros(n_rows, NUM_STATS, dtype=torch.float32, device=z.device)
+    for a, b in _row_chunks(n_rows, vocab):
+        zs, us = _scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp)
+        m_q, e_q, logs_q, s_q = _max_and_logsum(zs)
+        m_p, e_p, logs_p, s_p = _max_and_logsum(us)
+        d = zs - us
+        out[a:b, 0], out[a:b, 1], out[a:b, 2], out[a:b, 3] = m_q, logs_q, m_p, logs_p
+        out[a:b, 4] = _weighted_mean(e_q, s_q, d)
+        out[a:b, 5] = _weighted_mean(e_q, s_q, zs - m_q[:, None])
+        out[a:b, 6] = _weighted_mean(e_p, s_p, -d)
+        out[a:b, 7] = _weighted_mean(e_p, s_p, us - m_p[:, None])
+        if tokens is not None:
+            y = tokens[a:b, None]
+            out[a:b, 8] = zs.gather(1, y)[:, 0]
+            out[a:b, 9] = us.gather(1, y)[:, 0]
+    return out
+
+
+def _probs(x, m, logs):
+    """exp(x - m - log s) computed as (x - m) - log s: the shift is exact, so extreme logits keep precision."""
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp((x - shift[:, None]) - logs[:, None])
+
+
+def logits_grad(z, u, tokens, stats, coef, inv_temp):
+    n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
+    dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+    for a, b in _row_chunks(n_rows, vocab):
+        c = coef[a:b]
+        active = (c != 0).any(1)
+        if not bool(active.any()):
+            continue
+        st = stats[a:b]
+        zs = _scaled(z[a:b], vocab, inv_temp)
+        q = _probs(zs, st[:, 0], st[:, 1])
+        grad = c[:, C_Q, None] * q
+        if bool((c[:, C_KL] != 0).any()):
+            d = zs - _scaled(u[a:b], vocab, inv_temp)
+            centred = torch.where(q > 0, q * (d - st[:, 4, None]), torch.zeros_like(q))
+            grad = grad + c[:, C_KL, None] * centred
+        if bool((c[:, C_P] != 0).any()):
+            grad = grad + c[:, C_P, None] * _probs(_scaled(u[a:b], vocab, inv_temp), st[:, 2], st[:, 3])
+        if tokens is not None:
+            grad.scatter_add_(1, tokens[a:b, None], c[:, C_Y, None])
+        grad = torch.where(active[:, None], grad, torch.zeros_like(grad))
+        dz[a:b, :vocab] = grad.to(z.dtype)
+    return dz
+
+
+def _jsd_terms(zs, us, st, beta):
+    """(q, log q - log m, p, log p - log m) for one chunk, every log kept finite where its prob is 0."""
+    shift_q = torch.where(torch.isfinite(st[:, 0]), st[:, 0], torch.zeros_like(st[:, 0]))
+    shift_p = torch.where(torch.isfinite(st[:, 2]), st[:, 2], torch.zeros_like(st[:, 2]))
+    log_q = (zs - shift_q[:, None]) - st[:, 1, None]
+    log_p = (us - shift_p[:, None]) - st[:, 3, None]
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    q, p = torch.exp(log_q), torch.exp(log_p)
+    g_q = torch.where(q > 0, log_q - log_m, torch.zeros_like(q))
+    g_p = torch.where(p > 0, log_p - log_m, torch.zeros_like(p))
+    return q, g_q, p, g_p
+
+
+def jsd_rows(z, u, stats, beta, inv_temp):
+    n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
+    out = torch.zeros(n_rows, 2, dtype=torch.float32, device=z.device)
+    for a, b in _row_chunks(n_rows, vocab):
+        q, g_q, p, g_p = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
+                                    stats[a:b], beta)
+        kl_q = (q * g_q).sum(1)
+        out[a:b, 0] = beta * (p * g_p).sum(1) + (1 - beta) * kl_q
+        out[a:b, 1] = kl_q
+    return out
+
+
+def jsd_grad(z, u, stats, jsd, coef, beta, inv_temp):
+    n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
+    dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device)
+    for a, b in _row_chunks(n_rows, vocab):
+        c = coef[a:b]
+        if not bool((c != 0).any()):
+            continue
+        q, g_q, _, _ = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
+                                  stats[a:b], beta)
+        grad = c[:, None] * q * (g_q - jsd[a:b, 1, None])
+        grad = torch.where((c != 0)[:, None], grad, torch.zeros_like(grad))
+        dz[a:b, :vocab] = grad.to(z.dtype)
+    return dz
+
+
+def sample_rows(z, u, use_teacher, uniform, inv_temp):
+    n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
+    out = torch.empty(n_rows, dtype=torch.int64, device=z.device)
+    for a, b in _row_chunks(n_rows, vocab):
+        x = torch.where(use_teacher[a:b, None], _scaled(u[a:b], vocab, inv_temp), _scaled(z[a:b], vocab, inv_temp))
+        m = x.amax(1)
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(x - shift[:, None])
+        cum = e.cumsum(1)
+        target = (uniform[a:b].to(torch.float32) * cum[:, -1])[:, None]
+        crossed = (cum > target) & (e > 0)
+        # Rounding can leave the last positive entry just below the target: fall back to it.
+        last_positive = vocab - 1 - (e > 0).flip(1).to(torch.int8).argmax(1)
+        first = crossed.to(torch.int8).argmax(1)
+        idx = torch.where(crossed.any(1), first, last_positive)
+        out[a:b] = torch.where(torch.isfinite(m), idx, torch.full_like(idx, -1))
+    return out

@@ -1,0 +1,361 @@
+"""Distillation losses over full vocabularies, fused: no softmax is ever materialised.
+
+Drop-in use::
+
+    from minillm_fast import loss
+    kl = loss.reverse_kl(student_logits, teacher_logits, mask=attention_mask)   # KL(q || p), token mean
+    kl.backward()
+
+Notation: ``q = softmax(student_logits / tau)`` (the student), ``p = softmax(teacher_logits / tau)`` (the teacher).
+
+Common semantics (every op):
+
+* logits are ``[..., V]``, float32, bfloat16 or float16, student and teacher may differ in dtype; everything
+  accumulates in float32, losses come back float32 and the student's gradient in the student's dtype;
+* the teacher never receives a gradient: a ``teacher_logits`` that requires grad is a ValueError (compute the
+  teacher under ``torch.no_grad()``);
+* padded vocabularies: when V_s != V_t both distributions are taken over the first ``min(V_s, V_t)`` columns;
+  the student's extra columns get zero gradient;
+* ``mask`` has the leading shape; masked positions contribute nothing and are not counted;
+* ``-inf`` logits are legal (masked vocabulary entries, with 0 log 0 = 0). Where the student has mass on an
+  entry the teacher gives ``-inf``, the reverse KL is ``+inf`` (and the forward KL symmetrically); such a row
+  then has a non-finite gradient too. A row whose student or teacher logits are *all* ``-inf`` (an empty
+  distribution) is treated as masked: it contributes 0 and is not counted;
+* ``reduction``: ``"mean"`` (sum over valid positions / their number; 0.0 with a zero gradient when none is
+  valid), ``"sum"``, or ``"none"`` (leading shape, 0 at masked positions);
+* ``backend``: ``"auto"`` (fastest for the tensors' device), ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``;
+  see ``minillm_fast.available_backends()``;
+* the MiniLLM losses take ``num_tokens``: when given, token sums are divided by it instead of the local number
+  of valid tokens (pass the global count under gradient accumulation or data parallelism).
+
+How it works: one pass over both rows computes a few float32 statistics per row (``backends.row_stats``);
+every loss above is an O(rows) expression of them, and every gradient is one more pass
+(``backends.logits_grad``) writing ``dz = c_kl q (d - E_q[d]) + c_q q + c_p p + c_y e_y`` with per-row
+coefficients. Only [N, 10] statistics are saved for backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import _validate
+from .backends import C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, ZY, UY
+
+__all__ = ["reverse_kl", "forward_kl", "jsd", "token_stats", "minillm_loss", "pt_loss",
+           "TokenStats", "MiniLLMLoss", "PTLoss"]
+
+
+class TokenStats(NamedTuple):
+    """Per-position float32 statistics of a sampled token y (no gradient; 0 at masked positions)."""
+
+    student_logprob: torch.Tensor  # log q(y)
+    teacher_logprob: torch.Tensor  # log p(y)
+    mix_logprob: torch.Tensor  # log(alpha p(y) + (1 - alpha) q(y))
+    log_ratio: torch.Tensor  # log p(y) - log q(y)
+    importance_weight: torch.Tensor  # q(y) / (alpha p(y) + (1 - alpha) q(y)), in (0, 1 / (1 - alpha)]
+    reverse_kl: torch.Tensor  # KL(q || p) over the whole vocabulary
+    student_entropy: torch.Tensor  # -sum_v q_v log q_v
+
+
+class MiniLLMLoss(NamedTuple):
+    loss: torch.Tensor  # pg_loss (+ reg_loss when single_step): the only one with a gradient
+    pg_loss: torch.Tensor
+    reg_loss: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+class PTLoss(NamedTuple):
+    loss: torch.Tensor  # (1 - kd_ratio) lm_loss + kd_ratio kd_loss: the only one with a gradient
+    lm_loss: torch.Tensor
+    kd_loss: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Row statistics -> per-position quantities (see minillm_fast.backends for the column meanings)
+# ----------------------------------------------------------------------------------------------------------
+
+def _row_stats(rows: _validate.Rows, tokens=None) -> torch.Tensor:
+    with torch.no_grad():
+        return rows.backend.row_stats(rows.student, rows.teacher, tokens, rows.inv_temp)
+
+
+def _valid_rows(rows: _validate.Rows, stats: torch.Tensor) -> torch.Tensor:
+    """Positions that count: allowed by the mask, and neither distribution empty (a NaN row stays valid, so
+    that NaN inputs show up as NaN instead of being dropped silently)."""
+    nonempty = (stats[:, M_Q] != -math.inf) & (stats[:, M_P] != -math.inf)
+    return nonempty if rows.mask is None else nonempty & rows.mask
+
+
+def _reverse_kl_rows(s):
+    # KL(q||p) = E_q[z' - u'] - lse_q + lse_p, with the maxima subtracted before the logs are added.
+    return s[:, EQ_D] - (s[:, M_Q] - s[:, M_P]) - s[:, LOGS_Q] + s[:, LOGS_P]
+
+
+def _forward_kl_rows(s):
+    return s[:, EP_D] - (s[:, M_P] - s[:, M_Q]) - s[:, LOGS_P] + s[:, LOGS_Q]
+
+
+def _student_logprob_rows(s):
+    return (s[:, ZY] - s[:, M_Q]) - s[:, LOGS_Q]
+
+
+def _teacher_logprob_rows(s):
+    return (s[:, UY] - s[:, M_P]) - s[:, LOGS_P]
+
+
+def _zero_where_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, x, torch.zeros_like(x))
+
+
+def _reduce(per_row, valid, reduction, lead_shape, num_tokens=None):
+    """(value, weight): the reduced loss and d value / d per_row for each row (before the upstream grad)."""
+    per_row = _zero_where_invalid(per_row, valid)
+    weight = valid.to(torch.float32)
+    if reduction == "none":
+        return per_row.reshape(lead_shape), weight
+    if reduction == "mean":
+        denom = valid.sum().clamp(min=1).to(torch.float32) if num_tokens is None else num_tokens
+        weight = weight / denom
+    return (per_row * weight).sum(), weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attaching the fused gradient
+# ----------------------------------------------------------------------------------------------------------
+
+class _FusedStudentGrad(torch.autograd.Function):
+    """Returns ``value`` unchanged; its backward is ``student_grad(upstream)``, a fused kernel call.
+
+    It knows nothing about backends or losses: each op hands it a closure over the saved row statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, value, student_grad):
+        ctx.student_grad = student_grad
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        return ctx.student_grad(upstream), None, None
+
+
+def _attach_grad(student_logits: torch.Tensor, value: torch.Tensor,
+                 student_grad: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        return _FusedStudentGrad.apply(student_logits, value, student_grad)
+    return value
+
+
+def _per_row_upstream(upstream: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The upstream gradient as a float32 [N] or [] tensor that broadcasts against per-row weights."""
+    upstream = upstream.to(torch.float32)
+    return upstream.reshape(n_rows) if upstream.dim() > 0 else upstream
+
+
+def _logits_grad_fn(student_logits, rows, stats, tokens, coef_per_unit: torch.Tensor):
+    """Closure computing dz for upstream g: coef = coef_per_unit * g (per row), then one fused pass."""
+
+    def student_grad(upstream):
+        coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])[..., None]
+        dz = rows.backend.logits_grad(rows.student, rows.teacher, tokens, stats, coef.contiguous(), rows.inv_temp)
+        return dz.reshape(student_logits.shape)
+
+    return student_grad
+
+
+def _coefs(n_rows: int, device, **columns) -> torch.Tensor:
+    coef = torch.zeros(n_rows, NUM_COEFS, dtype=torch.float32, device=device)
+    index = {"kl": C_KL, "q": C_Q, "p": C_P, "y": C_Y}
+    for key, value in columns.items():
+        coef[:, index[key]] = value
+    return coef
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Divergences
+# ----------------------------------------------------------------------------------------------------------
+
+def _divergence(student_logits, teacher_logits, per_row_fn, grad_columns, *, temperature, mask, reduction,
+                backend):
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    reduction = _validate.check_reduction(reduction)
+    stats = _row_stats(rows)
+    valid = _valid_rows(rows, stats)
+    value, weight = _reduce(per_row_fn(stats), valid, reduction, rows.lead_shape)
+    coef = _coefs(stats.shape[0], stats.device, **{k: weight * v * rows.inv_temp for k, v in grad_columns.items()})
+    return _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, stats, None, coef))
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+    """Reverse KL per position: KL(q || p) = sum_v q_v (log q_v - log p_v), the MiniLLM objective.
+
+    Gradient: d/dz KL = (1/tau) q * (log q - log p - KL). +inf where the student has mass on an entry whose
+    teacher logit is -inf. See the module docstring for masks, reductions, dtypes and padded vocabularies.
+    """
+    return _divergence(student_logits, teacher_logits, _reverse_kl_rows, {"kl": 1.0}, temperature=temperature,
+                       mask=mask, reduction=reduction, backend=backend)
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+    """Forward KL per position: KL(p || q) = sum_v p_v (log p_v - log q_v) (word-level KD).
+
+    Gradient: d/dz KL = (1/tau) (q - p). +inf where the teacher has mass on an entry whose student logit is
+    -inf. See the module docstring for the common semantics.
+    """
+    return _divergence(student_logits, teacher_logits, _forward_kl_rows, {"q": 1.0, "p": -1.0},
+                       temperature=temperature, mask=mask, reduction=reduction, backend=backend)
+
+
+def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+    """Generalised Jensen-Shannon divergence of GKD / TRL: with m = beta p + (1 - beta) q,
+
+        JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m).
+
+    That formula tends to 0 at both ends, so the endpoints are *defined* (as TRL does):
+    ``beta=0`` is ``forward_kl`` (KL(p||q)) and ``beta=1`` is ``reverse_kl`` (KL(q||p)).
+    Gradient for 0 < beta < 1: d/dz = ((1 - beta)/tau) q * (g - E_q[g]) with g = log q - log m.
+    Needs two passes over the rows (the mixture needs both normalisers first).
+    """
+    beta = _validate.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
+    common = dict(temperature=temperature, mask=mask, reduction=reduction, backend=backend)
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, **common)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, **common)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    reduction = _validate.check_reduction(reduction)
+    stats = _row_stats(rows)
+    with torch.no_grad():
+        jsd_rows = rows.backend.jsd_rows(rows.student, rows.teacher, stats, beta, rows.inv_temp)
+    valid = _valid_rows(rows, stats)
+    value, weight = _reduce(jsd_rows[:, 0], valid, reduction, rows.lead_shape)
+    coef_per_unit = weight * ((1.0 - beta) * rows.inv_temp)
+
+    def student_grad(upstream):
+        coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])
+        dz = rows.backend.jsd_grad(rows.student, rows.teacher, stats, jsd_rows, coef.contiguous(), beta,
+                                   rows.inv_temp)
+        return dz.reshape(student_logits.shape)
+
+    return _attach_grad(student_logits, value, student_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MiniLLM's token kernels
+# ----------------------------------------------------------------------------------------------------------
+
+def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperature=1.0, mask=None, backend="auto"):
+    """Per-position statistics of the sampled tokens y, from one pass over both rows (no gradient).
+
+    Returns ``TokenStats`` of float32 tensors with the leading shape (0 at masked positions):
+    ``student_logprob`` log q(y), ``teacher_logprob`` log p(y), ``mix_logprob`` log(alpha p(y) + (1-alpha) q(y))
+    (computed with logaddexp, never by exponentiating), ``log_ratio`` log p(y) - log q(y) (MiniLLM's per-token
+    reward before scaling), ``importance_weight`` q(y) / p~(y) in (0, 1/(1-alpha)], ``reverse_kl`` KL(q||p) over
+    the whole vocabulary, ``student_entropy`` -sum q log q. ``alpha`` is in [0, 1).
+    """
+    alpha = _validate.check_range("alpha", alpha, 0.0, 1.0, high_inclusive=False)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    flat_tokens = _validate.check_tokens("tokens", tokens, rows.lead_shape, student_logits.device, rows.vocab,
+                                         rows.mask)
+    with torch.no_grad():
+        s = _row_stats(rows, flat_tokens)
+        valid = _valid_rows(rows, s)
+        lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)
+        mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
+        fields = TokenStats(
+            student_logprob=lq, teacher_logprob=lp, mix_logprob=mix, log_ratio=lp - lq,
+            importance_weight=torch.exp(lq - mix), reverse_kl=_reverse_kl_rows(s),
+            student_entropy=s[:, LOGS_Q] - s[:, EQ_ZC],
+        )
+        return TokenStats(*(_zero_where_invalid(f, valid).reshape(rows.lead_shape) for f in fields))
+
+
+def _normaliser(valid: torch.Tensor, num_tokens):
+    return valid.sum().clamp(min=1).to(torch.float32) if num_tokens is None else num_tokens
+
+
+def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprobs, importance_weights, *, mask,
+                 clip_eps=0.2, temperature=1.0, single_step=True, num_tokens=None, backend="auto"):
+    """MiniLLM's training micro-step (policy gradient + single-step reverse KL) as one fused op.
+
+    With log q(y) the current student's log-prob of the rollout token and N the number of valid tokens
+    (or ``num_tokens``)::
+
+        rho     = exp(log q(y) - old_logprob) * w          (w: importance_weights; exp(0) at masked positions)
+        pg_loss = (1/N) sum_valid max(-A rho, -A clip(rho, 1 - eps, 1 + eps))
+        reg_loss= (1/N) sum_valid KL(q || p)               (exact, whole vocabulary; reported always)
+        loss    = pg_loss + reg_loss if single_step else pg_loss
+
+    ``advantages``, ``old_logprobs`` and ``importance_weights`` are constants (never differentiated).
+    ``clip_fraction`` is the share of valid tokens with |rho - 1| > eps. Gradient, one fused pass:
+    dz = (1/(N tau)) [ g (e_y - q) + single_step * q (log q - log p - KL) ], g = -A rho where the unclipped
+    branch is active, else 0. Returns ``MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)``.
+    """
+    clip_eps = _validate.check_positive("clip_eps", clip_eps)
+    num_tokens = _validate.check_num_tokens(num_tokens)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    device, lead = student_logits.device, rows.lead_shape
+    flat_tokens = _validate.check_tokens("tokens", tokens, lead, device, rows.vocab, rows.mask)
+    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
+                   for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
+                                   ("importance_weights", importance_weights)))
+    with torch.no_grad():
+        s = _row_stats(rows, flat_tokens)
+        valid = _valid_rows(rows, s)
+        log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old, valid)
+        rho = torch.exp(log_ratio) * w
+        unclipped, clipped = -adv * rho, -adv * rho.clamp(1 - clip_eps, 1 + clip_eps)
+        pg = torch.maximum(unclipped, clipped)
+        d_pg_d_logq = torch.where(unclipped >= clipped, -adv * rho, torch.zeros_like(rho))
+        kl = _reverse_kl_rows(s)
+        weight = valid.to(torch.float32) / _normaliser(valid, num_tokens)
+        pg_loss = (_zero_where_invalid(pg, valid) * weight).sum()
+        reg_loss = (_zero_where_invalid(kl, valid) * weight).sum()
+        clip_fraction = (((rho - 1).abs() > clip_eps).to(torch.float32) * weight).sum()
+        value = pg_loss + reg_loss if single_step else pg_loss.clone()
+        scale = weight * rows.inv_temp
+        coef = _coefs(s.shape[0], device, y=scale * d_pg_d_logq, q=-scale * d_pg_d_logq,
+                      kl=scale * float(bool(single_step)))
+    loss = _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef))
+    return MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)
+
+
+def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_index=-100, temperature=1.0,
+            num_tokens=None, backend="auto"):
+    """MiniLLM's PT loss on plain text: language modelling mixed with word-level distillation, one fused pass.
+
+        lm_loss = (1/N) sum_valid -log q(label)            (cross-entropy of softmax(z / tau))
+        kd_loss = (1/N) sum_valid -sum_v p_v log q_v       (p = softmax(u / tau); same tau, no tau^2 factor)
+        loss    = (1 - kd_ratio) lm_loss + kd_ratio kd_loss
+
+    Positions whose label is ``ignore_index`` are not valid. **Labels are aligned with the logits: there is no
+    shift inside** (shift them yourself for next-token prediction). Gradient:
+    dz = (1/(N tau)) [ (1 - lambda)(q - e_y) + lambda (q - p) ]. Returns ``PTLoss(loss, lm_loss, kd_loss)``.
+    """
+    kd_ratio = _validate.check_range("kd_ratio", kd_ratio, 0.0, 1.0, high_inclusive=True)
+    num_tokens = _validate.check_num_tokens(num_tokens)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    _validate.check_logits(student_logits, teacher_logits)
+    lead, device = student_logits.shape[:-1], student_logits.device
+    flat_labels = _validate.per_position("labels", labels, lead, device, integer=True)
+    label_mask = (flat_labels != ignore_index).reshape(lead)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=label_mask,
+                             backend=backend)
+    flat_tokens = _validate.check_tokens("labels", labels, lead, device, rows.vocab, rows.mask)
+    with torch.no_grad():
+        s = _row_stats(rows, flat_tokens)
+        valid = _valid_rows(rows, s)
+        lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
+        # -sum p log q = -E_p[z'] + lse_q, with E_p[z'] = (E_p[u' - m_p] + m_p) - E_p[u' - z'].
+        kd = s[:, EP_D] - s[:, EP_UC] + (s[:, M_Q] - s[:, M_P]) + s[:, LOGS_Q]
+        weight = valid.to(torch.float32) / _normaliser(valid, num_tokens)
+        lm_loss = (_zero_where_invalid(lm, valid) * weight).sum()
+        kd_loss = (_zero_where_invalid(kd, valid) * weight).sum()
+        value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
+        scale = weight * rows.inv_temp
+        coef = _coefs(s.shape[0], device, q=scale, p=-kd_ratio * scale, y=-(1 - kd_ratio) * scale)
+    loss = _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef))
+    return PTLoss(loss, lm_loss, kd_loss)

@@ -29,12 +29,17 @@ def csrc_dir() -> Path:
 
 
 def cpu_sources() -> list[str]:
-    return sorted(glob.glob(str(csrc_dir() / "cpu" / "*.cpp")))
+    """Every C++ file of the CPU extension (kernels + binding), plus the Python-module stub."""
+    root = csrc_dir()
+    return sorted(glob.glob(str(root / "cpu" / "*.cpp"))) + [str(root / "python_module.cpp")]
 
 
 def cuda_sources() -> list[str]:
-    root = csrc_dir() / "cuda"
-    return sorted(glob.glob(str(root / "*.cu"))) + sorted(glob.glob(str(root / "*.cpp")))
+    """Every source of the CUDA extension: torch-free kernels (.cu), the binding (.cpp), the module stub."""
+    root = csrc_dir()
+    cuda = root / "cuda"
+    return (sorted(glob.glob(str(cuda / "*.cu"))) + sorted(glob.glob(str(cuda / "*.cpp")))
+            + [str(root / "python_module.cpp")])
 
 
 CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]

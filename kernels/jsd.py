@@ -1,0 +1,85 @@
+"""jsd_rows and jsd_grad: the generalised Jensen-Shannon divergence for 0 < beta < 1 (a second pass after
+``row_stats``).
+
+With log q_v = (z'_v - M_Q) - LOGS_Q, log p_v = (u'_v - M_P) - LOGS_P and the mixture m = beta p + (1 - beta) q::
+
+    log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v)         (never the log of a rounded sum)
+    g_v     = log q_v - log m_v,   h_v = log p_v - log m_v                   (0 where the prob is 0)
+    jsd_rows:  JSD = beta sum_v p_v h_v + (1 - beta) sum_v q_v g_v,   E_q[g] = sum_v q_v g_v
+    jsd_grad:  dz_v = coef q_v (g_v - E_q[g])   (v < V; 0 for V <= v < V_s and for rows with coef 0)
+"""
+import triton
+import triton.language as tl
+
+from .online_softmax import finite_or_zero, load_scaled, log_add_exp
+
+NUM_STATS: tl.constexpr = 10
+
+
+@triton.jit
+def _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p, log_s_p, log_beta, log_1m_beta):
+    """(log q, log p, log m) for one block."""
+    log_q = (load_scaled(z_row, cols, in_v, inv_temp) - shift_q) - log_s_q
+    log_p = (load_scaled(u_row, cols, in_v, inv_temp) - shift_p) - log_s_p
+    log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta)
+    return log_q, log_p, log_m
+
+
+@triton.jit
+def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv_temp,
+                    beta, one_m_beta, log_beta, log_1m_beta, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    u_row = u_ptr + row * stride_u
+    stats_row = stats_ptr + row * NUM_STATS
+    shift_q = finite_or_zero(tl.load(stats_row + 0))
+    log_s_q = tl.load(stats_row + 1)
+    shift_p = finite_or_zero(tl.load(stats_row + 2))
+    log_s_p = tl.load(stats_row + 3)
+
+    lanes = tl.arange(0, BLOCK)
+    acc_q = tl.zeros([BLOCK], tl.float32)
+    acc_p = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        in_v = cols < V
+        log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p, log_s_p,
+                                         log_beta, log_1m_beta)
+        q = tl.exp(log_q)
+        p = tl.exp(log_p)
+        acc_q += q * tl.where(q > 0, log_q - log_m, 0.0)
+        acc_p += p * tl.where(p > 0, log_p - log_m, 0.0)
+    kl_q = tl.sum(acc_q, 0)
+    tl.store(out_ptr + row * 2, beta * tl.sum(acc_p, 0) + one_m_beta * kl_q)
+    tl.store(out_ptr + row * 2 + 1, kl_q)
+
+
+@triton.jit
+def jsd_grad_kernel(z_ptr, u_ptr, stats_ptr, jsd_ptr, coef_ptr, dz_ptr, stride_z, stride_u, stride_dz, V, Vs,
+                    inv_temp, log_beta, log_1m_beta, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    u_row = u_ptr + row * stride_u
+    dz_row = dz_ptr + row * stride_dz
+    coef = tl.load(coef_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    if coef != 0:
+        stats_row = stats_ptr + row * NUM_STATS
+        shift_q = finite_or_zero(tl.load(stats_row + 0))
+        log_s_q = tl.load(stats_row + 1)
+        shift_p = finite_or_zero(tl.load(stats_row + 2))
+        log_s_p = tl.load(stats_row + 3)
+        eq_g = tl.load(jsd_ptr + row * 2 + 1)
+        for start in range(0, Vs, BLOCK):
+            cols = start + lanes
+            in_v = cols < V
+            log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p,
+                                             log_s_p, log_beta, log_1m_beta)
+            q = tl.exp(log_q)
+            g = (coef * q) * (tl.where(q > 0, log_q - log_m, 0.0) - eq_g)
+            g = tl.where(in_v, g, 0.0)
+            tl.store(dz_row + cols, g.to(dz_row.dtype.element_ty), mask=cols < Vs)
+    else:
+        for start in range(0, Vs, BLOCK):
+            cols = start + lanes
+            tl.store(dz_row + cols, tl.zeros([BLOCK], dz_row.dtype.element_ty), mask=cols < Vs)

@@ -1,0 +1,68 @@
+"""row_stats: per-row statistics of q = softmax(z / tau) and p = softmax(u / tau) in one pass over both rows.
+
+With z' = z / tau, u' = u / tau and d = z' - u', one program reads row ``row`` of z and u once, block by block, and
+keeps for each distribution the online state of ``online_softmax`` (running max, normaliser, E-numerator of one
+value, centred numerator). At the end of the row (layout of ``minillm_fast.backends``)::
+
+    M_Q = max z'      LOGS_Q = log sum exp(z' - M_Q)   EQ_D = E_q[d]    EQ_ZC = E_q[z' - M_Q]
+    M_P = max u'      LOGS_P = log sum exp(u' - M_P)   EP_D = E_p[-d]   EP_UC = E_p[u' - M_P]
+    ZY = z'_y, UY = u'_y (HAS_TOKENS), else 0.
+
+Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gives M = -inf, LOGS = -inf and
+0 / 0 for its means, exactly as the reference PyTorch backend. Offsets are int64 (row * stride).
+"""
+import triton
+import triton.language as tl
+
+from .online_softmax import load_scaled, online_update
+
+NUM_STATS: tl.constexpr = 10
+
+
+@triton.jit
+def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
+                     stride_z, stride_u, stride_tok, V, inv_temp,
+                     HAS_TOKENS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    u_row = u_ptr + row * stride_u
+    lanes = tl.arange(0, BLOCK)
+
+    m_q = tl.full([], float("-inf"), tl.float32)
+    m_p = tl.full([], float("-inf"), tl.float32)
+    s_q = tl.zeros([BLOCK], tl.float32)
+    a_q = tl.zeros([BLOCK], tl.float32)
+    b_q = tl.zeros([BLOCK], tl.float32)
+    s_p = tl.zeros([BLOCK], tl.float32)
+    a_p = tl.zeros([BLOCK], tl.float32)
+    b_p = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        mask = cols < V
+        x = load_scaled(z_row, cols, mask, inv_temp)
+        y = load_scaled(u_row, cols, mask, inv_temp)
+        d = x - y
+        m_q, s_q, a_q, b_q = online_update(m_q, s_q, a_q, b_q, x, d)
+        m_p, s_p, a_p, b_p = online_update(m_p, s_p, a_p, b_p, y, -d)
+
+    sum_q = tl.sum(s_q, 0)
+    sum_p = tl.sum(s_p, 0)
+    out_row = out_ptr + row * NUM_STATS
+    tl.store(out_row + 0, m_q)
+    tl.store(out_row + 1, tl.log(sum_q))
+    tl.store(out_row + 2, m_p)
+    tl.store(out_row + 3, tl.log(sum_p))
+    tl.store(out_row + 4, tl.sum(a_q, 0) / sum_q)
+    tl.store(out_row + 5, tl.sum(b_q, 0) / sum_q)
+    tl.store(out_row + 6, tl.sum(a_p, 0) / sum_p)
+    tl.store(out_row + 7, tl.sum(b_p, 0) / sum_p)
+    if HAS_TOKENS:
+        tok = tl.load(tok_ptr + row * stride_tok).to(tl.int64)
+        ok = (tok >= 0) & (tok < V)
+        zy = tl.load(z_row + tok, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        uy = tl.load(u_row + tok, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        tl.store(out_row + 8, zy)
+        tl.store(out_row + 9, uy)
+    else:
+        tl.store(out_row + 8, 0.0)
+        tl.store(out_row + 9, 0.0)

@@ -11,16 +11,16 @@ With log q_v = (z'_v - M_Q) - LOGS_Q, log p_v = (u'_v - M_P) - LOGS_P and the mi
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, load_scaled, log_add_exp
+from .online_softmax import load_scaled, log_add_exp, log_prob
 
-NUM_STATS: tl.constexpr = 10
+NUM_STATS = tl.constexpr(10)
 
 
 @triton.jit
-def _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p, log_s_p, log_beta, log_1m_beta):
+def _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta):
     """(log q, log p, log m) for one block."""
-    log_q = (load_scaled(z_row, cols, in_v, inv_temp) - shift_q) - log_s_q
-    log_p = (load_scaled(u_row, cols, in_v, inv_temp) - shift_p) - log_s_p
+    log_q = log_prob(load_scaled(z_row, cols, in_v, inv_temp), m_q, log_s_q)
+    log_p = log_prob(load_scaled(u_row, cols, in_v, inv_temp), m_p, log_s_p)
     log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta)
     return log_q, log_p, log_m
 
@@ -32,9 +32,9 @@ def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv
     z_row = z_ptr + row * stride_z
     u_row = u_ptr + row * stride_u
     stats_row = stats_ptr + row * NUM_STATS
-    shift_q = finite_or_zero(tl.load(stats_row + 0))
+    m_q = tl.load(stats_row + 0)
     log_s_q = tl.load(stats_row + 1)
-    shift_p = finite_or_zero(tl.load(stats_row + 2))
+    m_p = tl.load(stats_row + 2)
     log_s_p = tl.load(stats_row + 3)
 
     lanes = tl.arange(0, BLOCK)
@@ -43,7 +43,7 @@ def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv
     for start in range(0, V, BLOCK):
         cols = start + lanes
         in_v = cols < V
-        log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p, log_s_p,
+        log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p, log_s_p,
                                          log_beta, log_1m_beta)
         q = tl.exp(log_q)
         p = tl.exp(log_p)
@@ -65,15 +65,15 @@ def jsd_grad_kernel(z_ptr, u_ptr, stats_ptr, jsd_ptr, coef_ptr, dz_ptr, stride_z
     lanes = tl.arange(0, BLOCK)
     if coef != 0:
         stats_row = stats_ptr + row * NUM_STATS
-        shift_q = finite_or_zero(tl.load(stats_row + 0))
+        m_q = tl.load(stats_row + 0)
         log_s_q = tl.load(stats_row + 1)
-        shift_p = finite_or_zero(tl.load(stats_row + 2))
+        m_p = tl.load(stats_row + 2)
         log_s_p = tl.load(stats_row + 3)
         eq_g = tl.load(jsd_ptr + row * 2 + 1)
         for start in range(0, Vs, BLOCK):
             cols = start + lanes
             in_v = cols < V
-            log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, shift_q, log_s_q, shift_p,
+            log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p,
                                              log_s_p, log_beta, log_1m_beta)
             q = tl.exp(log_q)
             g = (coef * q) * (tl.where(q > 0, log_q - log_m, 0.0) - eq_g)

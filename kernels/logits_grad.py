@@ -6,20 +6,21 @@ With the row's statistics (``row_stats``) and coefficients (c_kl, c_q, c_p, c_y)
     dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]      (v < V;  dz_v = 0 for V <= v < V_s)
 
 The KL term is 0 where q_v = 0 (0 * inf = 0), and a term whose coefficient is 0 is skipped, not multiplied by 0
-(so an infinite d or an empty teacher row cannot leak NaN into a row that does not use them). A row whose four coefficients are all zero is written as zeros
-without reading any logits; the teacher row is read only when c_kl or c_p is non-zero for that row.
+(so an infinite d or an empty teacher row cannot leak NaN into a row that does not use them). A row whose four
+coefficients are all zero is written as zeros without reading any logits; the teacher row is read only when c_kl or
+c_p is non-zero for that row. The output is rounded to z's dtype (round to nearest even on the GPU).
 """
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, load_scaled
+from .online_softmax import finite_or_zero, load_scaled, log_prob
 
-NUM_STATS: tl.constexpr = 10
-NUM_COEFS: tl.constexpr = 4
+NUM_STATS = tl.constexpr(10)
+NUM_COEFS = tl.constexpr(4)
 
 
 @triton.jit
-def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, shift_q, log_s_q, shift_p, log_s_p, eq_d,
+def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
               c_kl, c_q, c_p, c_y, tok,
               MODE: tl.constexpr, BLOCK: tl.constexpr):
     """Write one gradient row. MODE 0: zeros; 1: student terms only (c_q, c_y); 2: all terms (reads u)."""
@@ -31,13 +32,13 @@ def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, shift_q, log_s_q, shift_p, 
             g = tl.zeros([BLOCK], tl.float32)
         else:
             x = load_scaled(z_row, cols, in_v, inv_temp)
-            q = tl.exp((x - shift_q) - log_s_q)
+            q = tl.exp(log_prob(x, m_q, log_s_q))
             g = c_q * q
             if MODE == 2:
                 y = load_scaled(u_row, cols, in_v, inv_temp)
-                centred = tl.where(q > 0, q * ((x - y) - eq_d), 0.0)
+                centred = tl.where(q > 0, q * (((x - finite_or_zero(m_q)) - (y - finite_or_zero(m_p))) - eq_d), 0.0)
                 g = tl.where(c_kl != 0, g + c_kl * centred, g)
-                p = tl.exp((y - shift_p) - log_s_p)
+                p = tl.exp(log_prob(y, m_p, log_s_p))
                 g = tl.where(c_p != 0, g + c_p * p, g)
             g = g + tl.where(cols == tok, c_y, 0.0)
             g = tl.where(in_v, g, 0.0)
@@ -62,9 +63,9 @@ def logits_grad_kernel(z_ptr, u_ptr, tok_ptr, stats_ptr, coef_ptr, dz_ptr,
     needs_teacher = (c_kl != 0) | (c_p != 0)
 
     stats_row = stats_ptr + row * NUM_STATS
-    shift_q = finite_or_zero(tl.load(stats_row + 0))
+    m_q = tl.load(stats_row + 0)
     log_s_q = tl.load(stats_row + 1)
-    shift_p = finite_or_zero(tl.load(stats_row + 2))
+    m_p = tl.load(stats_row + 2)
     log_s_p = tl.load(stats_row + 3)
     eq_d = tl.load(stats_row + 4)
     if HAS_TOKENS:
@@ -73,11 +74,11 @@ def logits_grad_kernel(z_ptr, u_ptr, tok_ptr, stats_ptr, coef_ptr, dz_ptr,
         tok = tl.full([], -1, tl.int32)
 
     if needs_teacher:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, shift_q, log_s_q, shift_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
                   c_kl, c_q, c_p, c_y, tok, 2, BLOCK)
     elif active:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, shift_q, log_s_q, shift_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
                   c_kl, c_q, c_p, c_y, tok, 1, BLOCK)
     else:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, shift_q, log_s_q, shift_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
                   c_kl, c_q, c_p, c_y, tok, 0, BLOCK)

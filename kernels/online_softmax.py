@@ -14,7 +14,7 @@ its origin, ``(x - m') = (x - m) - delta``, hence::
 
     s' = exp(-delta) s,   a' = exp(-delta) a,   b' = exp(-delta) (b - delta s).
 
-Each block costs one ``tl.max`` and one ``exp`` per element (plus one scalar exp). Entries of zero weight
+Each block costs one block max (``tl.max``) and one ``exp`` per element (plus one scalar exp). Entries of zero weight
 (exp(x - m) == 0, e.g. x = -inf) contribute nothing even where v or x - m is infinite: 0 * inf = 0 here, as
 everywhere in the library. A row with no finite entry keeps m = -inf and s = 0 (log s = -inf).
 """
@@ -37,11 +37,11 @@ def finite_or_zero(m):
 
 
 @triton.jit
-def rescale_factors(m, x):
-    """For a new block x: (m' = max(m, max x), shift = finite m', alpha = exp(m - m'), delta = m' - m).
-
-    alpha is 0 and delta is 0 while nothing finite has been seen (m = -inf), so the empty sums stay exactly 0."""
-    m_new = tl.maximum(m, tl.max(x, 0))
+def rescale_factors(m, block_max):
+    """For a new block of maximum block_max: (m' = max(m, block_max), shift = finite m', alpha = exp(m - m'),
+    delta = m' - m). alpha is 0 and delta is 0 while nothing finite has been seen (m = -inf), so the empty sums stay
+    exactly 0."""
+    m_new = tl.maximum(m, block_max)
     shift = finite_or_zero(m_new)
     alpha = tl.exp(m - shift)
     delta = tl.where(m > float("-inf"), m_new - m, 0.0)
@@ -49,26 +49,57 @@ def rescale_factors(m, x):
 
 
 @triton.jit
+def block_max2(x, y):
+    """(max x, max y) in one CTA-wide reduction (one round trip through shared memory instead of two)."""
+    return tl.split(tl.max(tl.join(x, y), 0))
+
+
+@triton.jit
 def online_max_sum(m, s, x):
     """Online update of (m, s = sum exp(x - m)) with one block x; s is per-lane."""
-    m_new, shift, alpha, delta = rescale_factors(m, x)
+    m_new, shift, alpha, delta = rescale_factors(m, tl.max(x, 0))
     e = tl.exp(x - shift)
     return m_new, s * alpha + e
 
 
 @triton.jit
-def online_update(m, s, a, b, x, v):
-    """Online update of (m, s, a, b) (see the module docstring) with one block of scaled logits x and values v.
+def online_update(m, s, a, b, x, v, block_max):
+    """Online update of (m, s, a, b) (see the module docstring) with one block of scaled logits x, its maximum
+    block_max (computed by the caller, so that two distributions can share one reduction) and values v.
 
     ``a`` is rescaled with a guard so that a term which was +-inf (v infinite where the weight was positive) but whose
     weight has since underflowed to 0 does not turn into inf * 0 = NaN."""
-    m_new, shift, alpha, delta = rescale_factors(m, x)
+    m_new, shift, alpha, delta = rescale_factors(m, block_max)
     e = tl.exp(x - shift)
     positive = e > 0
     a = tl.where(alpha > 0, a * alpha, 0.0) + tl.where(positive, e * v, 0.0)
     b = (b - delta * s) * alpha + tl.where(positive, e * (x - shift), 0.0)
     s = s * alpha + e
     return m_new, s, a, b
+
+
+@triton.jit
+def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y, max_x, max_y):
+    """Online update of both distributions' states with one block of scaled student (x) and teacher (y) logits.
+
+    The cross sums are kept relative to BOTH running maxima, a_q = sum e_q * ((x - m_q) - (y - m_p)) and
+    a_p = sum e_p * ((y - m_p) - (x - m_q)), because each centred logit is exact while z' - u' itself would lose
+    all precision when both rows sit near 1e4. When the maxima grow by (delta_q, delta_p) every term moves by
+    -(delta_q - delta_p), hence a_q' = exp(-delta_q) (a_q - (delta_q - delta_p) s_q), symmetrically for a_p."""
+    m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, max_x)
+    m_p_new, shift_p, alpha_p, delta_p = rescale_factors(m_p, max_y)
+    xc = x - shift_q
+    yc = y - shift_p
+    e_q = tl.exp(xc)
+    e_p = tl.exp(yc)
+    d = xc - yc
+    a_q = tl.where(alpha_q > 0, (a_q - (delta_q - delta_p) * s_q) * alpha_q, 0.0) + tl.where(e_q > 0, e_q * d, 0.0)
+    a_p = tl.where(alpha_p > 0, (a_p - (delta_p - delta_q) * s_p) * alpha_p, 0.0) + tl.where(e_p > 0, -e_p * d, 0.0)
+    b_q = (b_q - delta_q * s_q) * alpha_q + tl.where(e_q > 0, e_q * xc, 0.0)
+    b_p = (b_p - delta_p * s_p) * alpha_p + tl.where(e_p > 0, e_p * yc, 0.0)
+    s_q = s_q * alpha_q + e_q
+    s_p = s_p * alpha_p + e_p
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p
 
 
 @triton.jit
@@ -94,11 +125,11 @@ def log_prob(x, m, log_s):
 
 
 @triton.jit
-def log1p_small(t):
-    """log(1 + t) for t >= 0, accurate to a few ulps also for tiny t (Goldberg's trick: log(w) * t / (w - 1)
-    with w = fl(1 + t) cancels the rounding of w)."""
+def log1p_accurate(t):
+    """log(1 + t) for t > -1, accurate also for tiny t: with w = fl(1 + t), log(1 + t) = log(w) + (t - (w - 1)) / w
+    to first order, the correction being exact enough with an approximate division."""
     w = 1.0 + t
-    return tl.where(w == 1.0, t, tl.log(w) * (t / (w - 1.0)))
+    return tl.log(w) + tl.fdiv(t - (w - 1.0), w)
 
 
 @triton.jit
@@ -106,5 +137,5 @@ def log_add_exp(a, b):
     """log(exp a + exp b) = max + log1p(exp(min - max)); -inf when both are -inf (no inf - inf)."""
     hi = tl.maximum(a, b)
     lo = tl.minimum(a, b)
-    res = hi + log1p_small(tl.exp(lo - hi))
+    res = hi + log1p_accurate(tl.exp(lo - hi))
     return tl.where(hi == float("-inf"), float("-inf"), res)

@@ -1,6 +1,6 @@
 """row_stats: per-row statistics of q = softmax(z / tau) and p = softmax(u / tau) in one pass over both rows.
 
-With z' = z / tau, u' = u / tau and d = z' - u', one program reads row ``row`` of z and u once, block by block, and
+With z' = z / tau, u' = u / tau and d = (z' - M_Q) - (u' - M_P) (z' - u' up to a per-row constant), one program reads row ``row`` of z and u once, block by block, and
 keeps for each distribution the online state of ``online_softmax`` (running max, normaliser, E-numerator of one
 value, centred numerator). At the end of the row (layout of ``minillm_fast.backends``)::
 
@@ -14,9 +14,9 @@ Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gi
 import triton
 import triton.language as tl
 
-from .online_softmax import load_scaled, online_update
+from .online_softmax import block_max2, online_update_pair
 
-NUM_STATS: tl.constexpr = 10
+NUM_STATS = tl.constexpr(10)
 
 
 @triton.jit
@@ -36,14 +36,19 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     s_p = tl.zeros([BLOCK], tl.float32)
     a_p = tl.zeros([BLOCK], tl.float32)
     b_p = tl.zeros([BLOCK], tl.float32)
+    # The next block's loads are issued before this block's max (a CTA-wide reduction), so that memory stays busy
+    # while the warps wait for each other.
+    z_next = tl.load(z_row + lanes, mask=lanes < V, other=float("-inf"), eviction_policy="evict_first")
+    u_next = tl.load(u_row + lanes, mask=lanes < V, other=float("-inf"), eviction_policy="evict_first")
     for start in range(0, V, BLOCK):
-        cols = start + lanes
-        mask = cols < V
-        x = load_scaled(z_row, cols, mask, inv_temp)
-        y = load_scaled(u_row, cols, mask, inv_temp)
-        d = x - y
-        m_q, s_q, a_q, b_q = online_update(m_q, s_q, a_q, b_q, x, d)
-        m_p, s_p, a_p, b_p = online_update(m_p, s_p, a_p, b_p, y, -d)
+        x = z_next.to(tl.float32) * inv_temp
+        y = u_next.to(tl.float32) * inv_temp
+        cols = start + BLOCK + lanes
+        z_next = tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
+        u_next = tl.load(u_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
+        max_x, max_y = block_max2(x, y)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
+                                                                    x, y, max_x, max_y)
 
     sum_q = tl.sum(s_q, 0)
     sum_p = tl.sum(s_p, 0)

@@ -89,12 +89,12 @@ def _valid_rows(rows: _validate.Rows, stats: torch.Tensor) -> torch.Tensor:
 
 
 def _reverse_kl_rows(s):
-    # KL(q||p) = E_q[z' - u'] - lse_q + lse_p, with the maxima subtracted before the logs are added.
-    return s[:, EQ_D] - (s[:, M_Q] - s[:, M_P]) - s[:, LOGS_Q] + s[:, LOGS_P]
+    # KL(q||p) = E_q[(z' - m_q) - (u' - m_p)] - log s_q + log s_p: no large logit ever enters the sum.
+    return s[:, EQ_D] - s[:, LOGS_Q] + s[:, LOGS_P]
 
 
 def _forward_kl_rows(s):
-    return s[:, EP_D] - (s[:, M_P] - s[:, M_Q]) - s[:, LOGS_P] + s[:, LOGS_Q]
+    return s[:, EP_D] - s[:, LOGS_P] + s[:, LOGS_Q]
 
 
 def _student_logprob_rows(s):
@@ -138,7 +138,13 @@ class _FusedStudentGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
-        return ctx.student_grad(upstream), None, None
+        # Like autograd's saved tensors, the closure (which holds the logits) is freed by the backward pass, so
+        # a loss tensor kept alive after backward() does not keep a micro-batch of logits alive with it.
+        student_grad, ctx.student_grad = ctx.student_grad, None
+        if student_grad is None:
+            raise RuntimeError("minillm_fast: trying to backward through a fused loss a second time; its saved "
+                               "row statistics were freed by the first backward (retain_graph is not supported)")
+        return student_grad(upstream), None, None
 
 
 def _attach_grad(student_logits: torch.Tensor, value: torch.Tensor,
@@ -349,8 +355,8 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
         s = _row_stats(rows, flat_tokens)
         valid = _valid_rows(rows, s)
         lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
-        # -sum p log q = -E_p[z'] + lse_q, with E_p[z'] = (E_p[u' - m_p] + m_p) - E_p[u' - z'].
-        kd = s[:, EP_D] - s[:, EP_UC] + (s[:, M_Q] - s[:, M_P]) + s[:, LOGS_Q]
+        # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
+        kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
         weight = valid.to(torch.float32) / _normaliser(valid, num_tokens)
         lm_loss = (_zero_where_invalid(lm, valid) * weight).sum()
         kd_loss = (_zero_where_invalid(kd, valid) * weight).sum()

@@ -12,16 +12,22 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
 
         M_Q   max_v z'_v                LOGS_Q  log s_q
         M_P   max_v u'_v                LOGS_P  log s_p
-        EQ_D  E_q[z' - u']              EQ_ZC   E_q[z' - m_q]     (<= 0)
-        EP_D  E_p[u' - z']              EP_UC   E_p[u' - m_p]     (<= 0)
+        EQ_D  E_q[d]                    EQ_ZC   E_q[z' - m_q]     (<= 0)
+        EP_D  E_p[-d]                   EP_UC   E_p[u' - m_p]     (<= 0)
         ZY    z'_y                      UY      u'_y              (0 when tokens is None)
 
-    with 0 * inf = 0 (an entry of zero probability contributes nothing). An empty row (all -inf) has
+    where d = (z' - m_q) - (u' - m_p): z' - u' up to a per-row constant, but built from the two *centred* logits,
+    each exact, so that rows sitting near |z| ~ 1e4 keep the precision of their differences (z' - u' itself
+    would be rounded at 1e4 before the cancellation). Then KL(q||p) = EQ_D - LOGS_Q + LOGS_P and
+    KL(p||q) = EP_D - LOGS_P + LOGS_Q. Online, when the maxima grow by (delta_q, delta_p), the cross sum
+    A_q = sum exp(z' - m_q) d becomes exp(-delta_q) (A_q - (delta_q - delta_p) S_q) (symmetrically for A_p) and
+    the centred sum B_q = sum exp(z' - m_q)(z' - m_q) becomes exp(-delta_q) (B_q - delta_q S_q).
+    0 * inf = 0 throughout (an entry of zero probability contributes nothing). An empty row (all -inf) has
     M = -inf and LOGS = -inf; the ops treat it as masked.
 
 ``logits_grad(z, u, tokens, stats, coef, inv_temp) -> [N, V_s] in z.dtype``
     coef is float32 [N, 4] = (c_kl, c_q, c_p, c_y) and the gradient is
-    ``dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]`` with d = z' - u'. Every gradient of
+    ``dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]`` with d as above. Every gradient of
     every op is such a combination (the 1/tau factor is folded into coef). Rows whose four coefficients are all
     zero are written as zeros without reading the logits; columns >= V are zero.
 

@@ -24,11 +24,15 @@ def _scaled(x: torch.Tensor, vocab: int, inv_temp: float) -> torch.Tensor:
     return x[:, :vocab].float() * inv_temp
 
 
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """The row maximum as a shift: m where finite, else 0 (an empty row's max is -inf)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def _max_and_logsum(x: torch.Tensor):
     """(m, e = exp(x - m), log sum e); an all -inf row gives m = -inf, e = 0, log sum = -inf."""
     m = x.amax(dim=1)
-    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(x - shift[:, None])
+    e = torch.exp(x - _finite(m)[:, None])
     s = e.sum(1)
     return m, e, torch.log(s), s
 
@@ -46,7 +50,7 @@ def row_stats(z, u, tokens, inv_temp):
         zs, us = _scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp)
         m_q, e_q, logs_q, s_q = _max_and_logsum(zs)
         m_p, e_p, logs_p, s_p = _max_and_logsum(us)
-        d = zs - us
+        d = (zs - _finite(m_q)[:, None]) - (us - _finite(m_p)[:, None])
         out[a:b, 0], out[a:b, 1], out[a:b, 2], out[a:b, 3] = m_q, logs_q, m_p, logs_p
         out[a:b, 4] = _weighted_mean(e_q, s_q, d)
         out[a:b, 5] = _weighted_mean(e_q, s_q, zs - m_q[:, None])
@@ -61,8 +65,7 @@ def row_stats(z, u, tokens, inv_temp):
 
 def _probs(x, m, logs):
     """exp(x - m - log s) computed as (x - m) - log s: the shift is exact, so extreme logits keep precision."""
-    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.exp((x - shift[:, None]) - logs[:, None])
+    return torch.exp((x - _finite(m)[:, None]) - logs[:, None])
 
 
 def logits_grad(z, u, tokens, stats, coef, inv_temp):
@@ -78,7 +81,7 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
         q = _probs(zs, st[:, 0], st[:, 1])
         grad = c[:, C_Q, None] * q
         if bool((c[:, C_KL] != 0).any()):
-            d = zs - _scaled(u[a:b], vocab, inv_temp)
+            d = (zs - _finite(st[:, 0])[:, None]) - (_scaled(u[a:b], vocab, inv_temp) - _finite(st[:, 2])[:, None])
             centred = torch.where(q > 0, q * (d - st[:, 4, None]), torch.zeros_like(q))
             grad = grad + c[:, C_KL, None] * centred
         if bool((c[:, C_P] != 0).any()):
@@ -92,10 +95,8 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
 
 def _jsd_terms(zs, us, st, beta):
     """(q, log q - log m, p, log p - log m) for one chunk, every log kept finite where its prob is 0."""
-    shift_q = torch.where(torch.isfinite(st[:, 0]), st[:, 0], torch.zeros_like(st[:, 0]))
-    shift_p = torch.where(torch.isfinite(st[:, 2]), st[:, 2], torch.zeros_like(st[:, 2]))
-    log_q = (zs - shift_q[:, None]) - st[:, 1, None]
-    log_p = (us - shift_p[:, None]) - st[:, 3, None]
+    log_q = (zs - _finite(st[:, 0])[:, None]) - st[:, 1, None]
+    log_p = (us - _finite(st[:, 2])[:, None]) - st[:, 3, None]
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     q, p = torch.exp(log_q), torch.exp(log_p)
     g_q = torch.where(q > 0, log_q - log_m, torch.zeros_like(q))
@@ -136,8 +137,7 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
     for a, b in _row_chunks(n_rows, vocab):
         x = torch.where(use_teacher[a:b, None], _scaled(u[a:b], vocab, inv_temp), _scaled(z[a:b], vocab, inv_temp))
         m = x.amax(1)
-        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(x - shift[:, None])
+        e = torch.exp(x - _finite(m)[:, None])
         cum = e.cumsum(1)
         target = (uniform[a:b].to(torch.float32) * cum[:, -1])[:, None]
         crossed = (cum > target) & (e > 0)

@@ -1,0 +1,17 @@
+"""A compact MiniLLM trainer on stock Hugging Face causal LMs; it calls only ``minillm_fast``'s public API.
+
+    from minillm_fast.trainer import TrainConfig, train
+    cfg = TrainConfig.load("run.yaml", ["lr=1e-5"])
+    train(cfg)                                   # or train(cfg, student=model, teacher=model, tokenizer=tok)
+
+Command line: ``python -m minillm_fast.trainer.cli train CONFIG.yaml [key=value ...]`` (``--help`` lists every
+key with its default). Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``train.py`` for the loop.
+"""
+from .config import METHODS, TrainConfig
+from .data import DataError
+from .evaluate import evaluate, rouge_l
+from .tokenizer import CharTokenizer
+from .loop import NonFiniteLossError, train
+
+__all__ = ["METHODS", "TrainConfig", "train", "evaluate", "rouge_l", "CharTokenizer", "DataError",
+           "NonFiniteLossError"]

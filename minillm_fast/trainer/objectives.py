@@ -1,0 +1,102 @@
+"""The loss of each method on one micro-batch, and gradient accumulation over an optimizer step.
+
+Every loss is a sum over valid tokens divided by the token count of the whole optimizer step (``num_tokens``),
+so the accumulated gradient is the step's token mean however the step is split into micro-batches.
+
+Temperatures: sampling, MiniLLM's losses and GKD's JSD use ``cfg.temperature``; the PT, SFT and KD losses use
+tau = 1, as the reference's LM and distillation losses do.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from .. import loss, rl
+from .data import Sequences, ceil_div
+from .models import response_logits, text_logits
+
+
+def _teacher(teacher, seq):
+    with torch.no_grad():
+        return response_logits(teacher, seq)
+
+
+def minillm(cfg, student, teacher, mb: Sequences, num_tokens):
+    """Algorithm steps 4-5: clipped policy gradient (importance weight folded into the ratio) + single-step KL."""
+    out = loss.minillm_loss(response_logits(student, mb), _teacher(teacher, mb), mb.response, mb.advantages,
+                            mb.old_logprobs, mb.importance_weights, mask=mb.mask, clip_eps=cfg.clip_eps,
+                            temperature=cfg.temperature, single_step=cfg.single_step, num_tokens=num_tokens,
+                            backend=cfg.backend)
+    return out.loss, {"pg_loss": out.pg_loss, "reg_loss": out.reg_loss, "clip_fraction": out.clip_fraction}
+
+
+def sft(cfg, student, teacher, mb: Sequences, num_tokens):
+    """Cross-entropy on the response tokens (seqkd: on the teacher's responses). pt_loss with kd_ratio = 0 is
+    exactly the LM loss; the detached student stands in for the teacher it never reads into the gradient."""
+    logits = response_logits(student, mb)
+    out = loss.pt_loss(logits, logits.detach(), mb.labels(), kd_ratio=0.0, num_tokens=num_tokens,
+                       backend=cfg.backend)
+    return out.loss, {"lm_loss": out.lm_loss}
+
+
+def kd(cfg, student, teacher, mb: Sequences, num_tokens):
+    """Word-level KD on the data's responses: (1 - lambda) LM loss + lambda (-sum_v p_v log q_v)."""
+    out = loss.pt_loss(response_logits(student, mb), _teacher(teacher, mb), mb.labels(), kd_ratio=cfg.kd_ratio,
+                       num_tokens=num_tokens, backend=cfg.backend)
+    return out.loss, {"lm_loss": out.lm_loss, "kd_loss": out.kd_loss}
+
+
+def gkd(cfg, student, teacher, mb: Sequences, num_tokens):
+    """On-policy GKD: generalised JSD_beta between student and teacher on the student's own samples."""
+    value = loss.jsd(response_logits(student, mb), _teacher(teacher, mb), beta=cfg.gkd_beta,
+                     temperature=cfg.temperature, mask=mb.mask, reduction="sum", backend=cfg.backend) / num_tokens
+    return value, {"jsd": value.detach()}
+
+
+LOSSES = {"minillm": minillm, "sft": sft, "seqkd": sft, "kd": kd, "gkd": gkd}
+
+
+def pt(cfg, student, teacher, blocks: torch.Tensor, num_tokens):
+    """Algorithm step 6, MiniLLM's PT loss on plain text: (1 - lambda) LM loss + lambda word-level distillation."""
+    inputs, labels = blocks[:, :-1], blocks[:, 1:]
+    with torch.no_grad():
+        teacher_logits = text_logits(teacher, inputs)
+    out = loss.pt_loss(text_logits(student, inputs), teacher_logits, labels, kd_ratio=cfg.kd_ratio,
+                       num_tokens=num_tokens, backend=cfg.backend)
+    return out.loss, {"pt_loss": out.loss.detach(), "pt_lm_loss": out.lm_loss, "pt_kd_loss": out.kd_loss}
+
+
+def accumulate_gradients(cfg, student, teacher, batch: Sequences, pt_blocks: torch.Tensor | None) -> dict:
+    """Forward and backward over the micro-batches of one optimizer step; returns the step's (float) metrics.
+
+    Each micro-batch's loss is backpropagated on its own, so at most one micro-batch's logits are alive at a time.
+    """
+    if cfg.method == "minillm":  # algorithm step 3, over this step's batch (the reference: over its micro-batch)
+        batch.advantages = rl.advantages(batch.rewards, batch.mask, gamma=cfg.gamma, length_norm=cfg.length_norm,
+                                         whiten=cfg.whiten)
+    metrics = defaultdict(float)  # values stay tensors until the end: no device sync per micro-batch
+    num_tokens = max(batch.num_tokens(), 1)
+    for mb in batch.split(cfg.batch_size):
+        value, parts = LOSSES[cfg.method](cfg, student, teacher, mb.trim(), num_tokens)
+        value.backward()
+        metrics["loss"] += value.detach()
+        for key, part in parts.items():
+            metrics[key] += part
+        del value  # its graph holds this micro-batch's logits until released
+    if pt_blocks is not None:
+        pt_tokens = pt_blocks[:, 1:].numel()
+        for blocks in pt_blocks.split(ceil_div(len(pt_blocks), cfg.grad_accum_steps)):
+            value, parts = pt(cfg, student, teacher, blocks, pt_tokens)
+            (cfg.pt_weight * value).backward()
+            metrics["loss"] += cfg.pt_weight * value.detach()
+            for key, part in parts.items():
+                metrics[key] += part
+            del value
+    if cfg.method == "minillm":  # what the reference logs about the rollouts in this step
+        valid = batch.mask
+        metrics["reward"] = float(batch.rewards[valid].mean()) if valid.any() else 0.0
+        metrics["rollout_reverse_kl"] = float(batch.reverse_kl[valid].mean()) if valid.any() else 0.0
+    metrics["response_length"] = float(batch.mask.sum(1).float().mean())
+    metrics["num_tokens"] = float(num_tokens)
+    return {key: float(value) for key, value in metrics.items()}

@@ -1,0 +1,1 @@
+"""The minillm_fast benchmark suite: ``python -m benchmarks.run --help``."""

@@ -1,0 +1,366 @@
+// CPU kernels of the divergence primitives: row_stats, logits_grad, jsd_rows, jsd_grad (kernels.h).
+//
+// Cost model: on a CPU these kernels are bound by exp, so each is arranged to evaluate the fewest exps the
+// algebra allows, vectorised (simd.h):
+//   row_stats    one exp per element per distribution (online pass, row_state.h);
+//   logits_grad  exp for q; exp for p only in rows with c_p != 0; u read only in rows with c_kl or c_p != 0;
+//   jsd_rows     exp for q and p, plus exp and log1p for log m;
+//   jsd_grad     exp for q, plus exp and log1p for log m.
+// Log-probabilities are formed as (x' - m) - log s from the saved statistics: the shift by the max is exact, so
+// logits of magnitude ~1e4 keep their precision (x' - lse with a rounded lse would not).
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
+#include "cpu/row_loops.h"
+#include "cpu/row_state.h"
+#include "cpu/simd.h"
+
+namespace minillm {
+namespace cpu {
+namespace {
+
+using simd::Mask;
+using simd::Vec;
+
+// Columns per gradient task.
+constexpr int64_t kTile = 16384;
+
+// ---------------------------------------------------------------------------------------------------------------
+// row_stats
+//
+// Per block: the block maxima of z and u first, the pair state moved to the new maxima (one rescale per block,
+// row_state.h), then, with the shifts sh_q, sh_p, x_q = z' - sh_q, x_p = u' - sh_p, d = x_q - x_p and one exp per
+// element per distribution, e_q = exp(x_q), e_p = exp(x_p):
+//     s_q += e_q   c_q += e_q x_q   a_q += e_q d
+//     s_p += e_p   c_p += e_p x_p   a_p -= e_p d
+// so that E_q[d] = a_q / s_q, E_q[z' - m_q] = c_q / s_q, E_p[-d] = a_p / s_p, E_p[u' - m_p] = c_p / s_p.
+// Products with e = 0 are masked (0 * inf = 0: -inf logits, and the -inf padding of the tail vector).
+
+template <class TZ, class TU>
+void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv_temp, OnlinePair& state) {
+  const Vec it = simd::set1(inv_temp), zero = simd::zero();
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    state.rescale_to(range_max(z, b, e) * inv_temp, range_max(u, b, e) * inv_temp);
+    const Vec shift_q = simd::set1(state.q.shift()), shift_p = simd::set1(state.p.shift());
+    Vec sq = zero, cq = zero, aq = zero, sp = zero, cp = zero, ap = zero;
+    auto accumulate = [&](Vec xq, Vec xp, Vec eq, Vec ep) {
+      const Vec d = xq - xp;
+      const Mask kq = simd::gt(eq, zero), kp = simd::gt(ep, zero);
+      sq = sq + eq;
+      cq = simd::mask_fmadd(eq, xq, cq, kq);
+      aq = simd::mask_fmadd(eq, d, aq, kq);
+      sp = sp + ep;
+      cp = simd::mask_fmadd(ep, xp, cp, kp);
+      ap = simd::mask_fnmadd(ep, d, ap, kp);
+    };
+    // Two vectors of each row per step, their four exps interleaved (exp_n); the remainder one at a time.
+    int64_t i0 = b;
+    for (; i0 + 2 * simd::kWidth <= e; i0 += 2 * simd::kWidth) {
+      const Vec x[4] = {simd::scale(simd::load(z + i0), it) - shift_q,
+                        simd::scale(simd::load(z + i0 + simd::kWidth), it) - shift_q,
+                        simd::scale(simd::load(u + i0), it) - shift_p,
+                        simd::scale(simd::load(u + i0 + simd::kWidth), it) - shift_p};
+      Vec ex[4] = {x[0], x[1], x[2], x[3]};
+      simd::exp_n<4>(ex);
+      accumulate(x[0], x[2], ex[0], ex[2]);
+      accumulate(x[1], x[3], ex[1], ex[3]);
+    }
+    for_each_vector(i0, e, [&](int64_t i, int n, auto tag) {
+      const Vec x[2] = {simd::scale(ld(z + i, n, tag), it) - shift_q, simd::scale(ld(u + i, n, tag), it) - shift_p};
+      Vec ex[2] = {x[0], x[1]};
+      simd::exp_n<2>(ex);
+      accumulate(x[0], x[1], ex[0], ex[1]);
+    });
+    state.add(simd::reduce_add(sq), simd::reduce_add(cq), simd::reduce_add(aq), simd::reduce_add(sp),
+              simd::reduce_add(cp), simd::reduce_add(ap));
+  }
+}
+
+template <class TZ, class TU>
+void write_stats(float* out, const OnlinePair& state, const TZ* z, const TU* u, const int64_t* tokens, int64_t r,
+                 float inv_temp) {
+  out[M_Q] = state.q.m;
+  out[LOGS_Q] = state.q.log_s();
+  out[M_P] = state.p.m;
+  out[LOGS_P] = state.p.log_s();
+  out[EQ_D] = state.mean_d_q();
+  out[EQ_ZC] = state.q.mean_centred();
+  out[EP_D] = state.mean_d_p();
+  out[EP_UC] = state.p.mean_centred();
+  if (tokens != nullptr) {
+    const int64_t y = tokens[r];
+    out[ZY] = to_float(z[y]) * inv_temp;
+    out[UY] = to_float(u[y]) * inv_temp;
+  } else {
+    out[ZY] = 0.0f;
+    out[UY] = 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gradients: tasks are (row, column tile); `prepare(r)` returns the row's parameters (with `.active`), `span`
+// writes the gradient for columns [c0, c1) of the row, and every other column of the tile is zero-filled
+// (inactive rows entirely, without reading z or u; columns >= vocab).
+
+template <class TZ, class Prepare, class Span>
+void grad_tiles(int64_t n_rows, int64_t vocab, TZ* dz, int64_t dz_cols, const Prepare& prepare, const Span& span) {
+  if (n_rows <= 0 || dz_cols <= 0) return;
+  const int64_t tiles = (dz_cols + kTile - 1) / kTile;
+  parallel_for(n_rows * tiles, grain_for(std::min(dz_cols, kTile)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / tiles;
+      const int64_t c0 = (t % tiles) * kTile;
+      const int64_t c1 = std::min(dz_cols, c0 + kTile);
+      TZ* out = dz + r * dz_cols;
+      const auto params = prepare(r);
+      const int64_t v1 = params.active ? std::min(c1, vocab) : c0;
+      if (c0 < v1) span(params, r, c0, v1, out);
+      const int64_t zero_from = std::max(c0, v1);
+      if (zero_from < c1) std::memset(static_cast<void*>(out + zero_from), 0, (c1 - zero_from) * sizeof(TZ));
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// logits_grad: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], with x_q = z' - sh_q,
+// x_p = u' - sh_p (sh = m, or 0 for an empty distribution), d = x_q - x_p, q_v = exp(x_q - log s_q),
+// p_v = exp(x_p - log s_p); the c_kl product is masked where q_v = 0.
+
+struct LogitsGradRow {
+  bool active;
+  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float c_kl, c_q, c_p, c_y;
+  int64_t y;  // -1: no token
+};
+
+template <bool KL, bool P, class TZ, class TU>
+void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, const LogitsGradRow& g, float inv_temp,
+                      TZ* out) {
+  const Vec it = simd::set1(inv_temp), zero = simd::zero();
+  const Vec shift_q = simd::set1(g.shift_q), logs_q = simd::set1(g.logs_q);
+  const Vec shift_p = simd::set1(g.shift_p), logs_p = simd::set1(g.logs_p);
+  const Vec eq_d = simd::set1(g.eq_d), c_kl = simd::set1(g.c_kl), c_q = simd::set1(g.c_q);
+  const Vec c_p = simd::set1(g.c_p), c_y = simd::set1(g.c_y);
+  for_each_vector(begin, end, [&](int64_t i, int n, auto tag) {
+    const Vec xq = simd::scale(ld(z + i, n, tag), it) - shift_q;
+    const Vec q = simd::exp(xq - logs_q);
+    Vec grad = c_q * q;
+    if constexpr (KL || P) {
+      const Vec xp = simd::scale(ld(u + i, n, tag), it) - shift_p;
+      if constexpr (KL) grad = simd::mask_fmadd(c_kl, q * ((xq - xp) - eq_d), grad, simd::gt(q, zero));
+      if constexpr (P) grad = simd::fmadd(c_p, simd::exp(xp - logs_p), grad);
+    }
+    if (static_cast<uint64_t>(g.y - i) < static_cast<uint64_t>(simd::kWidth)) {
+      grad = simd::mask_add(grad, c_y, simd::lane_mask(static_cast<int>(g.y - i)));
+    }
+    st(out + i, grad, n, tag);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSD. With log q_v = (z'_v - m_q) - log s_q and log p_v = (u'_v - m_p) - log s_p, the mixture
+// m = beta p + (1 - beta) q is taken in log space,
+//     log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v) = hi + log1p(exp(lo - hi)),
+// never as the log of a sum of two rounded (possibly underflowed) probabilities; g_v = log q_v - log m_v.
+
+inline Vec log_mixture(Vec log_q, Vec log_p, Vec log_beta, Vec log_1m_beta) {
+  const Vec a = log_p + log_beta;
+  const Vec b = log_q + log_1m_beta;
+  const Vec hi = simd::max(a, b), lo = simd::min(a, b);
+  const Vec log_m = hi + simd::log1p_unit(simd::exp(lo - hi));
+  // Both -inf (p_v = q_v = 0): log m = -inf rather than the NaN of -inf - -inf.
+  return simd::select(simd::eq(hi, simd::set1(simd::kNegInf)), hi, log_m);
+}
+
+struct JsdRow {
+  float shift_q, logs_q, shift_p, logs_p;
+};
+
+inline JsdRow jsd_row(const float* st) {
+  return {OnlineSoftmax::shift_of(st[M_Q]), st[LOGS_Q], OnlineSoftmax::shift_of(st[M_P]), st[LOGS_P]};
+}
+
+// Sums over columns [begin, end) of q_v g_v (into kl_q) and p_v (log p_v - log m_v) (into kl_p), 0 where the
+// probability is 0.
+template <class TZ, class TU>
+void jsd_range(const TZ* z, const TU* u, int64_t begin, int64_t end, const JsdRow& row, float inv_temp,
+               float log_beta, float log_1m_beta, double& kl_q, double& kl_p) {
+  const Vec it = simd::set1(inv_temp), zero = simd::zero();
+  const Vec shift_q = simd::set1(row.shift_q), logs_q = simd::set1(row.logs_q);
+  const Vec shift_p = simd::set1(row.shift_p), logs_p = simd::set1(row.logs_p);
+  const Vec lb = simd::set1(log_beta), l1b = simd::set1(log_1m_beta);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    Vec aq = zero, ap = zero;
+    for_each_vector(b, std::min(end, b + kBlock), [&](int64_t i, int n, auto tag) {
+      const Vec log_q = (simd::scale(ld(z + i, n, tag), it) - shift_q) - logs_q;
+      const Vec log_p = (simd::scale(ld(u + i, n, tag), it) - shift_p) - logs_p;
+      const Vec log_m = log_mixture(log_q, log_p, lb, l1b);
+      const Vec q = simd::exp(log_q), p = simd::exp(log_p);
+      aq = simd::mask_fmadd(q, log_q - log_m, aq, simd::gt(q, zero));
+      ap = simd::mask_fmadd(p, log_p - log_m, ap, simd::gt(p, zero));
+    });
+    kl_q += simd::reduce_add(aq);
+    kl_p += simd::reduce_add(ap);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+
+template <class TZ, class TU>
+void row_stats(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, float inv_temp,
+               float* stats) {
+  const int64_t segments = segments_per_row(n_rows, vocab, kBlock);
+  if (segments == 1) {
+    parallel_for(n_rows, grain_for(2 * vocab), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        OnlinePair state;
+        stats_range(z.row(r), u.row(r), 0, vocab, inv_temp, state);
+        write_stats(stats + r * NUM_STATS, state, z.row(r), u.row(r), tokens, r, inv_temp);
+      }
+    });
+    return;
+  }
+  // Few rows: each row in `segments` column ranges on different threads, merged in order afterwards.
+  std::vector<OnlinePair> parts(static_cast<size_t>(n_rows * segments));
+  parallel_for(n_rows * segments, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / segments, j = t % segments;
+      stats_range(z.row(r), u.row(r), segment_begin(j, segments, vocab, kBlock),
+                  segment_begin(j + 1, segments, vocab, kBlock), inv_temp, parts[t]);
+    }
+  });
+  for (int64_t r = 0; r < n_rows; ++r) {
+    OnlinePair state;
+    for (int64_t j = 0; j < segments; ++j) state.merge(parts[r * segments + j]);
+    write_stats(stats + r * NUM_STATS, state, z.row(r), u.row(r), tokens, r, inv_temp);
+  }
+}
+
+template <class TZ, class TU>
+void logits_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, const float* stats,
+                 const float* coef, float inv_temp, TZ* dz, int64_t dz_cols) {
+  auto prepare = [&](int64_t r) {
+    const float* c = coef + r * NUM_COEFS;
+    const float* s = stats + r * NUM_STATS;
+    LogitsGradRow g;
+    g.active = c[C_KL] != 0.0f || c[C_Q] != 0.0f || c[C_P] != 0.0f || c[C_Y] != 0.0f;
+    g.shift_q = OnlineSoftmax::shift_of(s[M_Q]);
+    g.logs_q = s[LOGS_Q];
+    g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
+    g.logs_p = s[LOGS_P];
+    g.eq_d = s[EQ_D];
+    g.c_kl = c[C_KL];
+    g.c_q = c[C_Q];
+    g.c_p = c[C_P];
+    g.c_y = c[C_Y];
+    g.y = (tokens != nullptr && c[C_Y] != 0.0f) ? tokens[r] : -1;
+    return g;
+  };
+  auto span = [&](const LogitsGradRow& g, int64_t r, int64_t c0, int64_t c1, TZ* out) {
+    const TZ* zr = z.row(r);
+    const TU* ur = u.row(r);
+    if (g.c_kl != 0.0f) {
+      if (g.c_p != 0.0f) logits_grad_span<true, true>(zr, ur, c0, c1, g, inv_temp, out);
+      else logits_grad_span<true, false>(zr, ur, c0, c1, g, inv_temp, out);
+    } else {
+      if (g.c_p != 0.0f) logits_grad_span<false, true>(zr, ur, c0, c1, g, inv_temp, out);
+      else logits_grad_span<false, false>(zr, ur, c0, c1, g, inv_temp, out);
+    }
+  };
+  grad_tiles(n_rows, vocab, dz, dz_cols, prepare, span);
+}
+
+template <class TZ, class TU>
+void jsd_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, double beta,
+              float inv_temp, float* out) {
+  const float log_beta = static_cast<float>(std::log(beta));
+  const float log_1m_beta = static_cast<float>(std::log1p(-beta));
+  const float beta_f = static_cast<float>(beta), one_m_beta_f = static_cast<float>(1.0 - beta);
+  auto finish = [&](int64_t r, double kl_q, double kl_p) {
+    const float kq = static_cast<float>(kl_q), kp = static_cast<float>(kl_p);
+    out[2 * r] = beta_f * kp + one_m_beta_f * kq;
+    out[2 * r + 1] = kq;
+  };
+  const int64_t segments = segments_per_row(n_rows, vocab, kBlock);
+  if (segments == 1) {
+    parallel_for(n_rows, grain_for(2 * vocab), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double kl_q = 0.0, kl_p = 0.0;
+        jsd_range(z.row(r), u.row(r), 0, vocab, jsd_row(stats + r * NUM_STATS), inv_temp, log_beta, log_1m_beta,
+                  kl_q, kl_p);
+        finish(r, kl_q, kl_p);
+      }
+    });
+    return;
+  }
+  std::vector<double> parts(static_cast<size_t>(2 * n_rows * segments), 0.0);
+  parallel_for(n_rows * segments, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / segments, j = t % segments;
+      jsd_range(z.row(r), u.row(r), segment_begin(j, segments, vocab, kBlock),
+                segment_begin(j + 1, segments, vocab, kBlock), jsd_row(stats + r * NUM_STATS), inv_temp, log_beta,
+                log_1m_beta, parts[2 * t], parts[2 * t + 1]);
+    }
+  });
+  for (int64_t r = 0; r < n_rows; ++r) {
+    double kl_q = 0.0, kl_p = 0.0;
+    for (int64_t j = 0; j < segments; ++j) {
+      kl_q += parts[2 * (r * segments + j)];
+      kl_p += parts[2 * (r * segments + j) + 1];
+    }
+    finish(r, kl_q, kl_p);
+  }
+}
+
+template <class TZ, class TU>
+void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, const float* jsd,
+              const float* coef, double beta, float inv_temp, TZ* dz, int64_t dz_cols) {
+  const Vec log_beta = simd::set1(static_cast<float>(std::log(beta)));
+  const Vec log_1m_beta = simd::set1(static_cast<float>(std::log1p(-beta)));
+  struct Row {
+    bool active;
+    JsdRow row;
+    float coef, eq_g;
+  };
+  auto prepare = [&](int64_t r) {
+    return Row{coef[r] != 0.0f, jsd_row(stats + r * NUM_STATS), coef[r], jsd[2 * r + 1]};
+  };
+  // dz_v = (coef q_v) (g_v - E_q[g]), 0 where q_v = 0.
+  auto span = [&](const Row& g, int64_t r, int64_t c0, int64_t c1, TZ* out) {
+    const TZ* zr = z.row(r);
+    const TU* ur = u.row(r);
+    const Vec it = simd::set1(inv_temp), zero = simd::zero();
+    const Vec shift_q = simd::set1(g.row.shift_q), logs_q = simd::set1(g.row.logs_q);
+    const Vec shift_p = simd::set1(g.row.shift_p), logs_p = simd::set1(g.row.logs_p);
+    const Vec c = simd::set1(g.coef), eq_g = simd::set1(g.eq_g);
+    for_each_vector(c0, c1, [&](int64_t i, int n, auto tag) {
+      const Vec log_q = (simd::scale(ld(zr + i, n, tag), it) - shift_q) - logs_q;
+      const Vec log_p = (simd::scale(ld(ur + i, n, tag), it) - shift_p) - logs_p;
+      const Vec log_m = log_mixture(log_q, log_p, log_beta, log_1m_beta);
+      const Vec q = simd::exp(log_q);
+      const Vec grad = simd::select_or_zero(simd::gt(q, zero), (c * q) * ((log_q - log_m) - eq_g));
+      st(out + i, grad, n, tag);
+    });
+  };
+  grad_tiles(n_rows, vocab, dz, dz_cols, prepare, span);
+}
+
+#define MINILLM_INSTANTIATE_DIVERGENCE(TZ, TU)                                                                    \
+  template void row_stats<TZ, TU>(Rows<TZ>, Rows<TU>, int64_t, int64_t, const int64_t*, float, float*);          \
+  template void logits_grad<TZ, TU>(Rows<TZ>, Rows<TU>, int64_t, int64_t, const int64_t*, const float*,          \
+                                    const float*, float, TZ*, int64_t);                                           \
+  template void jsd_rows<TZ, TU>(Rows<TZ>, Rows<TU>, int64_t, int64_t, const float*, double, float, float*);     \
+  template void jsd_grad<TZ, TU>(Rows<TZ>, Rows<TU>, int64_t, int64_t, const float*, const float*, const float*, \
+                                 double, float, TZ*, int64_t);
+MINILLM_CPU_INSTANTIATE_ALL(MINILLM_INSTANTIATE_DIVERGENCE)
+#undef MINILLM_INSTANTIATE_DIVERGENCE
+
+}  // namespace cpu
+}  // namespace minillm

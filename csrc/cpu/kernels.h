@@ -1,0 +1,73 @@
+// Entry points of the CPU kernels: the five row-wise primitives specified in minillm_fast/backends/__init__.py,
+// on raw pointers (the binding, binding.cpp, checks and allocates; the kernels only compute).
+//
+// Shared conventions:
+//   * z (student) and u (teacher) are row sets of n_rows rows with unit stride along the vocabulary and any row
+//     stride; TZ, TU are float, bf16 or fp16 (dtypes.h), independently; only the first `vocab` = min(V_s, V_t)
+//     columns are read; z' = z * inv_temp, u' = u * inv_temp (float32, as the reference backend rounds them);
+//   * q = softmax(z'), p = softmax(u'); all sums in float32 per block, double across blocks;
+//   * stats is float32 [n_rows, 10] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
+//     EP_D, EP_UC, ZY, UY); log-probabilities are always formed as (x' - m) - log s, never x' - lse;
+//   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/dtypes.h"
+
+namespace minillm {
+namespace cpu {
+
+// Column indices of the stats rows and of the coefficient rows.
+enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, NUM_STATS };
+enum Coef : int { C_KL = 0, C_Q, C_P, C_Y, NUM_COEFS };
+
+template <class T>
+struct Rows {
+  const T* data;
+  int64_t stride;  // elements between consecutive rows
+  const T* row(int64_t r) const { return data + r * stride; }
+};
+
+// One pass over both rows: online max and rescaled sums (row_state.h). tokens may be null (ZY = UY = 0).
+template <class TZ, class TU>
+void row_stats(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, float inv_temp,
+               float* stats);
+
+// dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], d = z' - u'; coef float32 [n_rows, 4].
+// Reads u only for rows with c_kl or c_p nonzero and evaluates p only where c_p is nonzero; rows whose four
+// coefficients are zero are written as zeros without reading z or u; columns >= vocab are zero.
+template <class TZ, class TU>
+void logits_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, const float* stats,
+                 const float* coef, float inv_temp, TZ* dz, int64_t dz_cols);
+
+// (JSD_beta, E_q[g]) per row, g = log q - log m, m = beta p + (1 - beta) q; out float32 [n_rows, 2].
+template <class TZ, class TU>
+void jsd_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, double beta,
+              float inv_temp, float* out);
+
+// dz_v = coef_r q_v (g_v - E_q[g]); coef float32 [n_rows]; jsd float32 [n_rows, 2] from jsd_rows.
+template <class TZ, class TU>
+void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, const float* jsd,
+              const float* coef, double beta, float inv_temp, TZ* dz, int64_t dz_cols);
+
+// Inverse-CDF draw per row from softmax(u') where use_teacher[r] else softmax(z'), with uniform[r] in [0, 1);
+// -1 for a row whose chosen distribution is empty. Only the chosen row is read.
+template <class TZ, class TU>
+void sample_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const bool* use_teacher,
+                 const double* uniform, float inv_temp, int64_t* out);
+
+}  // namespace cpu
+}  // namespace minillm
+
+// Explicit instantiation for the nine (TZ, TU) pairs; used by the kernel files.
+#define MINILLM_CPU_INSTANTIATE_ALL(MACRO) \
+  MACRO(float, float)                      \
+  MACRO(float, ::minillm::bf16)            \
+  MACRO(float, ::minillm::fp16)            \
+  MACRO(::minillm::bf16, float)            \
+  MACRO(::minillm::bf16, ::minillm::bf16)  \
+  MACRO(::minillm::bf16, ::minillm::fp16)  \
+  MACRO(::minillm::fp16, float)            \
+  MACRO(::minillm::fp16, ::minillm::bf16)  \
+  MACRO(::minillm::fp16, ::minillm::fp16)

@@ -1,0 +1,66 @@
+// Loops over the columns of one row, shared by the CPU kernels: vector-at-a-time iteration with a masked tail,
+// and the block max that starts every block of an online pass. Knows nothing of PyTorch.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/simd.h"
+
+namespace minillm {
+namespace cpu {
+
+// Columns per block of an online pass: 2 x 8 KiB of float32 logits, so the second sweep over a block (after its
+// max) reads from L1.
+constexpr int64_t kBlock = 2048;
+
+using FullVector = std::false_type;
+using TailVector = std::true_type;
+
+// ld / st pick the full or the masked (tail) access at compile time; a tail load reads lanes past n as -inf.
+template <class T>
+inline simd::Vec ld(const T* p, int, FullVector) {
+  return simd::load(p);
+}
+template <class T>
+inline simd::Vec ld(const T* p, int n, TailVector) {
+  return simd::load_tail(p, n);
+}
+template <class T>
+inline void st(T* p, simd::Vec v, int, FullVector) {
+  simd::store(p, v);
+}
+template <class T>
+inline void st(T* p, simd::Vec v, int n, TailVector) {
+  simd::store_tail(p, v, n);
+}
+
+// f(i, n, tag) for the vectors covering columns [begin, end): n = kWidth with tag FullVector, then at most one
+// final partial vector of n < kWidth lanes with tag TailVector.
+template <class F>
+inline void for_each_vector(int64_t begin, int64_t end, F&& f) {
+  int64_t i = begin;
+  for (; i + simd::kWidth <= end; i += simd::kWidth) f(i, simd::kWidth, FullVector{});
+  if (i < end) f(i, static_cast<int>(end - i), TailVector{});
+}
+
+// max of x[begin, end) as stored (unscaled); -inf for an empty range or all -inf. Scaling by inv_temp > 0 is
+// monotone under rounding, so max(x) * inv_temp equals max(x * inv_temp) exactly.
+template <class T>
+inline float range_max(const T* x, int64_t begin, int64_t end) {
+  using simd::Vec;
+  Vec m0 = simd::set1(simd::kNegInf), m1 = m0, m2 = m0, m3 = m0;  // four chains hide the latency of max
+  int64_t i = begin;
+  for (; i + 4 * simd::kWidth <= end; i += 4 * simd::kWidth) {
+    m0 = simd::max(m0, simd::load(x + i));
+    m1 = simd::max(m1, simd::load(x + i + simd::kWidth));
+    m2 = simd::max(m2, simd::load(x + i + 2 * simd::kWidth));
+    m3 = simd::max(m3, simd::load(x + i + 3 * simd::kWidth));
+  }
+  for_each_vector(i, end, [&](int64_t j, int n, auto tag) { m0 = simd::max(m0, ld(x + j, n, tag)); });
+  return simd::reduce_max(simd::max(simd::max(m0, m1), simd::max(m2, m3)));
+}
+
+}  // namespace cpu
+}  // namespace minillm

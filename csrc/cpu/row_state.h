@@ -1,0 +1,112 @@
+// The online-softmax state of a row and its merge rules: written once, shared by every CPU kernel (row_stats,
+// the split of a row across threads when rows are few, sample_rows).
+//
+// One distribution softmax(x') over the entries seen so far keeps a running max m and, relative to the shift
+// sh = m (or sh = 0 while m = -inf, i.e. before any entry with mass, so that -inf - sh stays -inf),
+//
+//     s = sum_v exp(x'_v - sh)                   (the normaliser)
+//     c = sum_v exp(x'_v - sh) (x'_v - sh)       (centred first moment: E[x' - m] = c / s <= 0)
+//
+// Moving the max from m to m' = m + delta (delta >= 0) multiplies every exp by exp(-delta) and shifts every
+// x'_v - m by -delta:
+//
+//     s' = exp(-delta) s,   c' = exp(-delta) (c - delta s).
+//
+// The pair (q = softmax(z'), p = softmax(u')) adds the two cross sums of row_stats, with the difference of the
+// *centred* logits d_v = (z'_v - sh_q) - (u'_v - sh_p) (each centred logit is exact, so rows near |z| ~ 1e4 keep
+// the precision of their differences):
+//
+//     a_q = sum_v exp(z'_v - sh_q) d_v,      a_p = sum_v exp(u'_v - sh_p) (-d_v).
+//
+// When the shifts grow by (delta_q, delta_p), d_v becomes d_v - (delta_q - delta_p), so
+//
+//     a_q' = exp(-delta_q) (a_q - (delta_q - delta_p) s_q),   a_p' = exp(-delta_p) (a_p - (delta_p - delta_q) s_p).
+//
+// Two states over disjoint parts of a row merge by moving both to the larger maxima and adding. A block of a row
+// is folded in by first moving the state to the maxima including the block (one rescale per block) and then
+// adding the block's sums taken directly with the new shifts: one exp per element per distribution.
+//
+// 0 * inf = 0: an entry with exp(x' - sh) = 0 (in particular x' = -inf) contributes nothing to c, a_q, a_p; the
+// kernels mask those products. A distribution that has seen only -inf has m = -inf and s = c = 0 and stays at
+// zero when it is moved. The running sums are double, so the rescalings and merges add no rounding of their own;
+// the per-block sums are float32.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+namespace minillm {
+
+struct OnlineSoftmax {
+  float m = -std::numeric_limits<float>::infinity();
+  double s = 0.0;
+  double c = 0.0;
+
+  // The shift subtracted from x': m, or 0 while m is not finite.
+  static float shift_of(float m) { return std::isfinite(m) ? m : 0.0f; }
+  float shift() const { return shift_of(m); }
+
+  // Move the max to m_new (no-op unless m_new > m). Returns the factor exp(-delta) applied to the sums (0 when
+  // the state was empty, 1 when unchanged), for the cross sums that ride on this distribution.
+  double rescale_to(float m_new) {
+    if (!(m_new > m)) return 1.0;
+    double factor = 0.0;
+    if (s != 0.0 && std::isfinite(m)) {
+      const double delta = static_cast<double>(m_new) - static_cast<double>(m);
+      factor = std::exp(-delta);
+      c = factor * (c - delta * s);
+      s *= factor;
+    } else {
+      s = c = 0.0;
+    }
+    m = m_new;
+    return factor;
+  }
+
+  // log s and E[x' - m] = c / s. An empty distribution (s = 0) gives log s = -inf and 0/0 = NaN, as the reference
+  // backend does; callers treat such rows as masked.
+  float log_s() const { return static_cast<float>(std::log(s)); }
+  float mean_centred() const { return static_cast<float>(c / s); }
+};
+
+struct OnlinePair {
+  OnlineSoftmax q, p;
+  double a_q = 0.0;  // sum exp(z' - sh_q) d
+  double a_p = 0.0;  // sum exp(u' - sh_p) (-d)
+
+  // Move to maxima that include m_q_seen and m_p_seen (e.g. a block's maxima).
+  void rescale_to(float m_q_seen, float m_p_seen) {
+    const float m_q = m_q_seen > q.m ? m_q_seen : q.m;
+    const float m_p = m_p_seen > p.m ? m_p_seen : p.m;
+    if (!(m_q > q.m) && !(m_p > p.m)) return;
+    const double delta_q = static_cast<double>(OnlineSoftmax::shift_of(m_q)) - q.shift();
+    const double delta_p = static_cast<double>(OnlineSoftmax::shift_of(m_p)) - p.shift();
+    const double s_q = q.s, s_p = p.s;
+    const double f_q = q.rescale_to(m_q), f_p = p.rescale_to(m_p);
+    a_q = s_q == 0.0 ? 0.0 : f_q * (a_q - (delta_q - delta_p) * s_q);
+    a_p = s_p == 0.0 ? 0.0 : f_p * (a_p - (delta_p - delta_q) * s_p);
+  }
+
+  // Add sums over new entries taken with the current shifts.
+  void add(double s_q, double c_q, double a_q_new, double s_p, double c_p, double a_p_new) {
+    q.s += s_q;
+    q.c += c_q;
+    a_q += a_q_new;
+    p.s += s_p;
+    p.c += c_p;
+    a_p += a_p_new;
+  }
+
+  // Fold in the state of a disjoint part of the row.
+  void merge(OnlinePair other) {
+    rescale_to(other.q.m, other.p.m);
+    other.rescale_to(q.m, p.m);
+    add(other.q.s, other.q.c, other.a_q, other.p.s, other.p.c, other.a_p);
+  }
+
+  // E_q[d] and E_p[-d] (NaN for an empty distribution, as above).
+  float mean_d_q() const { return static_cast<float>(a_q / q.s); }
+  float mean_d_p() const { return static_cast<float>(a_p / p.s); }
+};
+
+}  // namespace minillm

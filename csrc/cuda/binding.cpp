@@ -1,0 +1,332 @@
+// The CUDA implementations of the torch.ops.minillm_fast.* schemas (defined in minillm_fast/_library.py).
+//
+// A thin layer: argument checks, dtype dispatch to the launcher templates of launchers.h (instantiated in
+// csrc/cuda/*.cu), output and workspace allocation through PyTorch's caching allocator, and the current stream
+// (c10::cuda::getCurrentCUDAStream, which at::cuda::getCurrentCUDAStream forwards to; c10 only, so that the build
+// needs no cuBLAS/cuSPARSE headers). Nothing here synchronises with the host.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "launchers.h"
+
+namespace minillm_fast {
+namespace cuda {
+namespace {
+
+constexpr int64_t kMaxVocab = (int64_t{1} << 31) - (int64_t{1} << 20);  // column indices are int in the kernels
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_one(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(TypeTag<float>{}); break;
+    case at::kBFloat16: f(TypeTag<__nv_bfloat16>{}); break;
+    case at::kHalf: f(TypeTag<__half>{}); break;
+    default: TORCH_CHECK(false, "minillm_fast (cuda): ", what, " must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+// f(TypeTag<Tz>, TypeTag<Tu>) for the student and teacher dtypes.
+template <typename F>
+void dispatch_pair(const at::Tensor& z, const at::Tensor& u, F&& f) {
+  dispatch_one(z.scalar_type(), "student logits z", [&](auto zt) {
+    dispatch_one(u.scalar_type(), "teacher logits u", [&](auto ut) { f(zt, ut); });
+  });
+}
+
+void check_cuda_ok(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "minillm_fast (cuda) ", op, ": ", cudaGetErrorString(err));
+}
+
+// SM count of the current device, read once per device (cudaDeviceGetAttribute does not synchronise).
+int num_sms() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int device = c10::cuda::current_device();
+  if (device < 0 || device >= kMaxDevices) return 0;  // make_plan then never splits
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check_cuda_ok(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "num_sms");
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Logit rows: 2-D, on the same CUDA device, unit stride along the vocabulary (else a contiguous copy).
+at::Tensor logits_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.is_cuda(), "minillm_fast (cuda): ", what, " must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 2, "minillm_fast (cuda): ", what, " must be 2-D [N, V], got ", x.dim(), "-D");
+  if (x.size(1) > 1 && x.stride(1) != 1) return x.contiguous();
+  return x;
+}
+
+// Row stride in elements; a single row is never offset, so 0 (which keeps it eligible for vector loads).
+int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : 0; }
+
+struct Rows {
+  at::Tensor z, u;
+  int64_t n_rows;
+  int vocab;
+};
+
+Rows check_rows(const at::Tensor& z_in, const at::Tensor& u_in) {
+  Rows r;
+  r.z = logits_rows(z_in, "student logits z");
+  r.u = logits_rows(u_in, "teacher logits u");
+  TORCH_CHECK(r.z.device() == r.u.device(), "minillm_fast (cuda): z and u must be on the same device, got ",
+              r.z.device(), " and ", r.u.device());
+  TORCH_CHECK(r.z.size(0) == r.u.size(0), "minillm_fast (cuda): z and u must have the same number of rows, got ",
+              r.z.size(0), " and ", r.u.size(0));
+  TORCH_CHECK(r.z.size(0) < (int64_t{1} << 31), "minillm_fast (cuda): at most 2^31 - 1 rows");
+  const int64_t vocab = std::min(r.z.size(1), r.u.size(1));
+  TORCH_CHECK(r.z.size(1) < kMaxVocab && r.u.size(1) < kMaxVocab, "minillm_fast (cuda): vocabulary too large");
+  r.n_rows = r.z.size(0);
+  r.vocab = static_cast<int>(vocab);
+  return r;
+}
+
+// A float32 [N, cols] (or [N]) side tensor, contiguous, on z's device.
+at::Tensor side_f32(const at::Tensor& t, const at::Tensor& z, int64_t cols, const char* what) {
+  TORCH_CHECK(t.device() == z.device(), "minillm_fast (cuda): ", what, " must be on ", z.device(), ", got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "minillm_fast (cuda): ", what, " must be float32, got ",
+              t.scalar_type());
+  if (cols > 0) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == z.size(0) && t.size(1) == cols, "minillm_fast (cuda): ", what,
+                " must have shape [", z.size(0), ", ", cols, "], got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == z.size(0), "minillm_fast (cuda): ", what, " must have shape [",
+                z.size(0), "], got ", t.sizes());
+  }
+  return t.contiguous();
+}
+
+std::optional<at::Tensor> tokens_i64(const std::optional<at::Tensor>& tokens, const at::Tensor& z) {
+  if (!tokens.has_value() || !tokens->defined()) return std::nullopt;
+  const at::Tensor& t = *tokens;
+  TORCH_CHECK(t.device() == z.device(), "minillm_fast (cuda): tokens must be on ", z.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == z.size(0), "minillm_fast (cuda): tokens must have shape [", z.size(0),
+              "], got ", t.sizes());
+  TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kBool,
+              "minillm_fast (cuda): tokens must be an integer tensor, got ", t.scalar_type());
+  return t.to(at::kLong).contiguous();
+}
+
+// Vector width usable for reading both rows (and writing an output with out_stride, when given).
+int pair_vec(const Rows& r, int64_t out_stride = -1) {
+  const int e = vector_elems(static_cast<int>(std::max(r.z.element_size(), r.u.element_size())));
+  bool ok = r.vocab >= e && rows_aligned(r.z.data_ptr(), row_stride(r.z), static_cast<int>(r.z.element_size()), e) &&
+            rows_aligned(r.u.data_ptr(), row_stride(r.u), static_cast<int>(r.u.element_size()), e);
+  if (out_stride >= 0) ok = ok && out_stride % e == 0;  // outputs come from the allocator: 256-byte aligned
+  return ok ? e : 1;
+}
+
+at::Tensor row_stats_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
+                          double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const auto tok = tokens_i64(tokens, r.z);
+  at::Tensor stats = at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
+  if (r.n_rows == 0) return stats;
+
+  RowStatsArgs args;
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.tokens = tok ? tok->data_ptr<int64_t>() : nullptr;
+  args.stats = stats.data_ptr<float>();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = make_plan(r.n_rows, r.vocab, pair_vec(r), num_sms(), /*may_split=*/true);
+  at::Tensor workspace;
+  if (args.plan.splits > 1) {
+    workspace = at::empty({r.n_rows * args.plan.splits * kRowStatsPartialFloats}, stats.options());
+    args.workspace = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    check_cuda_ok(launch_row_stats<Tz, Tu>(args, stream), "row_stats");
+  });
+  return stats;
+}
+
+at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
+                            const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const auto tok = tokens_i64(tokens, r.z);
+  const at::Tensor stats = side_f32(stats_in, r.z, kNumStats, "stats");
+  const at::Tensor coef = side_f32(coef_in, r.z, kNumCoefs, "coef");
+  const int64_t z_cols = r.z.size(1);
+  at::Tensor dz = at::empty({r.n_rows, z_cols}, r.z.options());
+  if (r.n_rows == 0 || z_cols == 0) return dz;
+
+  LogitsGradArgs args;
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.tokens = tok ? tok->data_ptr<int64_t>() : nullptr;
+  args.stats = stats.data_ptr<float>();
+  args.coef = coef.data_ptr<float>();
+  args.dz = dz.data_ptr();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.z_cols = static_cast<int>(z_cols);
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = make_plan(r.n_rows, z_cols, pair_vec(r, z_cols), num_sms(), /*may_split=*/true);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    check_cuda_ok(launch_logits_grad<Tz, Tu>(args, stream), "logits_grad");
+  });
+  return dz;
+}
+
+void fill_beta(JsdArgs& args, double beta) {
+  TORCH_CHECK(beta > 0.0 && beta < 1.0, "minillm_fast (cuda): jsd needs 0 < beta < 1, got ", beta);
+  args.beta = static_cast<float>(beta);
+  args.one_minus_beta = static_cast<float>(1.0 - beta);
+  args.log_beta = static_cast<float>(std::log(beta));
+  args.log1m_beta = static_cast<float>(std::log1p(-beta));
+}
+
+at::Tensor jsd_rows_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const at::Tensor& stats_in, double beta,
+                         double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const at::Tensor stats = side_f32(stats_in, r.z, kNumStats, "stats");
+  at::Tensor out = at::empty({r.n_rows, 2}, r.z.options().dtype(at::kFloat));
+  JsdArgs args;
+  fill_beta(args, beta);
+  if (r.n_rows == 0) return out;
+
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.stats = stats.data_ptr<float>();
+  args.out = out.data_ptr<float>();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.z_cols = static_cast<int>(r.z.size(1));
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = make_plan(r.n_rows, r.vocab, pair_vec(r), num_sms(), /*may_split=*/true);
+  at::Tensor workspace;
+  if (args.plan.splits > 1) {
+    workspace = at::empty({r.n_rows * args.plan.splits * 2}, out.options());
+    args.workspace = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    check_cuda_ok(launch_jsd_rows<Tz, Tu>(args, stream), "jsd_rows");
+  });
+  return out;
+}
+
+at::Tensor jsd_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const at::Tensor& stats_in,
+                         const at::Tensor& jsd_in, const at::Tensor& coef_in, double beta, double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const at::Tensor stats = side_f32(stats_in, r.z, kNumStats, "stats");
+  const at::Tensor jsd = side_f32(jsd_in, r.z, 2, "jsd");
+  const at::Tensor coef = side_f32(coef_in, r.z, 0, "coef");
+  const int64_t z_cols = r.z.size(1);
+  at::Tensor dz = at::empty({r.n_rows, z_cols}, r.z.options());
+  JsdArgs args;
+  fill_beta(args, beta);
+  if (r.n_rows == 0 || z_cols == 0) return dz;
+
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.stats = stats.data_ptr<float>();
+  args.jsd = jsd.data_ptr<float>();
+  args.coef = coef.data_ptr<float>();
+  args.dz = dz.data_ptr();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.z_cols = static_cast<int>(z_cols);
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = make_plan(r.n_rows, z_cols, pair_vec(r, z_cols), num_sms(), /*may_split=*/true);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    check_cuda_ok(launch_jsd_grad<Tz, Tu>(args, stream), "jsd_grad");
+  });
+  return dz;
+}
+
+at::Tensor sample_rows_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const at::Tensor& use_teacher_in,
+                            const at::Tensor& uniform_in, double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  TORCH_CHECK(use_teacher_in.device() == r.z.device() && uniform_in.device() == r.z.device(),
+              "minillm_fast (cuda): use_teacher and uniform must be on ", r.z.device());
+  TORCH_CHECK(use_teacher_in.dim() == 1 && use_teacher_in.size(0) == r.n_rows,
+              "minillm_fast (cuda): use_teacher must have shape [", r.n_rows, "], got ", use_teacher_in.sizes());
+  TORCH_CHECK(uniform_in.dim() == 1 && uniform_in.size(0) == r.n_rows,
+              "minillm_fast (cuda): uniform must have shape [", r.n_rows, "], got ", uniform_in.sizes());
+  const at::Tensor use_teacher = use_teacher_in.to(at::kBool).contiguous();
+  const at::Tensor uniform = uniform_in.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty({r.n_rows}, r.z.options().dtype(at::kLong));
+  if (r.n_rows == 0) return out;
+
+  SampleArgs args;
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.use_teacher = use_teacher.data_ptr<bool>();
+  args.uniform = uniform.data_ptr<double>();
+  args.out = out.data_ptr<int64_t>();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.threads = sample_threads(r.vocab);
+  const int ez = vector_elems(static_cast<int>(r.z.element_size()));
+  const int eu = vector_elems(static_cast<int>(r.u.element_size()));
+  args.z_vec = r.vocab >= ez && rows_aligned(r.z.data_ptr(), args.z_stride, static_cast<int>(r.z.element_size()), ez);
+  args.u_vec = r.vocab >= eu && rows_aligned(r.u.data_ptr(), args.u_stride, static_cast<int>(r.u.element_size()), eu);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    check_cuda_ok(launch_sample_rows<Tz, Tu>(args, stream), "sample_rows");
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace minillm_fast
+
+TORCH_LIBRARY_IMPL(minillm_fast, CUDA, m) {
+  m.impl("row_stats", &minillm_fast::cuda::row_stats_cuda);
+  m.impl("logits_grad", &minillm_fast::cuda::logits_grad_cuda);
+  m.impl("jsd_rows", &minillm_fast::cuda::jsd_rows_cuda);
+  m.impl("jsd_grad", &minillm_fast::cuda::jsd_grad_cuda);
+  m.impl("sample_rows", &minillm_fast::cuda::sample_rows_cuda);
+}

@@ -1,0 +1,192 @@
+// jsd_rows and jsd_grad: the generalised JSD for 0 < beta < 1, a second pass given row_stats.
+//
+// With log q_v = (z'_v - m_q) - log s_q, log p_v likewise, and log m_v = logaddexp(log p_v + log beta,
+// log q_v + log(1 - beta)) (never the log of a sum of rounded probabilities):
+//   g_v = log q_v - log m_v (0 where q_v = 0), h_v = log p_v - log m_v (0 where p_v = 0)
+//   jsd_rows: (beta * sum p h + (1 - beta) * sum q g, sum q g)            (split rows: partial sums + merge)
+//   jsd_grad: dz_v = coef * q_v * (g_v - E_q[g]) on v < V; zeros for v >= V and rows with coef = 0.
+#include "launchers.h"
+#include "row_state.cuh"
+
+namespace minillm_fast {
+namespace cuda {
+namespace {
+
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P };
+
+struct JsdRow {
+  float shift_q, logs_q, shift_p, logs_p, log_beta, log1m_beta;
+
+  __device__ __forceinline__ void load(const JsdArgs& args, int64_t row) {
+    const float* st = args.stats + row * kNumStats;
+    shift_q = finite_or_zero(st[M_Q]);
+    logs_q = st[LOGS_Q];
+    shift_p = finite_or_zero(st[M_P]);
+    logs_p = st[LOGS_P];
+    log_beta = args.log_beta;
+    log1m_beta = args.log1m_beta;
+  }
+
+  // q, g = log q - log m (0 where q = 0), p, h = log p - log m (0 where p = 0).
+  __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& p, float& h) const {
+    const float log_q = (x - shift_q) - logs_q;
+    const float log_p = (xu - shift_p) - logs_p;
+    const float log_m = log_add_exp(log_p + log_beta, log_q + log1m_beta);
+    q = fast_exp(log_q);
+    p = fast_exp(log_p);
+    g = q > 0.0f ? log_q - log_m : 0.0f;
+    h = p > 0.0f ? log_p - log_m : 0.0f;
+  }
+};
+
+template <typename Tz, typename Tu, int E>
+__global__ void __launch_bounds__(kMaxThreads) jsd_rows_kernel(const JsdArgs args) {
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  const float it = args.inv_temp;
+  JsdRow r;
+  r.load(args, row);
+
+  const int c0 = split * args.plan.chunk;
+  const int c1 = min(args.vocab, c0 + args.plan.chunk);
+  const int cv = c1 > c0 ? c0 + (c1 - c0) / E * E : c0;
+
+  SumState<2> acc = SumState<2>::empty();  // (sum q g, sum p h)
+  for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < cv; c += blockDim.x * E) {
+    float x[E], y[E];
+    load_scaled<Tz, E>(z + c, it, x);
+    load_scaled<Tu, E>(u + c, it, y);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float q, g, p, h;
+      r.terms(x[i], y[i], q, g, p, h);
+      acc.v[0] += q * g;
+      acc.v[1] += p * h;
+    }
+  }
+  for (int c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
+    float q, g, p, h;
+    r.terms(load_one(z + c, it), load_one(u + c, it), q, g, p, h);
+    acc.v[0] += q * g;
+    acc.v[1] += p * h;
+  }
+
+  __shared__ SumState<2> smem[32];
+  acc = block_reduce(acc, smem);
+  if (threadIdx.x == 0) {
+    if (gridDim.y == 1) {
+      args.out[row * 2 + 0] = args.beta * acc.v[1] + args.one_minus_beta * acc.v[0];
+      args.out[row * 2 + 1] = acc.v[0];
+    } else {
+      float* w = args.workspace + (row * gridDim.y + split) * 2;
+      w[0] = acc.v[0];
+      w[1] = acc.v[1];
+    }
+  }
+}
+
+constexpr int kMergeThreads = 128;
+
+__global__ void __launch_bounds__(kMergeThreads) jsd_rows_merge_kernel(const JsdArgs args) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
+  if (row >= args.n_rows) return;
+  const int splits = args.plan.splits;
+  const float* w = args.workspace + row * splits * 2;
+  SumState<2> acc = SumState<2>::empty();
+  for (int j = lane; j < splits; j += 32) {
+    acc.v[0] += w[j * 2 + 0];
+    acc.v[1] += w[j * 2 + 1];
+  }
+  acc = warp_reduce(acc);
+  if (lane == 0) {
+    args.out[row * 2 + 0] = args.beta * acc.v[1] + args.one_minus_beta * acc.v[0];
+    args.out[row * 2 + 1] = acc.v[0];
+  }
+}
+
+template <typename Tz, typename Tu, int E>
+__global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs args) {
+  const int64_t row = blockIdx.x;
+  const int c0 = static_cast<int>(blockIdx.y) * args.plan.chunk;
+  const int c1 = min(args.z_cols, c0 + args.plan.chunk);
+  Tz* __restrict__ out = static_cast<Tz*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+  const float coef = args.coef[row];
+  if (coef == 0.0f) {
+    store_zeros<Tz, E>(out, c0, c1);
+    return;
+  }
+  const float mean_g = args.jsd[row * 2 + 1];
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  const float it = args.inv_temp;
+  const int vocab = args.vocab;
+  JsdRow r;
+  r.load(args, row);
+
+  const int ve = max(c0, min(c1, vocab / E * E));
+  for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < ve; c += blockDim.x * E) {
+    float x[E], y[E], o[E];
+    load_scaled<Tz, E>(z + c, it, x);
+    load_scaled<Tu, E>(u + c, it, y);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float q, g, p, h;
+      r.terms(x[i], y[i], q, g, p, h);
+      o[i] = (coef * q) * (g - mean_g);
+    }
+    store_vec<Tz, E>(out + c, o);
+  }
+  for (int c = ve + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
+    float o = 0.0f;
+    if (c < vocab) {
+      float q, g, p, h;
+      r.terms(load_one(z + c, it), load_one(u + c, it), q, g, p, h);
+      o = (coef * q) * (g - mean_g);
+    }
+    store_one<Tz>(out + c, o);
+  }
+}
+
+}  // namespace
+
+template <typename Tz, typename Tu>
+cudaError_t launch_jsd_rows(const JsdArgs& args, cudaStream_t stream) {
+  if (args.n_rows <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
+  const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
+  const dim3 block(static_cast<unsigned>(args.plan.threads));
+  if (args.plan.vec == kVec) {
+    jsd_rows_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
+  } else {
+    jsd_rows_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
+  }
+  if (args.plan.splits > 1) {
+    const int64_t rows_per_block = kMergeThreads / 32;
+    const unsigned blocks = static_cast<unsigned>((args.n_rows + rows_per_block - 1) / rows_per_block);
+    jsd_rows_merge_kernel<<<blocks, kMergeThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+template <typename Tz, typename Tu>
+cudaError_t launch_jsd_grad(const JsdArgs& args, cudaStream_t stream) {
+  if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
+  const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
+  const dim3 block(static_cast<unsigned>(args.plan.threads));
+  if (args.plan.vec == kVec) {
+    jsd_grad_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
+  } else {
+    jsd_grad_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+MINILLM_FAST_INSTANTIATE_PAIRS(launch_jsd_rows, JsdArgs)
+MINILLM_FAST_INSTANTIATE_PAIRS(launch_jsd_grad, JsdArgs)
+
+}  // namespace cuda
+}  // namespace minillm_fast

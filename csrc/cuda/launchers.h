@@ -1,0 +1,187 @@
+// Host-side interface of the CUDA kernels: argument structs, the launch plan, and the launcher templates that
+// csrc/cuda/*.cu instantiate for every (student, teacher) dtype pair of {float, __nv_bfloat16, __half}.
+// No PyTorch header: binding.cpp (the only file that knows about at::Tensor) fills these structs.
+//
+// Conventions: logits rows have unit stride along the vocabulary and an arbitrary row stride (in elements);
+// vocab = min(V_s, V_t); row offsets are 64-bit; column indices are int (vocab < 2^31 - 2^20 is checked by the
+// binding). No launcher synchronises with the host; each returns cudaGetLastError() after its launches.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace minillm_fast {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launch plan: grid = (n_rows, splits), blockDim = threads; block (row, j) covers columns
+// [j * chunk, min(cols, (j + 1) * chunk)) with chunk a multiple of vec. vec is the number of elements one thread
+// loads per step: 16 bytes of the widest input type when every row start is aligned for it, else 1.
+// ---------------------------------------------------------------------------------------------------------------
+struct RowPlan {
+  int vec = 1;
+  int threads = 64;
+  int splits = 1;
+  int chunk = 1;
+};
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxSplits = 1024;
+
+// Elements per 16-byte vector of the widest of the given element sizes.
+inline int vector_elems(int max_elem_size) { return 16 / max_elem_size; }
+
+// Whether every row of a tensor (base pointer p, row stride in elements) starts on an e-element boundary.
+inline bool rows_aligned(const void* p, int64_t row_stride, int elem_size, int e) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(e * elem_size) == 0 && row_stride % e == 0;
+}
+
+// n_rows: grid rows; cols: columns to cover; vec: 1 or the vector width; num_sms: the device's SM count;
+// may_split: whether the kernel supports several blocks per row. Splits only when the rows alone cannot fill
+// one wave of resident blocks, and never below 2 vectors per thread per block.
+inline RowPlan make_plan(int64_t n_rows, int64_t cols, int vec, int num_sms, bool may_split) {
+  RowPlan plan;
+  plan.vec = vec;
+  const int64_t vecs = (cols + vec - 1) / vec;
+  int threads = 64;
+  while (threads < kMaxThreads && static_cast<int64_t>(threads) * 4 < vecs) threads *= 2;
+  plan.threads = threads;
+  if (cols <= 0) {
+    plan.splits = 1;
+    plan.chunk = vec;
+    return plan;
+  }
+  int64_t splits = 1;
+  if (may_split && num_sms > 0 && n_rows > 0) {
+    const int64_t resident = static_cast<int64_t>(num_sms) * (2048 / threads);
+    if (n_rows < resident) {
+      const int64_t want = (resident + n_rows - 1) / n_rows;
+      const int64_t most = vecs / (static_cast<int64_t>(threads) * 2);
+      splits = want < most ? want : most;
+      if (splits < 1) splits = 1;
+      if (splits > kMaxSplits) splits = kMaxSplits;
+    }
+  }
+  int64_t chunk = (cols + splits - 1) / splits;
+  chunk = (chunk + vec - 1) / vec * vec;
+  plan.chunk = static_cast<int>(chunk);
+  plan.splits = static_cast<int>((cols + chunk - 1) / chunk);
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// row_stats: stats[N, 10] (layout in minillm_fast/backends/__init__.py). When plan.splits > 1, workspace holds
+// n_rows * splits * 8 floats (partial online states) and a second small kernel merges them.
+// ---------------------------------------------------------------------------------------------------------------
+struct RowStatsArgs {
+  const void* z = nullptr;
+  const void* u = nullptr;
+  const int64_t* tokens = nullptr;  // [N] or null
+  float* stats = nullptr;           // [N, 10], contiguous
+  float* workspace = nullptr;       // [N, splits, 8] when plan.splits > 1
+  int64_t n_rows = 0;
+  int64_t z_stride = 0, u_stride = 0;  // row strides in elements
+  int vocab = 0;
+  float inv_temp = 1.0f;
+  RowPlan plan;
+};
+constexpr int kNumStats = 10;
+constexpr int kRowStatsPartialFloats = 8;
+
+// ---------------------------------------------------------------------------------------------------------------
+// logits_grad: dz[N, z_cols] (contiguous, z's dtype); columns >= vocab and rows with four zero coefs are zeros.
+// ---------------------------------------------------------------------------------------------------------------
+struct LogitsGradArgs {
+  const void* z = nullptr;
+  const void* u = nullptr;
+  const int64_t* tokens = nullptr;  // [N] or null
+  const float* stats = nullptr;     // [N, 10]
+  const float* coef = nullptr;      // [N, 4] = (c_kl, c_q, c_p, c_y)
+  void* dz = nullptr;               // [N, z_cols]
+  int64_t n_rows = 0;
+  int64_t z_stride = 0, u_stride = 0;
+  int vocab = 0;
+  int z_cols = 0;  // V_s, also dz's row stride
+  float inv_temp = 1.0f;
+  RowPlan plan;  // over z_cols columns
+};
+constexpr int kNumCoefs = 4;
+
+// ---------------------------------------------------------------------------------------------------------------
+// jsd_rows: out[N, 2] = (JSD_beta, E_q[g]); split rows use workspace [N, splits, 2].
+// jsd_grad: dz[N, z_cols] = coef_row * q * (g - E_q[g]) on columns < vocab, zeros elsewhere and where coef = 0.
+// ---------------------------------------------------------------------------------------------------------------
+struct JsdArgs {
+  const void* z = nullptr;
+  const void* u = nullptr;
+  const float* stats = nullptr;  // [N, 10]
+  const float* jsd = nullptr;    // [N, 2]   (jsd_grad only)
+  const float* coef = nullptr;   // [N]      (jsd_grad only)
+  float* out = nullptr;          // [N, 2]   (jsd_rows only)
+  float* workspace = nullptr;    // [N, splits, 2] (jsd_rows, when plan.splits > 1)
+  void* dz = nullptr;            // [N, z_cols] (jsd_grad only)
+  int64_t n_rows = 0;
+  int64_t z_stride = 0, u_stride = 0;
+  int vocab = 0;
+  int z_cols = 0;
+  float inv_temp = 1.0f;
+  float beta = 0.5f;            // as float32, like torch_backend's python-scalar arithmetic
+  float one_minus_beta = 0.5f;  // (float)(1 - beta) computed in double
+  float log_beta = 0.0f;        // (float)log(beta)
+  float log1m_beta = 0.0f;      // (float)log1p(-beta)
+  RowPlan plan;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// sample_rows: out[N] int64, one block per row.
+// ---------------------------------------------------------------------------------------------------------------
+struct SampleArgs {
+  const void* z = nullptr;
+  const void* u = nullptr;
+  const bool* use_teacher = nullptr;  // [N]
+  const double* uniform = nullptr;    // [N], in [0, 1)
+  int64_t* out = nullptr;             // [N]
+  int64_t n_rows = 0;
+  int64_t z_stride = 0, u_stride = 0;
+  int vocab = 0;
+  float inv_temp = 1.0f;
+  int threads = 256;
+  bool z_vec = false;  // rows of z aligned for 16-byte loads
+  bool u_vec = false;
+};
+
+inline int sample_threads(int64_t vocab) {
+  int threads = 64;
+  while (threads < kMaxThreads && static_cast<int64_t>(threads) * 16 < vocab) threads *= 2;
+  return threads;
+}
+
+// Tz: student dtype, Tu: teacher dtype, each one of float, __nv_bfloat16, __half.
+template <typename Tz, typename Tu>
+cudaError_t launch_row_stats(const RowStatsArgs& args, cudaStream_t stream);
+template <typename Tz, typename Tu>
+cudaError_t launch_logits_grad(const LogitsGradArgs& args, cudaStream_t stream);
+template <typename Tz, typename Tu>
+cudaError_t launch_jsd_rows(const JsdArgs& args, cudaStream_t stream);
+template <typename Tz, typename Tu>
+cudaError_t launch_jsd_grad(const JsdArgs& args, cudaStream_t stream);
+template <typename Tz, typename Tu>
+cudaError_t launch_sample_rows(const SampleArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace minillm_fast
+
+// Explicit instantiation of a launcher template for the 9 dtype pairs (used in the .cu files).
+#define MINILLM_FAST_INSTANTIATE_PAIRS(LAUNCHER, ARGS)                                                  \
+  template cudaError_t LAUNCHER<float, float>(const ARGS&, cudaStream_t);                             \
+  template cudaError_t LAUNCHER<float, __nv_bfloat16>(const ARGS&, cudaStream_t);                     \
+  template cudaError_t LAUNCHER<float, __half>(const ARGS&, cudaStream_t);                            \
+  template cudaError_t LAUNCHER<__nv_bfloat16, float>(const ARGS&, cudaStream_t);                     \
+  template cudaError_t LAUNCHER<__nv_bfloat16, __nv_bfloat16>(const ARGS&, cudaStream_t);             \
+  template cudaError_t LAUNCHER<__nv_bfloat16, __half>(const ARGS&, cudaStream_t);                    \
+  template cudaError_t LAUNCHER<__half, float>(const ARGS&, cudaStream_t);                            \
+  template cudaError_t LAUNCHER<__half, __nv_bfloat16>(const ARGS&, cudaStream_t);                    \
+  template cudaError_t LAUNCHER<__half, __half>(const ARGS&, cudaStream_t);

@@ -1,0 +1,113 @@
+// logits_grad: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], one pass, with the centred
+// difference d = (z' - m_q) - (u' - m_p) of row_stats (m: the row max where finite, else 0).
+//
+// Elementwise given the row statistics, so any number of blocks may share a row (grid = (rows, column chunks)).
+// q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision. The teacher row is
+// read only when c_kl or c_p is nonzero; rows whose four coefficients are zero, and columns >= V, are written as
+// zeros without reading anything. Matches torch_backend.logits_grad to float32 rounding.
+#include "launchers.h"
+#include "row_state.cuh"
+
+namespace minillm_fast {
+namespace cuda {
+namespace {
+
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D };
+
+struct GradRow {
+  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float c_kl, c_q, c_p, c_y;
+  int64_t y;  // -1 without tokens
+
+  __device__ __forceinline__ float operator()(float x, float xu, int col) const {
+    const float q = fast_exp((x - shift_q) - logs_q);
+    float g = c_q * q;
+    // d = (z' - m_q) - (u' - m_p): each logit centred on its own row max first (exact), as in row_stats
+    if (c_kl != 0.0f) g += c_kl * (q > 0.0f ? q * (((x - shift_q) - (xu - shift_p)) - eq_d) : 0.0f);
+    if (c_p != 0.0f) g += c_p * fast_exp((xu - shift_p) - logs_p);
+    if (col == y) g += c_y;
+    return g;
+  }
+};
+
+
+template <bool kNeedU, typename Tz, typename Tu, int E>
+__device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
+                                             Tz* __restrict__ out, int c0, int c1, int vocab, float it) {
+  // Whole vectors inside the vocabulary: [c0, ve); ve - c0 is a multiple of E (see make_plan's chunking).
+  const int ve = max(c0, min(c1, vocab / E * E));
+  for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < ve; c += blockDim.x * E) {
+    float x[E], xu[E], r[E];
+    load_scaled<Tz, E>(z + c, it, x);
+    if constexpr (kNeedU) {
+      load_scaled<Tu, E>(u + c, it, xu);
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) xu[i] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) r[i] = g(x[i], xu[i], c + i);
+    store_vec<Tz, E>(out + c, r);
+  }
+  // The rest: < E columns of the vocabulary, then the padded columns >= V (zeros).
+  for (int c = ve + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
+    float r = 0.0f;
+    if (c < vocab) r = g(load_one(z + c, it), kNeedU ? load_one(u + c, it) : 0.0f, c);
+    store_one<Tz>(out + c, r);
+  }
+}
+
+template <typename Tz, typename Tu, int E>
+__global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGradArgs args) {
+  const int64_t row = blockIdx.x;
+  const int c0 = static_cast<int>(blockIdx.y) * args.plan.chunk;
+  const int c1 = min(args.z_cols, c0 + args.plan.chunk);
+  Tz* __restrict__ out = static_cast<Tz*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+
+  const float* cf = args.coef + row * kNumCoefs;
+  GradRow g;
+  g.c_kl = cf[0];
+  g.c_q = cf[1];
+  g.c_p = cf[2];
+  g.c_y = cf[3];
+  if (g.c_kl == 0.0f && g.c_q == 0.0f && g.c_p == 0.0f && g.c_y == 0.0f) {
+    store_zeros<Tz, E>(out, c0, c1);
+    return;
+  }
+  const float* st = args.stats + row * kNumStats;
+  g.shift_q = finite_or_zero(st[M_Q]);
+  g.logs_q = st[LOGS_Q];
+  g.shift_p = finite_or_zero(st[M_P]);
+  g.logs_p = st[LOGS_P];
+  g.eq_d = st[EQ_D];
+  g.y = args.tokens != nullptr ? args.tokens[row] : -1;
+
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  if (g.c_kl != 0.0f || g.c_p != 0.0f) {
+    grad_columns<true, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+  } else {
+    grad_columns<false, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+  }
+}
+
+}  // namespace
+
+template <typename Tz, typename Tu>
+cudaError_t launch_logits_grad(const LogitsGradArgs& args, cudaStream_t stream) {
+  if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
+  const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
+  const dim3 block(static_cast<unsigned>(args.plan.threads));
+  if (args.plan.vec == kVec) {
+    logits_grad_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
+  } else {
+    logits_grad_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+MINILLM_FAST_INSTANTIATE_PAIRS(launch_logits_grad, LogitsGradArgs)
+
+}  // namespace cuda
+}  // namespace minillm_fast

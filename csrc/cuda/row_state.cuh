@@ -1,0 +1,349 @@
+// Per-row math shared by every CUDA kernel of minillm_fast: the online-softmax state and its merge, special
+// float values that survive --use_fast_math, element loads/stores for float / bf16 / fp16, and warp and block
+// reductions. No PyTorch header here: the kernels compile with plain nvcc.
+//
+// Semantics of the primitives: minillm_fast/backends/__init__.py; the float32 behaviour to match:
+// minillm_fast/backends/torch_backend.py.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace minillm_fast {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Special values and tests by bit pattern. nvcc's --use_fast_math does not assume finite math, but building
+// infinities from bits and testing the exponent field keeps these correct under any flag set.
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
+__device__ __forceinline__ bool is_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ bool is_neg_inf(float x) { return __float_as_uint(x) == 0xff800000u; }
+
+// exp: the hardware ex2 path (what --use_fast_math makes of expf anyway), used knowingly. Its relative error is
+// a few ulp for the arguments that matter (x - max in [-20, 0]); exp(-inf) = +0 and exp(NaN) = NaN.
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+
+// log of a sum s >= 1 (a sum of exp(x - max) always contains exp(0) = 1), or s = 0 for an empty row.
+// log1pf is not among the functions --use_fast_math replaces, so this keeps full precision near s = 1 (nearly
+// one-hot rows), where __logf has an absolute error of ~2^-21. s - 1 is exact for s in [1, 2] (Sterbenz).
+// log_sum(0) = log1p(-1) = -inf.
+__device__ __forceinline__ float log_sum(float s) { return log1pf(s - 1.0f); }
+
+// torch.logaddexp(a, b) in float32: -inf when both are -inf, max + log1p(exp(min - max)) otherwise.
+__device__ __forceinline__ float log_add_exp(float a, float b) {
+  const float hi = fmaxf(a, b), lo = fminf(a, b);
+  if (!(lo > neg_inf())) return hi;  // lo = -inf: exp(lo - hi) = 0 exactly; also covers both -inf
+  return hi + log1pf(fast_exp(lo - hi));
+}
+
+// f * x where f = 0 means "this part vanished": 0 * inf would be NaN, torch's `e > 0` masks give 0.
+__device__ __forceinline__ float scale_by(float f, float x) { return f > 0.0f ? f * x : 0.0f; }
+
+// The shift torch_backend subtracts before exp: the max where finite, else 0.
+__device__ __forceinline__ float finite_or_zero(float m) { return is_finite(m) ? m : 0.0f; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Element types: loads and stores go through raw integer words so that a vector of E elements is one aligned
+// load/store instruction (16 bytes: LDG.128) whatever the element type.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using Bits = uint32_t;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ Bits from_float(float f) { return __float_as_uint(f); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using Bits = uint16_t;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+  static __device__ __forceinline__ Bits from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+
+template <>
+struct Elem<__half> {
+  using Bits = uint16_t;
+  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+template <typename T, int E>
+struct alignas(sizeof(typename Elem<T>::Bits) * E) BitsVec {
+  typename Elem<T>::Bits v[E];
+};
+
+// E consecutive elements starting at p, converted to float and multiplied by scale (1/tau). p must be aligned
+// to E * sizeof(T) bytes (the launchers pick E = 1 when a row start or stride does not allow it).
+template <typename T, int E>
+__device__ __forceinline__ void load_scaled(const T* __restrict__ p, float scale, float (&out)[E]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (E == 1) {
+    out[0] = Elem<T>::to_float(*reinterpret_cast<const Bits*>(p)) * scale;
+  } else {
+    const BitsVec<T, E> w = *reinterpret_cast<const BitsVec<T, E>*>(p);
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = Elem<T>::to_float(w.v[i]) * scale;
+  }
+}
+
+// Like load_scaled for the E elements at columns [c, c + E) of a row of n columns; columns >= n read as -inf
+// (probability 0). Vector load when the whole vector is in bounds.
+template <typename T, int E>
+__device__ __forceinline__ void load_scaled_bounded(const T* __restrict__ row, int c, int n, float scale,
+                                                    float (&out)[E]) {
+  if (c + E <= n) {
+    load_scaled<T, E>(row + c, scale, out);
+  } else {
+    using Bits = typename Elem<T>::Bits;
+    const Bits* r = reinterpret_cast<const Bits*>(row);
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = (c + i < n) ? Elem<T>::to_float(r[c + i]) * scale : neg_inf();
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float load_one(const T* __restrict__ p, float scale) {
+  return Elem<T>::to_float(*reinterpret_cast<const typename Elem<T>::Bits*>(p)) * scale;
+}
+
+template <typename T, int E>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&v)[E]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (E == 1) {
+    *reinterpret_cast<Bits*>(p) = Elem<T>::from_float(v[0]);
+  } else {
+    BitsVec<T, E> w;
+#pragma unroll
+    for (int i = 0; i < E; ++i) w.v[i] = Elem<T>::from_float(v[i]);
+    *reinterpret_cast<BitsVec<T, E>*>(p) = w;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_one(T* __restrict__ p, float v) {
+  *reinterpret_cast<typename Elem<T>::Bits*>(p) = Elem<T>::from_float(v);
+}
+
+// Zeros over columns [c0, c1) of an output row, by the whole block: c0 a multiple of E, the row start aligned
+// for E elements (vector stores), the < E leftover columns one by one.
+template <typename T, int E>
+__device__ __forceinline__ void store_zeros(T* __restrict__ out, int c0, int c1) {
+  const int cv = c1 > c0 ? c0 + (c1 - c0) / E * E : c0;
+  float zeros[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) zeros[i] = 0.0f;
+  for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < cv; c += blockDim.x * E) store_vec<T, E>(out + c, zeros);
+  for (int c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) store_one<T>(out + c, 0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Online softmax state of both distributions of a row, read in one pass: q over z' and p over u'.
+//
+// Every quantity is taken relative to the running *shifts* sq = m_q and sp = m_p (the running maxima where finite;
+// 0 while a distribution has seen only -inf, exactly like torch_backend's _finite(m)). With tq = z' - sq,
+// tp = u' - sp and the centred difference d = tq - tp (contract: minillm_fast/backends/__init__.py), per
+// distribution (q shown; p is the mirror image with tp and -d):
+//   s = sum exp(tq)             the normaliser                        -> LOGS_Q = log s
+//   a = sum exp(tq) d           the cross sum                         -> EQ_D   = a / s
+//   b = sum exp(tq) tq          the centred sum                       -> EQ_ZC  = b / s
+// Entries with exp(t) = 0 contribute nothing, even where d or t is infinite (0 * inf = 0, torch's `e > 0` masks).
+// When the shifts grow by (dq, dp) >= 0, with f = exp(-dq):
+//   s' = f s,   b' = f (b - dq s),   a' = f (a - (dq - dp) s)      (d itself moves by -(dq - dp))
+// and symmetrically for p with f = exp(-dp), a' = f (a - (dp - dq) s). The cross sums couple the two states, so
+// they are always raised together. A distribution that has seen only -inf has m = -inf and s = a = b = 0.
+// ---------------------------------------------------------------------------------------------------------------
+struct OnlineSoftmax {
+  float m, s, a, b;
+
+  __device__ __forceinline__ static OnlineSoftmax empty() { return OnlineSoftmax{neg_inf(), 0.0f, 0.0f, 0.0f}; }
+
+  __device__ __forceinline__ float shift() const { return finite_or_zero(m); }
+
+  // New max m_new >= m; own shift grew by delta, the centred difference d by -cross.
+  __device__ __forceinline__ void rescale(float m_new, float delta, float cross) {
+    if (!is_neg_inf(m) && (delta != 0.0f || cross != 0.0f)) {
+      const float f = fast_exp(-delta);
+      b = scale_by(f, b - delta * s);
+      a = scale_by(f, a - cross * s);
+      s = f * s;
+    }  // an empty state has s = a = b = 0 whatever the shifts
+    m = m_new;
+  }
+
+  // One entry with centred logit t = x - shift() and cross weight w (d for q, -d for p).
+  __device__ __forceinline__ void accumulate(float t, float w) {
+    const float e = fast_exp(t);  // t = -inf (a -inf logit) gives 0
+    const bool pos = e > 0.0f;    // false for 0 and NaN
+    s += pos ? e : 0.0f;
+    a += pos ? e * w : 0.0f;
+    b += pos ? e * t : 0.0f;
+  }
+
+  // log s, and the expectations a / s and b / s: NaN for an empty distribution (0 / 0, as torch_backend gives).
+  __device__ __forceinline__ float log_s() const { return log_sum(s); }
+  __device__ __forceinline__ float mean_a() const { return s > 0.0f ? __fdiv_rn(a, s) : quiet_nan(); }
+  __device__ __forceinline__ float mean_b() const { return s > 0.0f ? __fdiv_rn(b, s) : quiet_nan(); }
+
+  __device__ __forceinline__ OnlineSoftmax shfl_xor(int lane_mask) const {
+    return OnlineSoftmax{__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask),
+                         __shfl_xor_sync(0xffffffffu, a, lane_mask), __shfl_xor_sync(0xffffffffu, b, lane_mask)};
+  }
+};
+
+struct RowPairState {
+  OnlineSoftmax q, p;
+
+  __device__ __forceinline__ static RowPairState empty() {
+    return RowPairState{OnlineSoftmax::empty(), OnlineSoftmax::empty()};
+  }
+
+  // Raise both maxima to at least (mq, mp) (NaN candidates are ignored by fmaxf).
+  __device__ __forceinline__ void raise_to(float mq, float mp) {
+    const float mq_new = fmaxf(q.m, mq), mp_new = fmaxf(p.m, mp);
+    const float dq = finite_or_zero(mq_new) - q.shift();
+    const float dp = finite_or_zero(mp_new) - p.shift();
+    q.rescale(mq_new, dq, dq - dp);
+    p.rescale(mp_new, dp, dp - dq);
+  }
+
+  // E entries of each row (already scaled by 1/tau): one rescale for the vectors' maxima, then one exp per entry
+  // and distribution.
+  template <int E>
+  __device__ __forceinline__ void add(const float (&x)[E], const float (&y)[E]) {
+    float mx = x[0], my = y[0];
+#pragma unroll
+    for (int i = 1; i < E; ++i) {
+      mx = fmaxf(mx, x[i]);
+      my = fmaxf(my, y[i]);
+    }
+    raise_to(mx, my);
+    const float sq = q.shift(), sp = p.shift();
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float tq = x[i] - sq, tp = y[i] - sp;  // the same float operations as torch_backend
+      const float d = tq - tp;
+      q.accumulate(tq, d);
+      p.accumulate(tp, -d);
+    }
+  }
+
+  // Merge the state of other entries of the same row: both raised to the common maxima, then summed.
+  __device__ __forceinline__ void merge(const RowPairState& other) {
+    RowPairState o = other;
+    const float mq = fmaxf(q.m, o.q.m), mp = fmaxf(p.m, o.p.m);
+    raise_to(mq, mp);
+    o.raise_to(mq, mp);
+    q.s += o.q.s; q.a += o.q.a; q.b += o.q.b;
+    p.s += o.p.s; p.a += o.p.a; p.b += o.p.b;
+  }
+
+  __device__ __forceinline__ RowPairState shfl_xor(int lane_mask) const {
+    return RowPairState{q.shfl_xor(lane_mask), p.shfl_xor(lane_mask)};
+  }
+
+  // Partial states of a split row travel through global memory as 8 floats.
+  static constexpr int kFloats = 8;
+  __device__ __forceinline__ void store(float* w) const {
+    w[0] = q.m; w[1] = q.s; w[2] = q.a; w[3] = q.b;
+    w[4] = p.m; w[5] = p.s; w[6] = p.a; w[7] = p.b;
+  }
+  __device__ __forceinline__ static RowPairState load(const float* w) {
+    return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}};
+  }
+};
+
+// Max and normaliser only (the sampler's first pass).
+struct MaxSum {
+  float m, s;
+  __device__ __forceinline__ static MaxSum empty() { return MaxSum{neg_inf(), 0.0f}; }
+  template <int E>
+  __device__ __forceinline__ void add(const float (&x)[E]) {
+    float mx = x[0];
+#pragma unroll
+    for (int i = 1; i < E; ++i) mx = fmaxf(mx, x[i]);
+    if (mx > m) {
+      s = is_neg_inf(m) ? 0.0f : s * fast_exp(m - mx);
+      m = mx;
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const float e = fast_exp(x[i] - m);
+      s += e > 0.0f ? e : 0.0f;
+    }
+  }
+  __device__ __forceinline__ void merge(const MaxSum& o) {
+    const float mn = fmaxf(m, o.m);
+    if (is_neg_inf(mn)) return;
+    const float s1 = is_neg_inf(m) ? 0.0f : s * fast_exp(m - mn);
+    const float s2 = is_neg_inf(o.m) ? 0.0f : o.s * fast_exp(o.m - mn);
+    m = mn;
+    s = s1 + s2;
+  }
+  __device__ __forceinline__ MaxSum shfl_xor(int lane_mask) const {
+    return MaxSum{__shfl_xor_sync(0xffffffffu, m, lane_mask), __shfl_xor_sync(0xffffffffu, s, lane_mask)};
+  }
+};
+
+// Plain float sums (jsd_rows' two KL parts).
+template <int K>
+struct SumState {
+  float v[K];
+  __device__ __forceinline__ static SumState empty() {
+    SumState r;
+#pragma unroll
+    for (int i = 0; i < K; ++i) r.v[i] = 0.0f;
+    return r;
+  }
+  __device__ __forceinline__ void merge(const SumState& o) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] += o.v[i];
+  }
+  __device__ __forceinline__ SumState shfl_xor(int lane_mask) const {
+    SumState r;
+#pragma unroll
+    for (int i = 0; i < K; ++i) r.v[i] = __shfl_xor_sync(0xffffffffu, v[i], lane_mask);
+    return r;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions over any state type S with merge(), shfl_xor() and empty(). blockDim.x must be a multiple of 32
+// (at most 1024); every thread of the block must call block_reduce. The result is returned to every thread.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename S>
+__device__ __forceinline__ S warp_reduce(S s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s.merge(s.shfl_xor(offset));
+  return s;
+}
+
+template <typename S>
+__device__ __forceinline__ S block_reduce(S s, S* smem /* >= 32 entries */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+  s = warp_reduce(s);
+  if (lane == 0) smem[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    S t = lane < n_warps ? smem[lane] : S::empty();
+    t = warp_reduce(t);
+    if (lane == 0) smem[0] = t;  // every lane has read smem[lane] before the shuffles above
+  }
+  __syncthreads();
+  const S r = smem[0];
+  __syncthreads();  // smem may be reused right after
+  return r;
+}
+
+}  // namespace cuda
+}  // namespace minillm_fast

@@ -1,0 +1,129 @@
+// row_stats: one pass over the student and teacher rows, both online softmaxes at once.
+//
+// Per row, with z' = z / tau and u' = u / tau over the first V columns (see minillm_fast/backends/__init__.py):
+//   M_Q = max z', LOGS_Q = log sum exp(z' - M_Q), EQ_D = E_q[d], EQ_ZC = E_q[z' - M_Q], and the same for p
+//   with u' (EP_D = E_p[-d], EP_UC = E_p[u' - M_P]); ZY = z'_y, UY = u'_y; d = (z' - M_Q) - (u' - M_P), the
+//   difference of the two centred (exact) logits.
+// Each thread folds its columns into a RowPairState (row_state.cuh); the block reduces the states. When the
+// rows alone cannot fill the GPU, a row is split across gridDim.y blocks that write partial states, and
+// row_stats_merge_kernel (one warp per row) merges and finalises them.
+#include "launchers.h"
+#include "row_state.cuh"
+
+namespace minillm_fast {
+namespace cuda {
+namespace {
+
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY };
+
+template <typename Tz, typename Tu>
+__device__ __forceinline__ void finalize_row(const RowStatsArgs& args, int64_t row, const RowPairState& st) {
+  float* o = args.stats + row * kNumStats;
+  o[M_Q] = st.q.m;
+  o[LOGS_Q] = st.q.log_s();
+  o[M_P] = st.p.m;
+  o[LOGS_P] = st.p.log_s();
+  o[EQ_D] = st.q.mean_a();
+  o[EQ_ZC] = st.q.mean_b();
+  o[EP_D] = st.p.mean_a();
+  o[EP_UC] = st.p.mean_b();
+  float zy = 0.0f, uy = 0.0f;
+  if (args.tokens != nullptr) {
+    const int64_t y = args.tokens[row];
+    if (y >= 0 && y < args.vocab) {  // out-of-range tokens (e.g. an ignore index) read as 0
+      zy = load_one(static_cast<const Tz*>(args.z) + row * args.z_stride + y, args.inv_temp);
+      uy = load_one(static_cast<const Tu*>(args.u) + row * args.u_stride + y, args.inv_temp);
+    }
+  }
+  o[ZY] = zy;
+  o[UY] = uy;
+}
+
+template <typename Tz, typename Tu, int E>
+__global__ void __launch_bounds__(kMaxThreads) row_stats_kernel(const RowStatsArgs args) {
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  const float it = args.inv_temp;
+
+  const int c0 = split * args.plan.chunk;
+  const int c1 = min(args.vocab, c0 + args.plan.chunk);
+  const int cv = c1 > c0 ? c0 + (c1 - c0) / E * E : c0;  // end of whole vectors
+
+  RowPairState st = RowPairState::empty();
+  const int step = static_cast<int>(blockDim.x) * E;
+  int c = c0 + static_cast<int>(threadIdx.x) * E;
+  for (; c + step < cv; c += 2 * step) {  // two vectors per side in flight before the math
+    float x0[E], y0[E], x1[E], y1[E];
+    load_scaled<Tz, E>(z + c, it, x0);
+    load_scaled<Tu, E>(u + c, it, y0);
+    load_scaled<Tz, E>(z + c + step, it, x1);
+    load_scaled<Tu, E>(u + c + step, it, y1);
+    st.add<E>(x0, y0);
+    st.add<E>(x1, y1);
+  }
+  if (c < cv) {
+    float x[E], y[E];
+    load_scaled<Tz, E>(z + c, it, x);
+    load_scaled<Tu, E>(u + c, it, y);
+    st.add<E>(x, y);
+  }
+  for (c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {  // < E leftover columns
+    float x[1], y[1];
+    load_scaled<Tz, 1>(z + c, it, x);
+    load_scaled<Tu, 1>(u + c, it, y);
+    st.add<1>(x, y);
+  }
+
+  __shared__ RowPairState smem[32];
+  st = block_reduce(st, smem);
+  if (threadIdx.x == 0) {
+    if (gridDim.y == 1) {
+      finalize_row<Tz, Tu>(args, row, st);
+    } else {
+      st.store(args.workspace + (row * gridDim.y + split) * kRowStatsPartialFloats);
+    }
+  }
+}
+
+constexpr int kMergeThreads = 128;  // 4 rows (warps) per block
+
+template <typename Tz, typename Tu>
+__global__ void __launch_bounds__(kMergeThreads) row_stats_merge_kernel(const RowStatsArgs args) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
+  if (row >= args.n_rows) return;  // whole warps only
+  const int splits = args.plan.splits;
+  const float* w = args.workspace + row * splits * kRowStatsPartialFloats;
+  RowPairState st = RowPairState::empty();
+  for (int j = lane; j < splits; j += 32) st.merge(RowPairState::load(w + j * kRowStatsPartialFloats));
+  st = warp_reduce(st);
+  if (lane == 0) finalize_row<Tz, Tu>(args, row, st);
+}
+
+}  // namespace
+
+template <typename Tz, typename Tu>
+cudaError_t launch_row_stats(const RowStatsArgs& args, cudaStream_t stream) {
+  if (args.n_rows <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
+  const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
+  const dim3 block(static_cast<unsigned>(args.plan.threads));
+  if (args.plan.vec == kVec) {
+    row_stats_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
+  } else {
+    row_stats_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
+  }
+  if (args.plan.splits > 1) {
+    const int64_t rows_per_block = kMergeThreads / 32;
+    const unsigned blocks = static_cast<unsigned>((args.n_rows + rows_per_block - 1) / rows_per_block);
+    row_stats_merge_kernel<Tz, Tu><<<blocks, kMergeThreads, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+MINILLM_FAST_INSTANTIATE_PAIRS(launch_row_stats, RowStatsArgs)
+
+}  // namespace cuda
+}  // namespace minillm_fast

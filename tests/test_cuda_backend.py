@@ -1,0 +1,465 @@
+"""The CUDA C++ backend's five row primitives (``torch.ops.minillm_fast.*`` on CUDA tensors) against
+``minillm_fast.backends.torch_backend`` run on the same GPU tensors (same float32 math, other summation order),
+plus one N*V > 2^31 case checked against float64 math. Skipped without a GPU or when the extension does not build.
+
+Covers: the 9 (student, teacher) dtype pairs, odd vocabularies (1, 7, 33, 32003, 128256), padded vocabularies,
+-inf entries and empty rows, extreme logits, non-contiguous and misaligned rows (scalar path), rows split across
+blocks (small N, large V) and one block per row (large N), zero-coefficient rows, no host synchronisation.
+
+Without a GPU the same tests can run the kernels' logic through the CPU emulator (csrc/cuda/emulator/build.sh):
+``MINILLM_FAST_CUDA_EMULATOR=/path/libminillm_cuda_emu.so pytest tests/test_cuda_backend.py`` (slow: minutes).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm_fast import _extension
+from minillm_fast.backends import (C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q,
+                                   NUM_STATS, UY, ZY, torch_backend)
+
+EMULATOR = os.environ.get("MINILLM_FAST_CUDA_EMULATOR")
+DEVICE = "cpu" if EMULATOR else "cuda"
+pytestmark = pytest.mark.skipif(not (EMULATOR or torch.cuda.is_available()), reason="needs a CUDA GPU")
+
+
+def _emulated_ops():
+    path = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "emulator" / "emu_ops.py"
+    spec = importlib.util.spec_from_file_location("minillm_fast_cuda_emu_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PAIRS = [(a, b) for a in DTYPES for b in DTYPES]
+SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# Gradient comparison (norm-wise, relative): one rounding of the output dtype on a few elements at most.
+GRAD_RTOL = {torch.float32: 3e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}
+STATS_RTOL = 2e-5
+
+
+def pair_id(p):
+    return f"{SHORT[p[0]]}-{SHORT[p[1]]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_ext():
+    if not EMULATOR and _extension.load("cuda") is None:
+        pytest.skip("the cuda extension did not build (see the RuntimeWarning)")
+
+
+ops = _emulated_ops() if EMULATOR else torch.ops.minillm_fast
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def gen_for(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def logits(n, v, dtype, seed, scale=3.0, offset=0.0):
+    g = gen_for(seed)
+    return (torch.randn(n, v, device=DEVICE, generator=g) * scale + offset).to(dtype)
+
+
+def assert_close(actual, expected, rtol, what, atol=1e-6):
+    """Same non-finite entries (same infinities, NaN where NaN) and ||a - e|| <= rtol ||e|| + atol sqrt(n) on the
+    finite ones."""
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    fin_a, fin_e = torch.isfinite(a), torch.isfinite(e)
+    bad = (fin_a != fin_e).nonzero()
+    assert bad.numel() == 0, f"{what}: finite/non-finite differ at {bad[:5].tolist()}: {a[fin_a != fin_e][:5]} " \
+                             f"vs {e[fin_a != fin_e][:5]}"
+    nf = ~fin_e
+    same = (a[nf] == e[nf]) | (torch.isnan(a[nf]) & torch.isnan(e[nf]))
+    assert bool(same.all()), f"{what}: non-finite values differ: {a[nf][~same][:5]} vs {e[nf][~same][:5]}"
+    if bool(fin_e.any()):
+        diff = (a[fin_e] - e[fin_e]).norm().item()
+        ref = e[fin_e].norm().item()
+        bound = rtol * ref + atol * math.sqrt(int(fin_e.sum()))
+        assert diff <= bound, f"{what}: ||diff|| = {diff:.3e} > {bound:.3e} (||ref|| = {ref:.3e})"
+
+
+def check_stats(z, u, tokens, inv_temp, what=""):
+    out = ops.row_stats(z, u, tokens, inv_temp)
+    ref = torch_backend.row_stats(z, u, tokens, inv_temp)
+    assert out.dtype == torch.float32 and out.shape == (z.shape[0], NUM_STATS)
+    names = ["M_Q", "LOGS_Q", "M_P", "LOGS_P", "EQ_D", "EQ_ZC", "EP_D", "EP_UC", "ZY", "UY"]
+    for col, name in enumerate(names):
+        assert_close(out[:, col], ref[:, col], STATS_RTOL, f"{what} row_stats[{name}]")
+    return out, ref
+
+
+def random_coef(n, seed, zero_rows=()):
+    g = gen_for(seed)
+    coef = torch.randn(n, 4, device=DEVICE, generator=g)
+    for r in zero_rows:
+        coef[r] = 0.0
+    return coef
+
+
+def check_grad(z, u, tokens, stats, coef, inv_temp, what=""):
+    out = ops.logits_grad(z, u, tokens, stats, coef, inv_temp)
+    ref = torch_backend.logits_grad(z, u, tokens, stats, coef, inv_temp)
+    assert out.dtype == z.dtype and out.shape == z.shape and out.is_contiguous()
+    assert_close(out, ref, GRAD_RTOL[z.dtype], f"{what} logits_grad", atol=1e-7)
+    vocab = min(z.shape[1], u.shape[1])
+    assert bool((out[:, vocab:] == 0).all()), f"{what}: columns >= V must be exactly 0"
+    zero_rows = (coef == 0).all(1)
+    assert bool((out[zero_rows] == 0).all()), f"{what}: rows with zero coefs must be exactly 0"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# row_stats + logits_grad: every dtype pair, odd vocabularies, split and unsplit rows
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("n,v", [(5, 1), (9, 7), (37, 33), (6, 32003), (3, 128256)])
+def test_stats_and_grad_match_torch_backend(pair, n, v):
+    zt, ut = pair
+    z = logits(n, v, zt, seed=v * 7 + 1)
+    u = logits(n, v, ut, seed=v * 7 + 2, scale=2.5)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v))
+    inv_temp = 1.0 / 1.3
+    stats, _ = check_stats(z, u, tokens, inv_temp, f"{pair_id(pair)} V={v}")
+    coef = random_coef(n, seed=v, zero_rows=(0,))
+    check_grad(z, u, tokens, stats, coef, inv_temp, f"{pair_id(pair)} V={v}")
+    # only c_q and c_y: the teacher row is not read
+    coef2 = coef.clone()
+    coef2[:, C_KL] = 0
+    coef2[:, C_P] = 0
+    check_grad(z, u, tokens, stats, coef2, inv_temp, f"{pair_id(pair)} V={v} (no teacher)")
+
+
+@pytest.mark.parametrize("pair", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)], ids=pair_id)
+@pytest.mark.parametrize("v", [32003, 32000])
+def test_many_rows_one_block_per_row(pair, v):
+    # N above one wave of resident blocks (132 SMs x 4): no split path (scalar rows for the odd V, vector loads
+    # for the even).
+    n = 540 if EMULATOR else 1100
+    z = logits(n, v, pair[0], seed=11)
+    u = logits(n, v, pair[1], seed=12)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(13))
+    stats, _ = check_stats(z, u, tokens, 1.0, "many rows")
+    check_grad(z, u, tokens, stats, random_coef(n, 14, zero_rows=(3, 500)), 1.0, "many rows")
+
+
+@pytest.mark.parametrize("vs,vt", [(32003 + 125, 32003), (1000, 1024), (152064, 151936)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+def test_padded_vocab(dtype, vs, vt):
+    n = 4
+    z = logits(n, vs, dtype, seed=vs)
+    u = logits(n, vt, torch.bfloat16, seed=vt)
+    vocab = min(vs, vt)
+    tokens = torch.randint(0, vocab, (n,), device=DEVICE, generator=gen_for(3))
+    stats, _ = check_stats(z, u, tokens, 1.0, f"padded {vs}/{vt}")
+    check_grad(z, u, tokens, stats, random_coef(n, 5), 1.0, f"padded {vs}/{vt}")
+
+
+@pytest.mark.parametrize("layout", ["odd_stride", "aligned_stride", "misaligned_start", "single_row"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=SHORT.get)
+def test_row_strides_and_alignment(dtype, layout):
+    n, v = 12, 4099
+    if layout == "odd_stride":
+        z = logits(n, v + 3, dtype, seed=1)[:, :v]
+        u = logits(n, v + 5, dtype, seed=2)[:, :v]
+    elif layout == "aligned_stride":
+        z = logits(n, v + 13, dtype, seed=1)[:, :v]  # stride 4112: a multiple of 8 and 4
+        u = logits(n, v + 29, dtype, seed=2)[:, :v]
+    elif layout == "misaligned_start":
+        z = logits(n, v + 9, dtype, seed=1)[:, 1:v + 1]
+        u = logits(n, v + 9, dtype, seed=2)[:, 3:v + 3]
+    else:
+        z = logits(n, v + 1, dtype, seed=1)[5:6, 1:]
+        u = logits(n, v + 1, dtype, seed=2)[7:8, :v]
+    tokens = torch.randint(0, v, (z.shape[0],), device=DEVICE, generator=gen_for(7))
+    stats, _ = check_stats(z, u, tokens, 1.0, layout)
+    check_grad(z, u, tokens, stats, random_coef(z.shape[0], 8), 1.0, layout)
+    # a transposed view (vocabulary stride != 1) is copied by the binding
+    zc = z.contiguous().t().contiguous().t()
+    assert zc.stride(1) != 1 or zc.shape[0] == 1
+    check_stats(zc, u, tokens, 1.0, layout + " transposed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("v", [7, 33, 32003])
+def test_neg_inf_entries_and_empty_rows(dtype, v):
+    n = 8
+    z = logits(n, v, torch.float32, seed=v + 1)
+    u = logits(n, v, torch.float32, seed=v + 2)
+    g = gen_for(v + 3)
+    both = torch.rand(n, v, device=DEVICE, generator=g) < 0.3
+    student_only = torch.rand(n, v, device=DEVICE, generator=g) < 0.2
+    both[:, 0] = False  # column 0 stays finite in both rows (token 0)
+    student_only[:, 0] = False
+    z[both | student_only] = -math.inf
+    u[both] = -math.inf
+    z[2] = -math.inf  # empty student row
+    u[3] = -math.inf  # empty teacher row
+    z[4] = -math.inf  # both empty
+    u[4] = -math.inf
+    u[5, 1:] = -math.inf  # teacher -inf where the student has mass: E_q[z - u] = +inf
+    z, u = z.to(dtype), u.to(dtype)
+    tokens = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    stats, ref = check_stats(z, u, tokens, 1.0, f"-inf V={v}")
+    for r, (mcol, lcol) in ((2, (M_Q, LOGS_Q)), (3, (M_P, LOGS_P)), (4, (M_Q, LOGS_Q)), (4, (M_P, LOGS_P))):
+        assert stats[r, mcol].item() == -math.inf and stats[r, lcol].item() == -math.inf
+    assert stats[5, EQ_D].item() == math.inf
+    finite_cols = [M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_UC]  # EP_D = +inf: the student has -inf under p's mass
+    assert bool(torch.isfinite(stats[[0, 1, 6, 7]][:, finite_cols]).all())
+    # gradients: the ops treat empty rows and rows with an infinite divergence as masked (zero coefs)
+    coef = random_coef(n, v)
+    coef[[2, 3, 4, 5]] = 0.0
+    out = check_grad(z, u, tokens, stats, coef, 1.0, f"-inf V={v}")
+    assert bool(torch.isfinite(out.float()).all())
+    # where both rows are -inf, q = p = 0: only the c_y term can be nonzero there (token 0 is finite)
+    assert bool((out[both & (torch.arange(n, device=DEVICE) != 5)[:, None]] == 0).all())
+
+
+@pytest.mark.parametrize("v", [33, 32003])
+def test_extreme_logits(v):
+    n = 6
+    g = gen_for(v)
+    z = torch.randn(n, v, device=DEVICE, generator=g) * 3e3  # nearly one-hot rows, |z| ~ 1e4
+    u = torch.randn(n, v, device=DEVICE, generator=g) * 3e3
+    z[0] = 1e4
+    z[0, 5] = 1e4 + 1.0
+    u[1] = -1e4
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=g)
+    stats, ref = check_stats(z, u, tokens, 1.0, "extreme")
+    # float64 check of log s near 0 (one-hot rows): keeps precision
+    x = z.double()
+    lse = torch.logsumexp(x - x.amax(1, keepdim=True), 1)
+    assert torch.allclose(stats[:, LOGS_Q].double(), lse, rtol=1e-5, atol=1e-6)
+    coef = random_coef(n, 3)
+    out = ops.logits_grad(z, u, tokens, stats, coef, 1.0)
+    expect = torch_backend.logits_grad(z, u, tokens, stats, coef, 1.0)
+    assert bool(torch.isfinite(out).all())
+    assert_close(out, expect, 2e-2, "extreme grad")
+
+
+def test_teacher_not_read_and_zero_rows_not_read():
+    n, v = 6, 1000
+    z = logits(n, v, torch.bfloat16, seed=1)
+    u = logits(n, v, torch.bfloat16, seed=2)
+    stats = ops.row_stats(z, u, None, 1.0)
+    coef = random_coef(n, 3, zero_rows=(1, 4))
+    coef[:, C_KL] = 0
+    coef[:, C_P] = 0
+    u_nan = torch.full_like(u, float("nan"))
+    z_poisoned = z.clone()
+    z_poisoned[[1, 4]] = float("nan")
+    out = ops.logits_grad(z_poisoned, u_nan, None, stats, coef, 1.0)
+    ref = torch_backend.logits_grad(z, u, None, stats, coef, 1.0)
+    assert_close(out, ref, GRAD_RTOL[torch.bfloat16], "teacher not read")
+    assert bool((out[[1, 4]] == 0).all())
+
+
+def test_tokens_none_and_out_of_range():
+    n, v = 4, 50
+    z, u = logits(n, v, torch.float32, 1), logits(n, v, torch.float32, 2)
+    stats = ops.row_stats(z, u, None, 1.0)
+    assert bool((stats[:, ZY] == 0).all() and (stats[:, UY] == 0).all())
+    tokens = torch.tensor([0, v - 1, -100, v + 3], device=DEVICE)
+    stats = ops.row_stats(z, u, tokens, 1.0)
+    assert stats[0, ZY].item() == z[0, 0].item() and stats[1, UY].item() == u[1, v - 1].item()
+    assert stats[2, ZY].item() == 0 and stats[3, UY].item() == 0  # out of range: 0 (the ops mask such rows)
+    # int32 tokens are accepted
+    s32 = ops.row_stats(z, u, tokens[:2].to(torch.int32).repeat(2), 1.0)
+    assert s32[0, ZY].item() == z[0, 0].item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jsd_rows / jsd_grad
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                  (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=pair_id)
+@pytest.mark.parametrize("n,v", [(9, 7), (5, 32003), (3, 128256), (700, 4096)])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_matches_torch_backend(pair, n, v, beta):
+    z = logits(n, v + 8, pair[0], seed=v + 1)  # padded student vocabulary (rows aligned when v is)
+    u = logits(n, v, pair[1], seed=v + 2)
+    if v > 7:
+        z[1, ::5] = -math.inf
+        u[1, ::5] = -math.inf
+        z[2, 1::7] = -math.inf
+    inv_temp = 1 / 0.8
+    stats = torch_backend.row_stats(z, u, None, inv_temp)
+    out = ops.jsd_rows(z, u, stats, beta, inv_temp)
+    ref = torch_backend.jsd_rows(z, u, stats, beta, inv_temp)
+    assert out.dtype == torch.float32 and out.shape == (n, 2)
+    assert_close(out[:, 0], ref[:, 0], STATS_RTOL, f"jsd_rows JSD beta={beta}", atol=1e-7)
+    assert_close(out[:, 1], ref[:, 1], STATS_RTOL, f"jsd_rows E_q[g] beta={beta}", atol=1e-7)
+    coef = torch.randn(n, device=DEVICE, generator=gen_for(v))
+    coef[0] = 0.0
+    dz = ops.jsd_grad(z, u, stats, ref, coef, beta, inv_temp)
+    dz_ref = torch_backend.jsd_grad(z, u, stats, ref, coef, beta, inv_temp)
+    assert dz.dtype == z.dtype and dz.shape == z.shape
+    assert_close(dz, dz_ref, GRAD_RTOL[z.dtype], f"jsd_grad beta={beta}", atol=1e-7)
+    assert bool((dz[:, v:] == 0).all()) and bool((dz[0] == 0).all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample_rows
+# ----------------------------------------------------------------------------------------------------------
+
+def check_samples(z, u, use_teacher, uniform, inv_temp, idx, what, min_agree=0.9):
+    """Every draw is a valid inverse-CDF index in float64 (up to float32 summation error), of positive
+    probability; most agree exactly with torch_backend (they may differ where the target sits on a boundary)."""
+    vocab = min(z.shape[1], u.shape[1])
+    x = torch.where(use_teacher[:, None], u[:, :vocab].double(), z[:, :vocab].double()) * inv_temp
+    m = x.amax(1, keepdim=True)
+    valid = torch.isfinite(m[:, 0])
+    assert bool((idx[~valid] == -1).all()), f"{what}: empty rows must give -1"
+    rows = valid.nonzero()[:, 0]
+    if rows.numel() == 0:
+        return
+    xv, iv = x[rows], idx[rows]
+    assert bool(((iv >= 0) & (iv < vocab)).all()), f"{what}: index out of range"
+    e = torch.exp(xv - m[rows])
+    cum = e.cumsum(1)
+    total = cum[:, -1]
+    target = uniform[rows].double() * total
+    tol = 1e-4 * total
+    chosen = iv[:, None]
+    assert bool((e.gather(1, chosen)[:, 0] > 0).all()), f"{what}: a zero-probability entry was drawn"
+    hi = cum.gather(1, chosen)[:, 0]
+    lo = torch.where(iv > 0, cum.gather(1, (iv - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(hi))
+    ok = (hi >= target - tol) & (lo <= target + tol)
+    assert bool(ok.all()), f"{what}: not an inverse-CDF draw at rows {rows[~ok][:5].tolist()}"
+    ref = torch_backend.sample_rows(z, u, use_teacher, uniform, inv_temp)
+    agree = (ref == idx).double().mean().item()
+    assert agree >= min_agree, f"{what}: only {agree:.3f} of the draws agree with torch_backend"
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("n,v", [(64, 1), (64, 7), (64, 33), (32, 32003), (8, 128256)])
+def test_sample_rows(pair, n, v):
+    z = logits(n, v, pair[0], seed=v + 11)
+    u = logits(n, v + 8, pair[1], seed=v + 12)  # padded teacher
+    g = gen_for(v)
+    use_teacher = torch.rand(n, device=DEVICE, generator=g) < 0.4
+    uniform = torch.rand(n, device=DEVICE, generator=g, dtype=torch.float64)
+    if v > 7:
+        z[0, 1:] = -math.inf  # one possible entry
+        use_teacher[0] = False
+        u[1] = -math.inf  # empty teacher row
+        use_teacher[1] = True
+        z[2] = -math.inf  # empty student row
+        use_teacher[2] = False
+        z[3, ::2] = -math.inf  # never draw these
+        use_teacher[3] = False
+        uniform[4] = 0.0  # first entry of positive probability
+        uniform[5] = 1.0 - 1e-17  # rounds to 1.0 in float32: the last entry of positive probability
+        z[5, -3:] = -math.inf
+        use_teacher[5] = False
+    idx = ops.sample_rows(z, u, use_teacher, uniform, 0.9)
+    assert idx.dtype == torch.int64 and idx.shape == (n,)
+    check_samples(z, u, use_teacher, uniform, 0.9, idx, f"{pair_id(pair)} V={v}")
+    if v > 7:
+        assert idx[0].item() == 0 and idx[1].item() == -1 and idx[2].item() == -1
+        assert idx[3].item() % 2 == 1
+        assert idx[4].item() == 0
+        assert idx[5].item() == v - 4
+
+
+def test_sample_rows_distribution():
+    # Inverse CDF of evenly spread uniforms reproduces the mixture alpha p + (1 - alpha) q.
+    v, n, alpha = 7, (20_000 if EMULATOR else 200_000), 0.2
+    zrow = torch.tensor([[0.0, 1.0, -math.inf, 2.0, -1.0, 0.5, 3.0]], device=DEVICE)
+    urow = torch.tensor([[1.0, 0.0, 0.5, -2.0, 2.5, -math.inf, 0.0]], device=DEVICE)
+    z, u = zrow.expand(n, v), urow.expand(n, v)  # row stride 0
+    g = gen_for(1)
+    use_teacher = torch.rand(n, device=DEVICE, generator=g) < alpha
+    uniform = torch.rand(n, device=DEVICE, generator=g, dtype=torch.float64)
+    idx = ops.sample_rows(z, u, use_teacher, uniform, 1.0)
+    freq = torch.bincount(idx, minlength=v).double() / n
+    probs = alpha * torch.softmax(urow[0].double(), 0) + (1 - alpha) * torch.softmax(zrow[0].double(), 0)
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert bool(((freq - probs).abs() <= 6 * sigma + 1e-12).all()), (freq, probs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# no host synchronisation, N * V > 2^31
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(bool(EMULATOR), reason="GPU only")
+def test_no_host_sync():
+    n, v = 8, 32003
+    z, u = logits(n, v, torch.bfloat16, 1), logits(n, v, torch.bfloat16, 2)
+    tokens = torch.zeros(n, dtype=torch.long, device=DEVICE)
+    coef = random_coef(n, 3)
+    use_teacher = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    uniform = torch.rand(n, device=DEVICE, dtype=torch.float64)
+    jcoef = torch.ones(n, device=DEVICE)
+    ops.row_stats(z, u, tokens, 1.0)  # first call: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = ops.row_stats(z, u, tokens, 1.0)
+        ops.logits_grad(z, u, tokens, stats, coef, 1.0)
+        j = ops.jsd_rows(z, u, stats, 0.5, 1.0)
+        ops.jsd_grad(z, u, stats, j, jcoef, 0.5, 1.0)
+        ops.sample_rows(z, u, use_teacher, uniform, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def _f64_row_stats(zr, ur, y):
+    x, w = zr.double(), ur.double()
+    out = []
+    for a, b in ((x, w), (w, x)):
+        m, mb = a.max(), b.max()
+        e = torch.exp(a - m)
+        s = e.sum()
+        q = e / s
+        out.append((m, torch.log(s), (q * ((a - m) - (b - mb))).sum(), (q * (a - m)).sum()))
+    (mq, lq, eqd, eqz), (mp, lp, epd, epu) = out
+    return torch.stack([mq, lq, mp, lp, eqd, eqz, epd, epu, x[y], w[y]])
+
+
+@pytest.mark.skipif(bool(EMULATOR), reason="GPU only")
+def test_more_than_2_pow_31_elements():
+    n, v = 17000, 128256  # 2.18e9 elements per tensor, 4.4 GB each in bf16
+    assert n * v > 2 ** 31
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16e9:
+        pytest.skip("needs ~16 GB of free GPU memory")
+    g = gen_for(5)
+    z = torch.randn(n, v, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    u = torch.randn(n, v, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    rows = torch.tensor([0, 8191, 16744, n - 1], device=DEVICE)  # 16744 * 128256 > 2^31
+    z[n - 1, 5] = 12.0  # a distinctive last row
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=g)
+    stats = ops.row_stats(z, u, tokens, 1.0)
+    for r in rows.tolist():
+        ref = _f64_row_stats(z[r], u[r], tokens[r].item())
+        assert_close(stats[r], ref, 1e-4, f"row {r} stats vs float64")
+    coef = torch.zeros(n, 4, device=DEVICE)
+    coef[rows] = torch.tensor([0.7, -0.3, 0.2, 0.5], device=DEVICE)
+    dz = ops.logits_grad(z, u, tokens, stats, coef, 1.0)
+    for r in rows.tolist():
+        x, w = z[r].double(), u[r].double()
+        q, p = torch.softmax(x, 0), torch.softmax(w, 0)
+        d = (x - x.max()) - (w - w.max())
+        ref = 0.7 * q * (d - (q * d).sum()) - 0.3 * q + 0.2 * p
+        ref[tokens[r]] += 0.5
+        assert_close(dz[r], ref, 2 ** -8 + 6e-3, f"row {r} grad vs float64", atol=0)
+    assert bool((dz[1:8191] == 0).all())
+    del dz
+    use_teacher = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    uniform = torch.rand(n, device=DEVICE, generator=g, dtype=torch.float64)
+    idx = ops.sample_rows(z, u, use_teacher, uniform, 1.0)
+    check_samples(z[rows], u[rows], use_teacher[rows], uniform[rows], 1.0, idx[rows], "2^31 sample", min_agree=0.0)

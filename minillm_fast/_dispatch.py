@@ -32,7 +32,7 @@ def is_available(name: str, device: torch.device | None = None) -> bool:
     if name == "torch":
         return True
     if name == "cpu":
-        return not on_cuda and _extension.load("cpu") is not None
+        return not on_cuda and _extension.load("cpu") is not None and _registers_kernels("CPU")
     if name == "triton":
         if not _triton_importable():
             return False
@@ -40,8 +40,15 @@ def is_available(name: str, device: torch.device | None = None) -> bool:
             return _triton_interpreted()
         return torch.cuda.is_available()
     if name == "cuda":
-        return not on_cpu and torch.cuda.is_available() and _extension.load("cuda") is not None
+        return (not on_cpu and torch.cuda.is_available() and _extension.load("cuda") is not None
+                and _registers_kernels("CUDA"))
     return False
+
+
+def _registers_kernels(dispatch_key: str) -> bool:
+    """Whether every primitive has a kernel for ``dispatch_key`` (a loaded but partial extension does not count)."""
+    from ._library import SCHEMAS
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"minillm_fast::{op}", dispatch_key) for op in SCHEMAS)
 
 
 def available_backends() -> list[str]:

@@ -76,7 +76,13 @@ def check_num_tokens(num_tokens):
     if isinstance(num_tokens, torch.Tensor):
         if num_tokens.numel() != 1:
             raise ValueError(f"num_tokens: expected a scalar, got a tensor of shape {tuple(num_tokens.shape)}")
-        return num_tokens.detach().to(torch.float32).reshape(())
+        if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+            raise ValueError(f"num_tokens: expected a real number, got a {num_tokens.dtype} tensor")
+        count = num_tokens.detach().to(torch.float32).reshape(())
+        if not bool(count > 0):  # one host sync: a wrong normaliser would silently scale every gradient
+            raise ValueError(f"num_tokens: expected a count > 0 (the global number of valid tokens), "
+                             f"got {count.item()!r}")
+        return count
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not num_tokens > 0:
         raise ValueError(f"num_tokens: expected a number > 0 (the global count of valid tokens), got {num_tokens!r}")
     return float(num_tokens)

@@ -51,7 +51,8 @@ void check_beta(const char* op, double beta) {
   TORCH_CHECK(beta > 0.0 && beta < 1.0, op, ": beta must lie in (0, 1), got ", beta);
 }
 
-// A float32 (or given dtype) CPU tensor of `numel` elements, made contiguous.
+// A per-row parameter: a CPU tensor of the given dtype and shape [n_rows] (width 0) or [n_rows, width], made
+// contiguous.
 at::Tensor rows_param(const char* op, const char* name, const at::Tensor& t, int64_t n_rows, int64_t width,
                       at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());

@@ -60,5 +60,5 @@ for v in (7, 1003, 40000):
 torch.cuda.synchronize(); print('sanitizer run done')"
 fi
 
-step benchmark 190 $PY -m benchmarks.run --device cuda --time-limit 140 --out "$OUT_DIR/bench"
+step benchmark 190 $PY -m benchmarks.run --device cuda --backends cuda,triton --time-limit 150 --out "$OUT_DIR/bench"
 exit $status

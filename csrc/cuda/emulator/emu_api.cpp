@@ -1,0 +1,89 @@
+// extern "C" mirror of csrc/cuda/binding.cpp for the CPU emulator: the same launch plans and launcher calls, on
+// raw pointers of CPU tensors (emu_ops.py calls these through ctypes).
+#include <cstdio>
+#include <vector>
+#include "cuda/launchers.h"
+
+
+using namespace minillm_fast::cuda;
+
+template <typename F>
+void dispatch_one(int code, F&& f) {
+  if (code == 0) f(float{});
+  else if (code == 1) f(__nv_bfloat16{});
+  else f(__half{});
+}
+template <typename F>
+void dispatch_pair(int zc, int uc, F&& f) {
+  dispatch_one(zc, [&](auto zt) { dispatch_one(uc, [&](auto ut) { f(zt, ut); }); });
+}
+static int esize(int code) { return code == 0 ? 4 : 2; }
+static int pair_vec(const void* z, int64_t zs, int zc, const void* u, int64_t us, int uc, int vocab, int64_t out_stride) {
+  const int e = vector_elems(std::max(esize(zc), esize(uc)));
+  bool ok = vocab >= e && rows_aligned(z, zs, esize(zc), e) && rows_aligned(u, us, esize(uc), e);
+  if (out_stride >= 0) ok = ok && out_stride % e == 0;
+  return ok ? e : 1;
+}
+
+extern "C" {
+int emu_row_stats(int zc, int uc, const void* z, const void* u, const int64_t* tokens, float* stats, int64_t n,
+                  int64_t zs, int64_t us, int vocab, float it, int num_sms, int* plan_out) {
+  RowStatsArgs a;
+  a.z = z; a.u = u; a.tokens = tokens; a.stats = stats; a.n_rows = n; a.z_stride = zs; a.u_stride = us;
+  a.vocab = vocab; a.inv_temp = it;
+  a.plan = make_plan(n, vocab, pair_vec(z, zs, zc, u, us, uc, vocab, -1), num_sms, true);
+  std::vector<float> ws;
+  if (a.plan.splits > 1) { ws.assign(n * a.plan.splits * kRowStatsPartialFloats, 12345.0f); a.workspace = ws.data(); }
+  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.splits; plan_out[3] = a.plan.chunk;
+  int err = 0;
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_row_stats<decltype(zt), decltype(ut)>(a, nullptr); });
+  return err;
+}
+int emu_logits_grad(int zc, int uc, const void* z, const void* u, const int64_t* tokens, const float* stats,
+                    const float* coef, void* dz, int64_t n, int64_t zs, int64_t us, int vocab, int z_cols, float it,
+                    int num_sms, int* plan_out) {
+  LogitsGradArgs a;
+  a.z = z; a.u = u; a.tokens = tokens; a.stats = stats; a.coef = coef; a.dz = dz; a.n_rows = n; a.z_stride = zs;
+  a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
+  a.plan = make_plan(n, z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), num_sms, true);
+  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.splits; plan_out[3] = a.plan.chunk;
+  int err = 0;
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_logits_grad<decltype(zt), decltype(ut)>(a, nullptr); });
+  return err;
+}
+int emu_jsd(int which, int zc, int uc, const void* z, const void* u, const float* stats, const float* jsd,
+            const float* coef, float* out, void* dz, int64_t n, int64_t zs, int64_t us, int vocab, int z_cols,
+            float it, float beta, float omb, float lb, float l1mb, int num_sms, int* plan_out) {
+  JsdArgs a;
+  a.z = z; a.u = u; a.stats = stats; a.jsd = jsd; a.coef = coef; a.out = out; a.dz = dz; a.n_rows = n;
+  a.z_stride = zs; a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it; a.beta = beta;
+  a.one_minus_beta = omb; a.log_beta = lb; a.log1m_beta = l1mb;
+  std::vector<float> ws;
+  if (which == 0) {
+    a.plan = make_plan(n, vocab, pair_vec(z, zs, zc, u, us, uc, vocab, -1), num_sms, true);
+    if (a.plan.splits > 1) { ws.assign(n * a.plan.splits * 2, 12345.0f); a.workspace = ws.data(); }
+  } else {
+    a.plan = make_plan(n, z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), num_sms, true);
+  }
+  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.splits; plan_out[3] = a.plan.chunk;
+  int err = 0;
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) {
+    err = which == 0 ? launch_jsd_rows<decltype(zt), decltype(ut)>(a, nullptr)
+                     : launch_jsd_grad<decltype(zt), decltype(ut)>(a, nullptr);
+  });
+  return err;
+}
+int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* use_teacher, const double* uniform,
+                    int64_t* out, int64_t n, int64_t zs, int64_t us, int vocab, float it, int* plan_out) {
+  SampleArgs a;
+  a.z = z; a.u = u; a.use_teacher = use_teacher; a.uniform = uniform; a.out = out; a.n_rows = n; a.z_stride = zs;
+  a.u_stride = us; a.vocab = vocab; a.inv_temp = it; a.threads = sample_threads(vocab);
+  const int ez = vector_elems(esize(zc)), eu = vector_elems(esize(uc));
+  a.z_vec = vocab >= ez && rows_aligned(z, zs, esize(zc), ez);
+  a.u_vec = vocab >= eu && rows_aligned(u, us, esize(uc), eu);
+  plan_out[0] = a.z_vec; plan_out[1] = a.threads; plan_out[2] = a.u_vec; plan_out[3] = 0;
+  int err = 0;
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_sample_rows<decltype(zt), decltype(ut)>(a, nullptr); });
+  return err;
+}
+}

@@ -49,7 +49,7 @@ setup(
               "minillm_fast.csrc"],
     package_dir={"minillm_fast.kernels": "kernels", "minillm_fast.csrc": "csrc"},
     package_data={"minillm_fast.csrc": ["*.cpp", "*/*.h", "*/*.cuh", "*/*.cpp", "*/*.cu", "*/*.sh"]},
-    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm", "pyyaml"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton>=3.0", "transformers>=4.45", "safetensors",

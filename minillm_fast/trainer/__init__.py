@@ -5,7 +5,7 @@
     train(cfg)                                   # or train(cfg, student=model, teacher=model, tokenizer=tok)
 
 Command line: ``python -m minillm_fast.trainer.cli train CONFIG.yaml [key=value ...]`` (``--help`` lists every
-key with its default). Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``train.py`` for the loop.
+key with its default). Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``loop.py`` for the loop.
 """
 from .config import METHODS, TrainConfig
 from .data import DataError

@@ -45,6 +45,7 @@ def is_available(name: str, device: torch.device | None = None) -> bool:
     return False
 
 
+@lru_cache(maxsize=None)
 def _registers_kernels(dispatch_key: str) -> bool:
     """Whether every primitive has a kernel for ``dispatch_key`` (a loaded but partial extension does not count)."""
     from ._library import SCHEMAS

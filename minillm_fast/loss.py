@@ -278,10 +278,6 @@ def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperatur
         return TokenStats(*(_zero_where_invalid(f, valid).reshape(rows.lead_shape) for f in fields))
 
 
-def _normaliser(valid: torch.Tensor, num_tokens):
-    return valid.sum().clamp(min=1).to(torch.float32) if num_tokens is None else num_tokens
-
-
 def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprobs, importance_weights, *, mask,
                  clip_eps=0.2, temperature=1.0, single_step=True, num_tokens=None, backend="auto"):
     """MiniLLM's training micro-step (policy gradient + single-step reverse KL) as one fused op.
@@ -316,10 +312,9 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
         pg = torch.maximum(unclipped, clipped)
         d_pg_d_logq = torch.where(unclipped >= clipped, -adv * rho, torch.zeros_like(rho))
         kl = _reverse_kl_rows(s)
-        weight = valid.to(torch.float32) / _normaliser(valid, num_tokens)
-        pg_loss = (_zero_where_invalid(pg, valid) * weight).sum()
-        reg_loss = (_zero_where_invalid(kl, valid) * weight).sum()
-        clip_fraction = (((rho - 1).abs() > clip_eps).to(torch.float32) * weight).sum()
+        pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
+        reg_loss, _ = _reduce(kl, valid, "mean", lead, num_tokens)
+        clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
         value = pg_loss + reg_loss if single_step else pg_loss.clone()
         scale = weight * rows.inv_temp
         coef = _coefs(s.shape[0], device, y=scale * d_pg_d_logq, q=-scale * d_pg_d_logq,
@@ -357,9 +352,8 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
         lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
         # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
         kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
-        weight = valid.to(torch.float32) / _normaliser(valid, num_tokens)
-        lm_loss = (_zero_where_invalid(lm, valid) * weight).sum()
-        kd_loss = (_zero_where_invalid(kd, valid) * weight).sum()
+        lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
+        kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
         value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
         scale = weight * rows.inv_temp
         coef = _coefs(s.shape[0], device, q=scale, p=-kd_ratio * scale, y=-(1 - kd_ratio) * scale)

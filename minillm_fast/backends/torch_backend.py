@@ -80,12 +80,14 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
         zs = _scaled(z[a:b], vocab, inv_temp)
         q = _probs(zs, st[:, 0], st[:, 1])
         grad = c[:, C_Q, None] * q
-        if bool((c[:, C_KL] != 0).any()):
-            d = (zs - _finite(st[:, 0])[:, None]) - (_scaled(u[a:b], vocab, inv_temp) - _finite(st[:, 2])[:, None])
+        needs_kl, needs_p = bool((c[:, C_KL] != 0).any()), bool((c[:, C_P] != 0).any())
+        us = _scaled(u[a:b], vocab, inv_temp) if needs_kl or needs_p else None
+        if needs_kl:
+            d = (zs - _finite(st[:, 0])[:, None]) - (us - _finite(st[:, 2])[:, None])
             centred = torch.where(q > 0, q * (d - st[:, 4, None]), torch.zeros_like(q))
             grad = grad + c[:, C_KL, None] * centred
-        if bool((c[:, C_P] != 0).any()):
-            grad = grad + c[:, C_P, None] * _probs(_scaled(u[a:b], vocab, inv_temp), st[:, 2], st[:, 3])
+        if needs_p:
+            grad = grad + c[:, C_P, None] * _probs(us, st[:, 2], st[:, 3])
         if tokens is not None:
             grad.scatter_add_(1, tokens[a:b, None], c[:, C_Y, None])
         grad = torch.where(active[:, None], grad, torch.zeros_like(grad))

@@ -19,8 +19,14 @@ SCHEMAS = {
     "sample_rows": "(Tensor z, Tensor u, Tensor use_teacher, Tensor uniform, float inv_temp) -> Tensor",
 }
 
+# Optional primitives: a backend may implement them (the CPU extension does); callers fall back without them.
+# logits_grad_: logits_grad written into z itself (z is a scratch buffer the caller owns).
+OPTIONAL_SCHEMAS = {
+    "logits_grad_": "(Tensor(a!) z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp) -> ()",
+}
+
 _LIB = torch.library.Library("minillm_fast", "DEF")
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **OPTIONAL_SCHEMAS}.items():
     _LIB.define(_name + _schema)
 
 
@@ -32,6 +38,11 @@ def _row_stats_fake(z, u, tokens, inv_temp):
 @torch.library.register_fake("minillm_fast::logits_grad")
 def _logits_grad_fake(z, u, tokens, stats, coef, inv_temp):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("minillm_fast::logits_grad_")
+def _logits_grad_inplace_fake(z, u, tokens, stats, coef, inv_temp):
+    return None
 
 
 @torch.library.register_fake("minillm_fast::jsd_rows")

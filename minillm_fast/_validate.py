@@ -23,6 +23,7 @@ class Rows:
     inv_temp: float
     mask: torch.Tensor | None  # bool [N] or None (all valid)
     backend: object
+    group: object = None  # the process group of a vocabulary-parallel op (logits are this rank's shard), or None
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -118,20 +119,45 @@ def check_mask(mask, lead_shape, device):
     return (mask.reshape(-1) != 0) if mask.dtype != torch.bool else mask.reshape(-1)
 
 
-def check_tokens(name: str, tokens, lead_shape, device, vocab: int, valid) -> torch.Tensor:
-    """Token ids as int64 [N], in [0, vocab) wherever ``valid``; elsewhere replaced by 0 (never read)."""
+def check_tokens(name: str, tokens, lead_shape, device, vocab: int, valid,
+                 vocab_is: str = "min(V_s, V_t)") -> torch.Tensor:
+    """Token ids as int64 [N], in [0, vocab) wherever ``valid``; elsewhere replaced by 0 (never read).
+    ``vocab_is`` says in the error message what the vocabulary is."""
     flat = per_position(name, tokens, lead_shape, device, integer=True).to(torch.int64)
     if valid is not None:
         flat = torch.where(valid, flat, torch.zeros_like(flat))
     if flat.numel() and bool(((flat < 0) | (flat >= vocab)).any()):
         bad = flat[(flat < 0) | (flat >= vocab)][0].item()
-        raise ValueError(f"{name}: token id {bad} is out of range [0, {vocab}) (vocabulary = min(V_s, V_t))")
+        raise ValueError(f"{name}: token id {bad} is out of range [0, {vocab}) (vocabulary = {vocab_is})")
     return flat
 
 
-def prepare(student_logits, teacher_logits, *, temperature, mask, backend) -> Rows:
-    """Validate the common arguments and view both logit tensors as rows."""
+def check_process_group(process_group):
+    """None, or a ``torch.distributed`` process group that this process belongs to."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialized; call "
+                         "torch.distributed.init_process_group() first, or pass process_group=None (unsharded logits)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(f"process_group: expected a torch.distributed.ProcessGroup (e.g. the tensor-parallel group "
+                         f"of the lm_head) or None, got {type(process_group).__name__}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group: this process is not a member of the group")
+    return process_group
+
+
+def prepare(student_logits, teacher_logits, *, temperature, mask, backend, process_group=None) -> Rows:
+    """Validate the common arguments and view both logit tensors as rows. With ``process_group``, the logits are
+    this rank's vocabulary shard, and both shards must cover the same global columns."""
     check_logits(student_logits, teacher_logits)
+    group = check_process_group(process_group)
+    if group is not None and student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"teacher_logits: with process_group (vocabulary-parallel logits) both shards must cover "
+                         f"the same global columns, but this rank holds {student_logits.shape[-1]} student and "
+                         f"{teacher_logits.shape[-1]} teacher columns; slice the padded model's shard to the "
+                         f"shared columns first")
     tau = check_positive("temperature", temperature)
     lead_shape = student_logits.shape[:-1]
     flat_mask = check_mask(mask, lead_shape, student_logits.device)
@@ -145,4 +171,5 @@ def prepare(student_logits, teacher_logits, *, temperature, mask, backend) -> Ro
         inv_temp=1.0 / tau,
         mask=flat_mask,
         backend=_dispatch.get_backend(backend, student_logits.device),
+        group=group,
     )

@@ -26,7 +26,19 @@ Common semantics (every op):
 * ``backend``: ``"auto"`` (fastest for the tensors' device), ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``;
   see ``minillm_fast.available_backends()``;
 * the MiniLLM losses take ``num_tokens``: when given, token sums are divided by it instead of the local number
-  of valid tokens (pass the global count under gradient accumulation or data parallelism).
+  of valid tokens (pass the global count under gradient accumulation or data parallelism);
+* ``process_group`` (every op; default None): vocabulary-parallel logits, as tensor-parallel lm_heads produce
+  them. Each rank of the group passes its shard ``[..., V_local]`` of the student's and the teacher's logits;
+  shards are consecutive column ranges in rank order within the group, of any sizes >= 1, and the student's and
+  teacher's shards on a rank must cover the same global columns (``V_s_local == V_t_local``, else ValueError:
+  with a padded vocabulary, slice the padded model's shard to the shared columns first). Token ids are *global*
+  (range-checked against the sum of the shard sizes). The token axis is not sharded: every rank passes all
+  positions, with the same mask, tokens, temperature and other arguments. Results are identical on every rank
+  and equal the unsharded op to float32 rounding; the student's gradient is the local shard's. The ranks
+  exchange only per-row statistics (two all-reduces of at most 2 + 8 floats per row, see
+  ``minillm_fast.distributed``), never logits, and the backward pass needs no communication. A ValueError on
+  some ranks only (e.g. inconsistent arguments) leaves the others waiting in a collective, as with any
+  collective code.
 
 How it works: one pass over both rows computes a few float32 statistics per row (``backends.row_stats``);
 every loss above is an O(rows) expression of them, and every gradient is one more pass
@@ -40,11 +52,12 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _validate
+from . import _validate, distributed
 from .backends import C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, ZY, UY
 
 __all__ = ["reverse_kl", "forward_kl", "jsd", "token_stats", "minillm_loss", "pt_loss",
-           "TokenStats", "MiniLLMLoss", "PTLoss"]
+           "fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_jsd", "fused_linear_token_stats",
+           "fused_linear_minillm_loss", "fused_linear_pt_loss", "TokenStats", "MiniLLMLoss", "PTLoss"]
 
 
 class TokenStats(NamedTuple):
@@ -76,16 +89,38 @@ class PTLoss(NamedTuple):
 # Row statistics -> per-position quantities (see minillm_fast.backends for the column meanings)
 # ----------------------------------------------------------------------------------------------------------
 
-def _row_stats(rows: _validate.Rows, tokens=None) -> torch.Tensor:
+def _row_stats(rows: _validate.Rows, tokens=None, owned=None) -> torch.Tensor:
+    """The rows' statistics; with a process group, merged across the vocabulary shards (``owned``: whether this
+    rank's shard holds each row's token, from ``_token_ids``)."""
     with torch.no_grad():
-        return rows.backend.row_stats(rows.student, rows.teacher, tokens, rows.inv_temp)
+        stats = rows.backend.row_stats(rows.student, rows.teacher, tokens, rows.inv_temp)
+        if rows.group is not None:
+            stats = distributed.all_reduce_row_stats(stats, rows.group, owned=owned, with_tokens=tokens is not None)
+        return stats
 
 
-def _valid_rows(rows: _validate.Rows, stats: torch.Tensor) -> torch.Tensor:
+def _token_ids(name: str, tokens, rows: _validate.Rows):
+    """(ids the backend reads, owned): validated int64 [N] token ids and None; with a process group, this shard's
+    local indices (0 where another rank owns the token) and a bool [N] of the tokens this rank owns."""
+    device = rows.student.device
+    if rows.group is None:
+        return _validate.check_tokens(name, tokens, rows.lead_shape, device, rows.vocab, rows.mask), None
+    shard = distributed.vocab_shard(rows.vocab, rows.group, device=device)
+    flat = _validate.check_tokens(name, tokens, rows.lead_shape, device, shard.vocab, rows.mask,
+                                  vocab_is="the global vocabulary: the sum of the shards' sizes")
+    return distributed.local_tokens(flat, shard.offset, shard.size)
+
+
+def _own_token_terms(coef: torch.Tensor, owned) -> torch.Tensor:
+    """Sharded: only the rank holding a row's token writes its token term c_y e_y."""
+    return coef if owned is None else distributed.zero_unowned_token_coef(coef, owned)
+
+
+def _valid_rows(mask: torch.Tensor | None, stats: torch.Tensor) -> torch.Tensor:
     """Positions that count: allowed by the mask, and neither distribution empty (a NaN row stays valid, so
     that NaN inputs show up as NaN instead of being dropped silently)."""
     nonempty = (stats[:, M_Q] != -math.inf) & (stats[:, M_P] != -math.inf)
-    return nonempty if rows.mask is None else nonempty & rows.mask
+    return nonempty if mask is None else nonempty & mask
 
 
 def _reverse_kl_rows(s):
@@ -109,15 +144,20 @@ def _zero_where_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, x, torch.zeros_like(x))
 
 
+def _denominator(valid, reduction, num_tokens=None):
+    """What a token sum is divided by: the number of valid rows (at least 1) or ``num_tokens`` for "mean"."""
+    if reduction != "mean":
+        return 1.0
+    return valid.sum().clamp(min=1).to(torch.float32) if num_tokens is None else num_tokens
+
+
 def _reduce(per_row, valid, reduction, lead_shape, num_tokens=None):
     """(value, weight): the reduced loss and d value / d per_row for each row (before the upstream grad)."""
     per_row = _zero_where_invalid(per_row, valid)
     weight = valid.to(torch.float32)
     if reduction == "none":
         return per_row.reshape(lead_shape), weight
-    if reduction == "mean":
-        denom = valid.sum().clamp(min=1).to(torch.float32) if num_tokens is None else num_tokens
-        weight = weight / denom
+    weight = weight / _denominator(valid, reduction, num_tokens)
     return (per_row * weight).sum(), weight
 
 
@@ -125,32 +165,34 @@ def _reduce(per_row, valid, reduction, lead_shape, num_tokens=None):
 # Attaching the fused gradient
 # ----------------------------------------------------------------------------------------------------------
 
-class _FusedStudentGrad(torch.autograd.Function):
-    """Returns ``value`` unchanged; its backward is ``student_grad(upstream)``, a fused kernel call.
+class _FusedGrad(torch.autograd.Function):
+    """Returns ``value`` unchanged; its backward is ``grad_fn(upstream)``: fused kernel calls, one gradient per
+    input in ``inputs`` (None for those that do not require grad).
 
-    It knows nothing about backends or losses: each op hands it a closure over the saved row statistics.
+    It knows nothing about backends or losses: each op hands it a closure over what it saved (row statistics,
+    or gradients already computed in the forward pass).
     """
 
     @staticmethod
-    def forward(ctx, student_logits, value, student_grad):
-        ctx.student_grad = student_grad
+    def forward(ctx, value, grad_fn, *inputs):
+        ctx.grad_fn = grad_fn
         return value.clone()
 
     @staticmethod
     def backward(ctx, upstream):
         # Like autograd's saved tensors, the closure (which holds the logits) is freed by the backward pass, so
         # a loss tensor kept alive after backward() does not keep a micro-batch of logits alive with it.
-        student_grad, ctx.student_grad = ctx.student_grad, None
-        if student_grad is None:
+        grad_fn, ctx.grad_fn = ctx.grad_fn, None
+        if grad_fn is None:
             raise RuntimeError("minillm_fast: trying to backward through a fused loss a second time; its saved "
                                "row statistics were freed by the first backward (retain_graph is not supported)")
-        return student_grad(upstream), None, None
+        return (None, None, *grad_fn(upstream))
 
 
-def _attach_grad(student_logits: torch.Tensor, value: torch.Tensor,
-                 student_grad: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _FusedStudentGrad.apply(student_logits, value, student_grad)
+def _attach_grad(value: torch.Tensor, grad_fn: Callable[[torch.Tensor], tuple], *inputs) -> torch.Tensor:
+    """``value`` with a fused backward: ``grad_fn(upstream)`` returns one gradient per tensor in ``inputs``."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return _FusedGrad.apply(value, grad_fn, *inputs)
     return value
 
 
@@ -166,17 +208,52 @@ def _logits_grad_fn(student_logits, rows, stats, tokens, coef_per_unit: torch.Te
     def student_grad(upstream):
         coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])[..., None]
         dz = rows.backend.logits_grad(rows.student, rows.teacher, tokens, stats, coef.contiguous(), rows.inv_temp)
-        return dz.reshape(student_logits.shape)
+        return (dz.reshape(student_logits.shape),)
 
     return student_grad
 
 
-def _coefs(n_rows: int, device, **columns) -> torch.Tensor:
+def _coefs(n_rows: int, device, scale, columns: dict) -> torch.Tensor:
+    """float32 [N, 4] logits_grad coefficients: ``scale`` (per row or scalar) times each named column."""
     coef = torch.zeros(n_rows, NUM_COEFS, dtype=torch.float32, device=device)
     index = {"kl": C_KL, "q": C_Q, "p": C_P, "y": C_Y}
     for key, value in columns.items():
-        coef[:, index[key]] = value
+        coef[:, index[key]] = scale * value
     return coef
+
+
+# The gradient of each loss per unit of its per-row value and of 1/tau, as logits_grad columns:
+# dz = c_kl q (d - E_q d) + c_q q + c_p p + c_y e_y.
+REVERSE_KL_GRAD = {"kl": 1.0}  # d KL(q||p) = q (log q - log p - KL)
+FORWARD_KL_GRAD = {"q": 1.0, "p": -1.0}  # d KL(p||q) = q - p
+
+
+def _minillm_grad_columns(d_pg_d_logq, single_step: bool) -> dict:
+    # d log q(y) = e_y - q; the single-step term is the reverse KL's.
+    return {"y": d_pg_d_logq, "q": -d_pg_d_logq, "kl": float(bool(single_step))}
+
+
+def _pt_grad_columns(kd_ratio: float) -> dict:
+    # (1 - lambda)(q - e_y) + lambda (q - p)
+    return {"q": 1.0, "p": -kd_ratio, "y": -(1 - kd_ratio)}
+
+
+def _policy_gradient_rows(s, valid, adv, old, w, clip_eps):
+    """Per row: (clipped PG loss, its derivative with respect to log q(y), the ratio rho). See minillm_loss."""
+    log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old, valid)
+    rho = torch.exp(log_ratio) * w
+    unclipped, clipped = -adv * rho, -adv * rho.clamp(1 - clip_eps, 1 + clip_eps)
+    pg = torch.maximum(unclipped, clipped)
+    d_pg_d_logq = torch.where(unclipped >= clipped, -adv * rho, torch.zeros_like(rho))
+    return pg, d_pg_d_logq, rho
+
+
+def _pt_rows(s):
+    """Per row: (-log q(label), -sum_v p_v log q_v). See pt_loss."""
+    lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
+    # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
+    kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
+    return lm, kd
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,37 +261,43 @@ def _coefs(n_rows: int, device, **columns) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 def _divergence(student_logits, teacher_logits, per_row_fn, grad_columns, *, temperature, mask, reduction,
-                backend):
-    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+                backend, process_group):
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
+                             process_group=process_group)
     reduction = _validate.check_reduction(reduction)
     stats = _row_stats(rows)
-    valid = _valid_rows(rows, stats)
+    valid = _valid_rows(rows.mask, stats)
     value, weight = _reduce(per_row_fn(stats), valid, reduction, rows.lead_shape)
-    coef = _coefs(stats.shape[0], stats.device, **{k: weight * v * rows.inv_temp for k, v in grad_columns.items()})
-    return _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, stats, None, coef))
+    coef = _coefs(stats.shape[0], stats.device, weight * rows.inv_temp, grad_columns)
+    return _attach_grad(value, _logits_grad_fn(student_logits, rows, stats, None, coef), student_logits)
 
 
-def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto",
+               process_group=None):
     """Reverse KL per position: KL(q || p) = sum_v q_v (log q_v - log p_v), the MiniLLM objective.
 
     Gradient: d/dz KL = (1/tau) q * (log q - log p - KL). +inf where the student has mass on an entry whose
-    teacher logit is -inf. See the module docstring for masks, reductions, dtypes and padded vocabularies.
+    teacher logit is -inf. See the module docstring for masks, reductions, dtypes, padded vocabularies and
+    ``process_group`` (vocabulary-parallel logits).
     """
-    return _divergence(student_logits, teacher_logits, _reverse_kl_rows, {"kl": 1.0}, temperature=temperature,
-                       mask=mask, reduction=reduction, backend=backend)
+    return _divergence(student_logits, teacher_logits, _reverse_kl_rows, REVERSE_KL_GRAD, temperature=temperature,
+                       mask=mask, reduction=reduction, backend=backend, process_group=process_group)
 
 
-def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto",
+               process_group=None):
     """Forward KL per position: KL(p || q) = sum_v p_v (log p_v - log q_v) (word-level KD).
 
     Gradient: d/dz KL = (1/tau) (q - p). +inf where the teacher has mass on an entry whose student logit is
     -inf. See the module docstring for the common semantics.
     """
-    return _divergence(student_logits, teacher_logits, _forward_kl_rows, {"q": 1.0, "p": -1.0},
-                       temperature=temperature, mask=mask, reduction=reduction, backend=backend)
+    return _divergence(student_logits, teacher_logits, _forward_kl_rows, FORWARD_KL_GRAD,
+                       temperature=temperature, mask=mask, reduction=reduction, backend=backend,
+                       process_group=process_group)
 
 
-def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", backend="auto"):
+def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None, reduction="mean", backend="auto",
+        process_group=None):
     """Generalised Jensen-Shannon divergence of GKD / TRL: with m = beta p + (1 - beta) q,
 
         JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m).
@@ -222,20 +305,26 @@ def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None,
     That formula tends to 0 at both ends, so the endpoints are *defined* (as TRL does):
     ``beta=0`` is ``forward_kl`` (KL(p||q)) and ``beta=1`` is ``reverse_kl`` (KL(q||p)).
     Gradient for 0 < beta < 1: d/dz = ((1 - beta)/tau) q * (g - E_q[g]) with g = log q - log m.
-    Needs two passes over the rows (the mixture needs both normalisers first).
+    Needs two passes over the rows (the mixture needs both normalisers first); with ``process_group`` the second
+    pass's two per-row sums are summed over the shards (one more all-reduce of 2 floats per row).
     """
     beta = _validate.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
-    common = dict(temperature=temperature, mask=mask, reduction=reduction, backend=backend)
+    common = dict(temperature=temperature, mask=mask, reduction=reduction, backend=backend,
+                  process_group=process_group)
     if beta == 0.0:
         return forward_kl(student_logits, teacher_logits, **common)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, **common)
-    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
+                             process_group=process_group)
     reduction = _validate.check_reduction(reduction)
     stats = _row_stats(rows)
     with torch.no_grad():
+        # Expectations over the row under the (global) q, p and m: sums over columns, so shards add up.
         jsd_rows = rows.backend.jsd_rows(rows.student, rows.teacher, stats, beta, rows.inv_temp)
-    valid = _valid_rows(rows, stats)
+        if rows.group is not None:
+            jsd_rows = distributed.all_reduce_sum(jsd_rows, rows.group)
+    valid = _valid_rows(rows.mask, stats)
     value, weight = _reduce(jsd_rows[:, 0], valid, reduction, rows.lead_shape)
     coef_per_unit = weight * ((1.0 - beta) * rows.inv_temp)
 
@@ -243,43 +332,48 @@ def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None,
         coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])
         dz = rows.backend.jsd_grad(rows.student, rows.teacher, stats, jsd_rows, coef.contiguous(), beta,
                                    rows.inv_temp)
-        return dz.reshape(student_logits.shape)
+        return (dz.reshape(student_logits.shape),)
 
-    return _attach_grad(student_logits, value, student_grad)
+    return _attach_grad(value, student_grad, student_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # MiniLLM's token kernels
 # ----------------------------------------------------------------------------------------------------------
 
-def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperature=1.0, mask=None, backend="auto"):
+def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperature=1.0, mask=None, backend="auto",
+                process_group=None):
     """Per-position statistics of the sampled tokens y, from one pass over both rows (no gradient).
 
     Returns ``TokenStats`` of float32 tensors with the leading shape (0 at masked positions):
     ``student_logprob`` log q(y), ``teacher_logprob`` log p(y), ``mix_logprob`` log(alpha p(y) + (1-alpha) q(y))
     (computed with logaddexp, never by exponentiating), ``log_ratio`` log p(y) - log q(y) (MiniLLM's per-token
     reward before scaling), ``importance_weight`` q(y) / p~(y) in (0, 1/(1-alpha)], ``reverse_kl`` KL(q||p) over
-    the whole vocabulary, ``student_entropy`` -sum q log q. ``alpha`` is in [0, 1).
+    the whole vocabulary, ``student_entropy`` -sum q log q. ``alpha`` is in [0, 1). With ``process_group``
+    (vocabulary-parallel logits) ``tokens`` are global ids.
     """
     alpha = _validate.check_range("alpha", alpha, 0.0, 1.0, high_inclusive=False)
-    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
-    flat_tokens = _validate.check_tokens("tokens", tokens, rows.lead_shape, student_logits.device, rows.vocab,
-                                         rows.mask)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
+                             process_group=process_group)
+    flat_tokens, owned = _token_ids("tokens", tokens, rows)
     with torch.no_grad():
-        s = _row_stats(rows, flat_tokens)
-        valid = _valid_rows(rows, s)
-        lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)
-        mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
-        fields = TokenStats(
-            student_logprob=lq, teacher_logprob=lp, mix_logprob=mix, log_ratio=lp - lq,
-            importance_weight=torch.exp(lq - mix), reverse_kl=_reverse_kl_rows(s),
-            student_entropy=s[:, LOGS_Q] - s[:, EQ_ZC],
-        )
-        return TokenStats(*(_zero_where_invalid(f, valid).reshape(rows.lead_shape) for f in fields))
+        s = _row_stats(rows, flat_tokens, owned)
+        return _token_stats_from_rows(s, _valid_rows(rows.mask, s), alpha, rows.lead_shape)
+
+
+def _token_stats_from_rows(s, valid, alpha: float, lead_shape) -> TokenStats:
+    lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)
+    mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
+    fields = TokenStats(
+        student_logprob=lq, teacher_logprob=lp, mix_logprob=mix, log_ratio=lp - lq,
+        importance_weight=torch.exp(lq - mix), reverse_kl=_reverse_kl_rows(s),
+        student_entropy=s[:, LOGS_Q] - s[:, EQ_ZC],
+    )
+    return TokenStats(*(_zero_where_invalid(f, valid).reshape(lead_shape) for f in fields))
 
 
 def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprobs, importance_weights, *, mask,
-                 clip_eps=0.2, temperature=1.0, single_step=True, num_tokens=None, backend="auto"):
+                 clip_eps=0.2, temperature=1.0, single_step=True, num_tokens=None, backend="auto", process_group=None):
     """MiniLLM's training micro-step (policy gradient + single-step reverse KL) as one fused op.
 
     With log q(y) the current student's log-prob of the rollout token and N the number of valid tokens
@@ -293,38 +387,34 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
     ``advantages``, ``old_logprobs`` and ``importance_weights`` are constants (never differentiated).
     ``clip_fraction`` is the share of valid tokens with |rho - 1| > eps. Gradient, one fused pass:
     dz = (1/(N tau)) [ g (e_y - q) + single_step * q (log q - log p - KL) ], g = -A rho where the unclipped
-    branch is active, else 0. Returns ``MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)``.
+    branch is active, else 0. Returns ``MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)``. With
+    ``process_group`` (vocabulary-parallel logits) ``tokens`` are global ids.
     """
     clip_eps = _validate.check_positive("clip_eps", clip_eps)
     num_tokens = _validate.check_num_tokens(num_tokens)
-    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend)
+    rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
+                             process_group=process_group)
     device, lead = student_logits.device, rows.lead_shape
-    flat_tokens = _validate.check_tokens("tokens", tokens, lead, device, rows.vocab, rows.mask)
+    flat_tokens, owned = _token_ids("tokens", tokens, rows)
     adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
     with torch.no_grad():
-        s = _row_stats(rows, flat_tokens)
-        valid = _valid_rows(rows, s)
-        log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old, valid)
-        rho = torch.exp(log_ratio) * w
-        unclipped, clipped = -adv * rho, -adv * rho.clamp(1 - clip_eps, 1 + clip_eps)
-        pg = torch.maximum(unclipped, clipped)
-        d_pg_d_logq = torch.where(unclipped >= clipped, -adv * rho, torch.zeros_like(rho))
-        kl = _reverse_kl_rows(s)
+        s = _row_stats(rows, flat_tokens, owned)
+        valid = _valid_rows(rows.mask, s)
+        pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)
         pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
-        reg_loss, _ = _reduce(kl, valid, "mean", lead, num_tokens)
+        reg_loss, _ = _reduce(_reverse_kl_rows(s), valid, "mean", lead, num_tokens)
         clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
         value = pg_loss + reg_loss if single_step else pg_loss.clone()
-        scale = weight * rows.inv_temp
-        coef = _coefs(s.shape[0], device, y=scale * d_pg_d_logq, q=-scale * d_pg_d_logq,
-                      kl=scale * float(bool(single_step)))
-    loss = _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef))
+        coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _minillm_grad_columns(d_pg_d_logq, single_step))
+        coef = _own_token_terms(coef, owned)
+    loss = _attach_grad(value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef), student_logits)
     return MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)
 
 
 def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_index=-100, temperature=1.0,
-            num_tokens=None, backend="auto"):
+            num_tokens=None, backend="auto", process_group=None):
     """MiniLLM's PT loss on plain text: language modelling mixed with word-level distillation, one fused pass.
 
         lm_loss = (1/N) sum_valid -log q(label)            (cross-entropy of softmax(z / tau))
@@ -334,6 +424,7 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
     Positions whose label is ``ignore_index`` are not valid. **Labels are aligned with the logits: there is no
     shift inside** (shift them yourself for next-token prediction). Gradient:
     dz = (1/(N tau)) [ (1 - lambda)(q - e_y) + lambda (q - p) ]. Returns ``PTLoss(loss, lm_loss, kd_loss)``.
+    With ``process_group`` (vocabulary-parallel logits) ``labels`` are global ids.
     """
     kd_ratio = _validate.check_range("kd_ratio", kd_ratio, 0.0, 1.0, high_inclusive=True)
     num_tokens = _validate.check_num_tokens(num_tokens)
@@ -344,18 +435,21 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
     flat_labels = _validate.per_position("labels", labels, lead, device, integer=True)
     label_mask = (flat_labels != ignore_index).reshape(lead)
     rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=label_mask,
-                             backend=backend)
-    flat_tokens = _validate.check_tokens("labels", labels, lead, device, rows.vocab, rows.mask)
+                             backend=backend, process_group=process_group)
+    flat_tokens, owned = _token_ids("labels", labels, rows)
     with torch.no_grad():
-        s = _row_stats(rows, flat_tokens)
-        valid = _valid_rows(rows, s)
-        lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
-        # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
-        kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
+        s = _row_stats(rows, flat_tokens, owned)
+        valid = _valid_rows(rows.mask, s)
+        lm, kd = _pt_rows(s)
         lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
         kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
         value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
-        scale = weight * rows.inv_temp
-        coef = _coefs(s.shape[0], device, q=scale, p=-kd_ratio * scale, y=-(1 - kd_ratio) * scale)
-    loss = _attach_grad(student_logits, value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef))
+        coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _pt_grad_columns(kd_ratio))
+        coef = _own_token_terms(coef, owned)
+    loss = _attach_grad(value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef), student_logits)
     return PTLoss(loss, lm_loss, kd_loss)
+
+
+# The fused-linear twins (hidden states and lm_head weights instead of logits) live in fused_linear.py.
+from .fused_linear import (fused_linear_forward_kl, fused_linear_jsd, fused_linear_minillm_loss,  # noqa: E402
+                           fused_linear_pt_loss, fused_linear_reverse_kl, fused_linear_token_stats)

@@ -141,17 +141,18 @@ at::Tensor row_stats_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const s
   return out;
 }
 
-at::Tensor logits_grad_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens_in,
-                           const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp) {
-  check_logits("logits_grad", z_in, u_in);
-  check_inv_temp("logits_grad", inv_temp);
+// dz = logits_grad(z, u, ...) written into `dz` ([n_rows, z.size(1)], z's dtype, contiguous); dz may be z itself:
+// every column tile is read before it is written.
+void logits_grad_into(const char* op, const at::Tensor& z_in, const at::Tensor& u_in,
+                      const std::optional<at::Tensor>& tokens_in, const at::Tensor& stats_in,
+                      const at::Tensor& coef_in, double inv_temp, at::Tensor& dz) {
+  check_logits(op, z_in, u_in);
+  check_inv_temp(op, inv_temp);
   const at::Tensor z = unit_stride(z_in), u = unit_stride(u_in);
   const int64_t n_rows = z.size(0), vocab = std::min(z.size(1), u.size(1));
-  const at::Tensor tokens = checked_tokens("logits_grad", tokens_in, n_rows, vocab);
-  const at::Tensor stats = rows_param("logits_grad", "stats", stats_in, n_rows, NUM_STATS, at::kFloat);
-  const at::Tensor coef = rows_param("logits_grad", "coef", coef_in, n_rows, NUM_COEFS, at::kFloat);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(dz);
+  const at::Tensor tokens = checked_tokens(op, tokens_in, n_rows, vocab);
+  const at::Tensor stats = rows_param(op, "stats", stats_in, n_rows, NUM_STATS, at::kFloat);
+  const at::Tensor coef = rows_param(op, "coef", coef_in, n_rows, NUM_COEFS, at::kFloat);
   dispatch_pair(z.scalar_type(), u.scalar_type(), [&](auto zt, auto ut) {
     using TZ = typename decltype(zt)::type;
     using TU = typename decltype(ut)::type;
@@ -160,7 +161,22 @@ at::Tensor logits_grad_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const
                                       stats.data_ptr<float>(), coef.data_ptr<float>(), static_cast<float>(inv_temp),
                                       reinterpret_cast<TZ*>(dz.data_ptr()), z.size(1));
   });
+}
+
+at::Tensor logits_grad_cpu(const at::Tensor& z, const at::Tensor& u, const std::optional<at::Tensor>& tokens,
+                           const at::Tensor& stats, const at::Tensor& coef, double inv_temp) {
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(dz);
+  logits_grad_into("logits_grad", z, u, tokens, stats, coef, inv_temp, dz);
   return dz;
+}
+
+// In place: z receives its own gradient (saves a [N, V] buffer where z is a scratch copy, as in the fused-linear ops).
+void logits_grad_inplace_cpu(at::Tensor z, const at::Tensor& u, const std::optional<at::Tensor>& tokens,
+                             const at::Tensor& stats, const at::Tensor& coef, double inv_temp) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "logits_grad_: z must be a contiguous 2-D tensor (it receives "
+              "the gradient in place), got sizes ", z.sizes(), " and strides ", z.strides());
+  logits_grad_into("logits_grad_", z, u, tokens, stats, coef, inv_temp, z);
 }
 
 at::Tensor jsd_rows_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const at::Tensor& stats_in, double beta,
@@ -231,6 +247,7 @@ at::Tensor sample_rows_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const
 TORCH_LIBRARY_IMPL(minillm_fast, CPU, m) {
   m.impl("row_stats", &row_stats_cpu);
   m.impl("logits_grad", &logits_grad_cpu);
+  m.impl("logits_grad_", &logits_grad_inplace_cpu);
   m.impl("jsd_rows", &jsd_rows_cpu);
   m.impl("jsd_grad", &jsd_grad_cpu);
   m.impl("sample_rows", &sample_rows_cpu);

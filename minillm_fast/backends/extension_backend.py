@@ -10,6 +10,10 @@ class ExtensionBackend:
 
     def __init__(self, name: str):
         self.name = name
+        # The optional in-place gradient (see minillm_fast._library.OPTIONAL_SCHEMAS), where the extension has it.
+        key = "CPU" if name == "cpu" else "CUDA"
+        if torch._C._dispatch_has_kernel_for_dispatch_key("minillm_fast::logits_grad_", key):
+            self.logits_grad_ = torch.ops.minillm_fast.logits_grad_
 
     @staticmethod
     def row_stats(z, u, tokens, inv_temp):

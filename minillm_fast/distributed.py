@@ -1,0 +1,224 @@
+"""Vocabulary parallelism: merging the row statistics of vocabulary shards across ranks.
+
+A tensor-parallel lm_head leaves each rank of a process group with a *shard* of every logit row: the columns
+``[offset, offset + size)`` of the global vocabulary (shards of different sizes are fine). Every op of
+``minillm_fast.loss`` is an O(rows) expression of the 10 row statistics of ``minillm_fast.backends`` plus, for the
+gradient, one pass over the row that needs only those statistics, so a sharded op needs no logits from other
+ranks: each rank runs the backend's one-pass ``row_stats`` on its local columns, the ranks merge those statistics
+with two all-reduces of a few floats per row, and each rank writes the gradient of its own columns from the merged
+statistics (the backward pass needs no communication at all).
+
+The merge, per row (written once here, in pure functions that need no process group)
+-----------------------------------------------------------------------------------
+Rank r's statistics are relative to its local maxima m_q, m_p (z' = z/tau, u' = u/tau, over its columns only)::
+
+    s_q = sum_v exp(z'_v - m_q)       EQ_D = E_q[d]   with d = (z' - m_q) - (u' - m_p)     EQ_ZC = E_q[z' - m_q]
+    s_p = sum_v exp(u'_v - m_p)       EP_D = E_p[-d]                                       EP_UC = E_p[u' - m_p]
+
+1. ``all_reduce(MAX)`` of (m_q, m_p): the global maxima (M_q, M_p). One collective, 2 floats per row.
+2. Each rank re-expresses its statistics as *unnormalised* sums relative to the global maxima. With
+   delta_q = m_q - M_q <= 0 and delta_p = m_p - M_p <= 0 (the global centred difference is
+   D = (z' - M_q) - (u' - M_p) = d + delta_q - delta_p)::
+
+       S_q = sum exp(z' - M_q)               = exp(log s_q + delta_q)
+       A_q = sum exp(z' - M_q) D             = S_q (EQ_D + delta_q - delta_p)
+       B_q = sum exp(z' - M_q) (z' - M_q)    = S_q (EQ_ZC + delta_q)
+       S_p = sum exp(u' - M_p)               = exp(log s_p + delta_p)
+       A_p = sum exp(u' - M_p) (-D)          = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
+       B_p = sum exp(u' - M_p) (u' - M_p)    = S_p (EP_UC + delta_p)
+       ZY, UY: z'_y, u'_y on the rank whose shard holds the row's token y, 0 on every other rank.
+
+   These are plain sums over columns, so ``all_reduce(SUM)`` of the 8 values (6 without tokens) gives the
+   global ones. One collective, at most 8 floats per row.
+3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, and the same for p; M_Q, M_P are
+   the global maxima; ZY, UY the owner's values.
+
+The shift conventions are the backends': a maximum that is not finite shifts by 0 (``shift(m) = m if finite else
+0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
+exactly 0 to every sum (its expectations, 0/0 in the backends, are never read: 0 * inf and NaN are guarded); a row
+empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) and gets 0 expectations. Entries of
++inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded; NaN inputs stay
+NaN. The conversions run in float64 and the wire format is float32, as the statistics are: the merged statistics
+equal the unsharded ones to float32 rounding.
+
+Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 + 6 floats per row
+without tokens, 2 + 8 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums over columns: one
+more all_reduce(SUM) of 2 floats per row), plus, for the ops with token ids, one all_reduce of ``world_size``
+int64 that tells each rank where its shard starts (``vocab_shard``). Nothing of size V is ever sent.
+
+Token ids stay global. ``vocab_shard`` finds a shard's offset from the local sizes of all ranks, once per op call
+(shards are laid out in rank order within the group, as Megatron-style vocabulary-parallel lm_heads do); the
+alternative, an explicit ``vocab_offset=`` argument, would save that tiny collective but let a wrong offset pass
+silently, and the sizes also give the global vocabulary that token ids are range-checked against.
+``local_tokens`` maps global ids to this shard's local indices; the gradient's token term c_y e_y is written only
+by the owner (``zero_unowned_token_coef``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .backends import C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UY, ZY
+
+__all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef", "to_partial_sums",
+           "from_partial_sums", "merge_row_stats", "all_reduce_row_stats", "all_reduce_sum", "NUM_SUMS"]
+
+# Columns of the partial sums (step 2 above).
+S_Q, A_Q, B_Q, S_P, A_P, B_P, SUM_ZY, SUM_UY = range(8)
+NUM_SUMS = 8
+_WITHOUT_TOKENS = 6  # the first six columns: what is summed when the op has no token ids
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where a rank's shard lies in the global vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's columns ``[offset, offset + size)`` of a global vocabulary of ``vocab`` columns."""
+
+    offset: int
+    size: int
+    vocab: int
+
+
+def vocab_shard(local_size: int, group, *, device=None) -> VocabShard:
+    """This rank's shard, from every rank's ``local_size`` (shards in rank order within ``group``).
+
+    One all_reduce(SUM) of ``world_size`` int64 (each rank writes its size into its own slot), on ``device``
+    (the collective's device: CPU for gloo, the rank's GPU for NCCL; default CPU). Ends with a host sync.
+    """
+    dist = _dist()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = int(local_size)
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    sizes = sizes.tolist()
+    return VocabShard(offset=sum(sizes[:rank]), size=int(local_size), vocab=sum(sizes))
+
+
+def local_tokens(tokens: torch.Tensor, offset: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local index, owned) for global token ids: owned where ``offset <= id < offset + size``; the local index is
+    ``id - offset`` there and 0 elsewhere (in range, so any backend can read it; its token term must be dropped
+    with ``zero_unowned_token_coef`` and its ZY/UY statistics zeroed, as ``all_reduce_row_stats(owned=...)`` does)."""
+    local = tokens.to(torch.int64) - offset
+    owned = (local >= 0) & (local < size)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def zero_unowned_token_coef(coef: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """``logits_grad`` coefficients [N, 4] with the token term c_y zeroed where this rank does not own the token."""
+    coef = coef.clone()
+    coef[:, C_Y] = torch.where(owned, coef[:, C_Y], torch.zeros_like(coef[:, C_Y]))
+    return coef
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge, as pure functions (tensor in, tensor out)
+# ----------------------------------------------------------------------------------------------------------
+
+def _shift(m: torch.Tensor) -> torch.Tensor:
+    """The backends' shift: the maximum where finite, else 0."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _weighted(weight: torch.Tensor, mean: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """weight * mean, exactly 0 for an empty shard (whose mean is 0/0 or 0 * inf)."""
+    return torch.where(empty, torch.zeros_like(weight), weight * mean)
+
+
+def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 8] unnormalised sums (S_q, A_q, B_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
+    ``stats`` [n, 10], relative to the rows' global maxima ``global_max`` [n, 2] = (M_q, M_p). See the module
+    docstring; summing these over shards and ``from_partial_sums`` give the statistics of the whole rows."""
+    s, gm = stats.to(torch.float64), global_max.to(torch.float64)
+    delta_q = _shift(s[:, M_Q]) - _shift(gm[:, 0])
+    delta_p = _shift(s[:, M_P]) - _shift(gm[:, 1])
+    empty_q, empty_p = s[:, M_Q] == -math.inf, s[:, M_P] == -math.inf
+    s_q = torch.exp(s[:, LOGS_Q] + delta_q)
+    s_p = torch.exp(s[:, LOGS_P] + delta_p)
+    return torch.stack([
+        s_q,
+        _weighted(s_q, s[:, EQ_D] + (delta_q - delta_p), empty_q),
+        _weighted(s_q, s[:, EQ_ZC] + delta_q, empty_q),
+        s_p,
+        _weighted(s_p, s[:, EP_D] + (delta_p - delta_q), empty_p),
+        _weighted(s_p, s[:, EP_UC] + delta_p, empty_p),
+        s[:, ZY],
+        s[:, UY],
+    ], dim=1).to(torch.float32)
+
+
+def _mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """total / weight, 0 for a row with no mass at all (NaN stays NaN)."""
+    return torch.where(weight == 0, torch.zeros_like(total), total / weight)
+
+
+def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 10] row statistics from the partial sums [n, 8] (or [n, 6]: ZY = UY = 0) summed over all
+    shards, and the global maxima [n, 2]."""
+    t = sums.to(torch.float64)
+    out = torch.zeros(t.shape[0], NUM_STATS, dtype=torch.float64, device=t.device)
+    out[:, M_Q], out[:, M_P] = global_max[:, 0].to(torch.float64), global_max[:, 1].to(torch.float64)
+    out[:, LOGS_Q], out[:, LOGS_P] = torch.log(t[:, S_Q]), torch.log(t[:, S_P])
+    out[:, EQ_D], out[:, EQ_ZC] = _mean(t[:, A_Q], t[:, S_Q]), _mean(t[:, B_Q], t[:, S_Q])
+    out[:, EP_D], out[:, EP_UC] = _mean(t[:, A_P], t[:, S_P]), _mean(t[:, B_P], t[:, S_P])
+    if t.shape[1] > SUM_UY:
+        out[:, ZY], out[:, UY] = t[:, SUM_ZY], t[:, SUM_UY]
+    return out.to(torch.float32)
+
+
+def _global_max_of(stats: torch.Tensor) -> torch.Tensor:
+    return stats[:, [M_Q, M_P]].contiguous()
+
+
+def merge_row_stats(shard_stats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The statistics of whole rows from those of their column shards, in one process (what
+    ``all_reduce_row_stats`` computes across ranks; ZY/UY must already be 0 in the shards not owning the token)."""
+    global_max = torch.stack([_global_max_of(s) for s in shard_stats]).amax(0)
+    sums = torch.stack([to_partial_sums(s, global_max) for s in shard_stats]).sum(0)
+    return from_partial_sums(sums, global_max)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The merge across ranks
+# ----------------------------------------------------------------------------------------------------------
+
+def all_reduce_row_stats(stats: torch.Tensor, group, *, owned: torch.Tensor | None = None,
+                         with_tokens: bool = True) -> torch.Tensor:
+    """Global row statistics float32 [n, 10] from this rank's ``stats`` [n, 10] of its vocabulary shard (the
+    backend's ``row_stats`` on the local columns). Identical on every rank of ``group``.
+
+    ZY/UY must hold this rank's token logits where it owns the row's token and 0 elsewhere; pass ``owned`` (bool
+    [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 6 columns
+    instead of 8 and returns ZY = UY = 0. Two collectives: all_reduce(MAX) of [n, 2], all_reduce(SUM) of [n, 8]
+    (or [n, 6]), float32, on ``stats``' device.
+    """
+    dist = _dist()
+    if owned is not None:
+        stats = stats.clone()
+        stats[:, [ZY, UY]] = torch.where(owned[:, None], stats[:, [ZY, UY]], torch.zeros_like(stats[:, [ZY, UY]]))
+    global_max = _global_max_of(stats)
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    sums = to_partial_sums(stats, global_max)
+    if not with_tokens:
+        sums = sums[:, :_WITHOUT_TOKENS].contiguous()
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return from_partial_sums(sums, global_max)
+
+
+def all_reduce_sum(partial: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ranks of per-row partial sums over each shard's columns (e.g. ``jsd_rows`` computed with the
+    global statistics); a new contiguous tensor, identical on every rank."""
+    dist = _dist()
+    total = partial.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total

@@ -1,0 +1,679 @@
+"""Fused-linear twins of the losses: from hidden states and lm_head weights, never materialising [N, V] logits.
+
+Each model's logits are what its lm_head would produce (every step optional, in this order, as models apply them)::
+
+    logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)
+
+and each ``fused_linear_<op>`` returns exactly ``loss.<op>`` of those logits: same semantics (masks, reductions,
+temperature, padded vocabularies, -inf), same row kernels, same backends. Hidden states are ``[..., H_s]`` and
+``[..., H_t]`` (H_s != H_t is fine), weights ``[V_s, H_s]`` and ``[V_t, H_t]``, biases ``[V_s]`` / ``[V_t]``.
+``softcap`` and ``logit_scale`` are a number (both models) or a ``(student, teacher)`` pair, None meaning "not
+applied" (e.g. Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's 1/``logits_scaling``).
+Gradients reach the student's hidden states, weight and bias; every teacher tensor must not require grad (compute
+the teacher under ``torch.no_grad()`` and pass ``lm_head.weight.detach()``).
+
+How: rows are processed in blocks of n tokens. For a block, the two models' logits exist only as float32 [n, V]
+(computed from the inputs' dtype with float32 accumulation and output), with n chosen so that a block's
+temporaries stay below 1/6 of one [N, V] float32 buffer and below ``MAX_BLOCK_BYTES``. The backend's one-pass row
+kernel gives the block's row statistics and, when a student input requires grad, the block's logit gradient dz is
+formed at once and pulled back through the lm_head::
+
+    d hidden[block] = dz @ W        d W += dz^T @ hidden[block]        d b += sum_rows dz
+
+(dz first through the soft-cap and scale: d logits / d x = logit_scale * (1 - (logits / softcap)^2)). Each logit
+is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's). A scalar loss's gradient is linear in the
+upstream gradient g, so backward only multiplies the saved gradients by g / (number of valid tokens). Computing
+them in the forward pass costs the two backward matmuls even if backward never runs; under ``torch.no_grad()`` or
+with no student tensor requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row)
+cannot be applied to a weight gradient after the fact: it recomputes the logits block by block in backward instead
+(6 matmuls in all).
+
+``process_group`` (every op): vocabulary-parallel lm_heads, as tensor parallelism shards them. Each rank passes all
+hidden states and its rows ``[V_local, H]`` of both weights (and biases), covering the same global columns; the
+block's row statistics are merged across ranks exactly as the logits ops merge theirs (``minillm_fast.distributed``:
+two all-reduces of a few floats per token per block, never logits). Results are identical on every rank; the weight
+and bias gradients are the local rows'; the hidden states' gradient is summed over ranks (one all-reduce of
+[N, H_s]) because the loss reads them through every shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _dispatch, _validate, distributed
+from .loss import (FORWARD_KL_GRAD, REVERSE_KL_GRAD, MiniLLMLoss, PTLoss, TokenStats, _attach_grad, _coefs,
+                   _denominator, _forward_kl_rows, _minillm_grad_columns, _own_token_terms, _policy_gradient_rows,
+                   _pt_grad_columns, _pt_rows, _reduce, _reverse_kl_rows, _token_stats_from_rows, _valid_rows)
+
+__all__ = ["fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_jsd", "fused_linear_token_stats",
+           "fused_linear_minillm_loss", "fused_linear_pt_loss"]
+
+# A block's float32 temporaries per logit: the student's and teacher's logits (the student's buffer then receives
+# the logit gradient, formed a quarter of the block at a time: 1 more byte per logit).
+BYTES_PER_LOGIT = 9
+# At most 1/BLOCK_SHARE of one [N, V] float32 logits buffer, and at most MAX_BLOCK_BYTES, per block.
+BLOCK_SHARE = 5
+MAX_BLOCK_BYTES = 512 << 20
+GRAD_SLICES = 4
+
+
+def rows_per_block(n_rows: int, vocab: int) -> int:
+    """Tokens per block: the temporaries (``BYTES_PER_LOGIT`` per logit) within min(N V 4 / BLOCK_SHARE,
+    MAX_BLOCK_BYTES); a multiple of 8 when that is >= 16 (matmul-friendly), at least 1."""
+    budget = min(MAX_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE))
+    rows = int(budget // (vocab * BYTES_PER_LOGIT))
+    if rows >= 16:
+        rows -= rows % 8
+    return max(1, min(n_rows, rows))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One model's lm_head
+# ----------------------------------------------------------------------------------------------------------
+
+_MM_OUT_DTYPE_WORKS: bool | None = None  # whether torch.mm(..., out_dtype=torch.float32) runs here (tried once)
+
+
+def _mm_float32_out(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x @ w_t for bf16/fp16 CUDA tensors with float32 accumulation and float32 output (no rounding of the logits
+    to 16 bits). Where this torch lacks ``mm(out_dtype=)``, the 16-bit product is upcast instead (rounded logits)."""
+    global _MM_OUT_DTYPE_WORKS
+    if _MM_OUT_DTYPE_WORKS is not False:
+        try:
+            out = torch.mm(x, w_t, out_dtype=torch.float32)
+            _MM_OUT_DTYPE_WORKS = True
+            return out
+        except (RuntimeError, TypeError, NotImplementedError):
+            if _MM_OUT_DTYPE_WORKS:
+                raise
+            _MM_OUT_DTYPE_WORKS = False
+    return torch.mm(x, w_t).float()
+
+
+@dataclass
+class _Head:
+    """One model's last hidden states (as rows) and lm_head, with what it takes to form and pull back logits."""
+
+    hidden: torch.Tensor  # [N, H]
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    logit_scale: float | None
+    softcap: float | None
+
+    def __post_init__(self):
+        # bf16/fp16 matmuls with float32 output: cuBLAS does it in place; elsewhere the weight is upcast once.
+        self._fp32_weight = None
+        if self.weight.dtype != torch.float32 and not self.weight.is_cuda:
+            self._fp32_weight = self.weight.detach().float()
+
+    def _matmul_weight_t(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x @ W^T in float32, written into ``out`` where it can be (a reused buffer: fresh pages cost more than
+        the matmul on a CPU)."""
+        if self.weight.dtype == torch.float32:
+            return torch.mm(x, self.weight.detach().t(), out=out)
+        if self._fp32_weight is not None:
+            return torch.mm(x.float(), self._fp32_weight.t(), out=out)
+        return _mm_float32_out(x, self.weight.detach().t())
+
+    def logits(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """float32 [b - a, V]: the model's logits for rows a:b (in ``out``'s first rows where possible)."""
+        z = self._matmul_weight_t(self.hidden[a:b].detach(), out[: b - a])
+        if self.bias is not None:
+            z += self.bias.detach().float()
+        if self.logit_scale is not None:
+            z *= self.logit_scale
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def chain(self, dz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """d loss / d (h W^T + b) from dz = d loss / d logits (in place on dz): through the soft-cap
+        (d/dx c tanh(x / c) = 1 - (logits / c)^2) and the scale."""
+        if self.softcap is not None:
+            dz.mul_(1.0 - (z / self.softcap).square_())
+        if self.logit_scale is not None:
+            dz.mul_(self.logit_scale)
+        return dz
+
+    def pull_back(self, dx: torch.Tensor, a: int, b: int, grads: "_Grads") -> None:
+        """Accumulate into ``grads`` the gradients of sum(dx * (h W^T + b)[a:b]) (dx: float32 [b - a, V])."""
+        weight = self._fp32_weight if self._fp32_weight is not None else self.weight.detach()
+        dx_mm = dx.to(weight.dtype)
+        if grads.hidden is not None and dx_mm.dtype == torch.float32:
+            torch.mm(dx_mm, weight, out=grads.hidden[a:b])
+        elif grads.hidden is not None:
+            grads.hidden[a:b] = dx_mm @ weight
+        if grads.weight is not None:
+            grads.weight.addmm_(dx_mm.t(), self.hidden[a:b].detach().to(weight.dtype))
+        if grads.bias is not None:
+            grads.bias += dx.sum(0)
+
+
+@dataclass
+class _Grads:
+    """Gradient buffers of the student's hidden rows, weight and bias (None where not required)."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def zeros_for(cls, head: _Head, needs: tuple[bool, bool, bool]) -> "_Grads":
+        # The weight gradient accumulates over blocks: in float32 where the matmuls run in float32, else (CUDA
+        # bf16/fp16) in its own dtype, rounded once per block.
+        acc = torch.float32 if head.weight.dtype == torch.float32 or head._fp32_weight is not None else \
+            head.weight.dtype
+        return cls(
+            hidden=torch.empty(head.hidden.shape, dtype=torch.float32, device=head.hidden.device) if needs[0] else None,
+            weight=torch.zeros(head.weight.shape, dtype=acc, device=head.weight.device) if needs[1] else None,
+            bias=torch.zeros(head.bias.shape[0], dtype=torch.float32, device=head.weight.device) if needs[2] else None,
+        )
+
+    def scaled(self, scale: torch.Tensor, head: _Head, hidden_shape) -> tuple:
+        """(d hidden, d weight, d bias) times ``scale`` (a float32 scalar tensor), in the inputs' dtypes."""
+        out = []
+        for grad, like in ((self.hidden, head.hidden), (self.weight, head.weight), (self.bias, head.bias)):
+            # An in-place multiply by a float32 scalar tensor computes in float32 and rounds once.
+            out.append(None if grad is None else grad.mul_(scale).to(like.dtype))
+        if out[0] is not None:
+            out[0] = out[0].reshape(hidden_shape)
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What each loss needs from a block of rows
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Block:
+    """One block of rows a:b: both models' float32 logits, the tokens, row statistics and validity."""
+
+    a: int
+    b: int
+    z: torch.Tensor
+    u: torch.Tensor
+    tokens: torch.Tensor | None
+    stats: torch.Tensor
+    valid: torch.Tensor
+    backend: object
+    inv_temp: float
+    group: object = None  # vocabulary-parallel: the process group
+    owned: torch.Tensor | None = None  # vocabulary-parallel: whether this rank's shard holds each row's token
+
+    def rows(self, i: int, j: int) -> "_Block":
+        """Rows i:j of this block (views)."""
+        return _Block(self.a + i, self.a + j, self.z[i:j], self.u[i:j],
+                      None if self.tokens is None else self.tokens[i:j], self.stats[i:j], self.valid[i:j],
+                      self.backend, self.inv_temp, self.group, None if self.owned is None else self.owned[i:j])
+
+    def logits_grad(self, weight: torch.Tensor, columns: dict, into_z: bool = False) -> torch.Tensor:
+        """dz of sum_r weight_r (row value r) for a loss with these logits_grad columns; ``into_z``: written over
+        the student logits by the backend's in-place primitive (callers check ``has_in_place_grad`` first)."""
+        coef = _own_token_terms(_coefs(self.b - self.a, self.z.device, weight * self.inv_temp, columns), self.owned)
+        if into_z:
+            self.backend.logits_grad_(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
+            return self.z
+        return self.backend.logits_grad(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
+
+    @property
+    def has_in_place_grad(self) -> bool:
+        return hasattr(self.backend, "logits_grad_") and self.z.dtype == torch.float32
+
+
+class _Loss:
+    """A loss as a sum over rows: ``rows`` gives a block's per-row values (a dict of float32 [n] tensors), and
+    ``grad(block, values, weight, into_z)`` the logit gradient dz of sum_r weight_r * (the loss's row value r),
+    written over the block's student logits when ``into_z`` (only asked of losses with ``in_place = True``)."""
+
+    in_place = True
+
+    def rows(self, block: _Block) -> dict:
+        raise NotImplementedError
+
+    def grad(self, block: _Block, values: dict, weight: torch.Tensor, into_z: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Divergence(_Loss):
+    def __init__(self, per_row_fn, grad_columns):
+        self.per_row_fn, self.grad_columns = per_row_fn, grad_columns
+
+    def rows(self, block):
+        return {"value": self.per_row_fn(block.stats)}
+
+    def grad(self, block, values, weight, into_z=False):
+        return block.logits_grad(weight, self.grad_columns, into_z)
+
+
+class _JSD(_Loss):
+    in_place = False  # jsd_grad has no in-place form
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def rows(self, block):
+        jsd = block.backend.jsd_rows(block.z, block.u, block.stats, self.beta, block.inv_temp)
+        if block.group is not None:  # sums over columns: add the shards'
+            jsd = distributed.all_reduce_sum(jsd, block.group)
+        return {"value": jsd[:, 0], "jsd_rows": jsd}
+
+    def grad(self, block, values, weight, into_z=False):
+        coef = (weight * ((1.0 - self.beta) * block.inv_temp)).contiguous()
+        return block.backend.jsd_grad(block.z, block.u, block.stats, values["jsd_rows"], coef, self.beta,
+                                      block.inv_temp)
+
+
+class _MiniLLM(_Loss):
+    def __init__(self, adv, old, w, clip_eps, single_step):
+        self.adv, self.old, self.w, self.clip_eps, self.single_step = adv, old, w, clip_eps, single_step
+
+    def rows(self, block):
+        sl = slice(block.a, block.b)
+        pg, d_pg, rho = _policy_gradient_rows(block.stats, block.valid, self.adv[sl], self.old[sl], self.w[sl],
+                                              self.clip_eps)
+        return {"pg": pg, "d_pg": d_pg, "clipped": ((rho - 1).abs() > self.clip_eps).to(torch.float32),
+                "kl": _reverse_kl_rows(block.stats)}
+
+    def grad(self, block, values, weight, into_z=False):
+        return block.logits_grad(weight, _minillm_grad_columns(values["d_pg"], self.single_step), into_z)
+
+
+class _PT(_Loss):
+    def __init__(self, kd_ratio):
+        self.kd_ratio = kd_ratio
+
+    def rows(self, block):
+        lm, kd = _pt_rows(block.stats)
+        return {"lm": lm, "kd": kd}
+
+    def grad(self, block, values, weight, into_z=False):
+        return block.logits_grad(weight, _pt_grad_columns(self.kd_ratio), into_z)
+
+
+class _Stats(_Loss):
+    def rows(self, block):
+        return {"stats": block.stats}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep over blocks, and the autograd glue
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Problem:
+    """Validated inputs of one fused-linear call."""
+
+    student: _Head
+    teacher: _Head
+    hidden_shape: torch.Size  # the student hidden states' shape
+    lead_shape: torch.Size
+    vocab: int  # min(V_s, V_t)
+    inv_temp: float
+    mask: torch.Tensor | None  # bool [N]
+    backend: object
+    student_inputs: tuple  # (hidden, weight, bias): the tensors a gradient may reach
+    group: object = None  # vocabulary-parallel: the process group (weights are this rank's vocabulary shard)
+    shard: distributed.VocabShard | None = None  # and this rank's columns of the global vocabulary
+    owned: torch.Tensor | None = None  # set with the token ids: whether this rank's shard holds each row's token
+
+    @property
+    def n_rows(self) -> int:
+        return self.student.hidden.shape[0]
+
+    def needs_grad(self) -> tuple[bool, bool, bool]:
+        enabled = torch.is_grad_enabled()
+        return tuple(enabled and x is not None and x.requires_grad for x in self.student_inputs)
+
+    def blocks(self):
+        """Row ranges (a, b), and logit buffers reused by every block."""
+        # Sharded: sized by the global vocabulary, so that every rank runs the same blocks (and collectives).
+        vocab = self.shard.vocab if self.shard is not None else max(head.weight.shape[0]
+                                                                    for head in (self.student, self.teacher))
+        step = rows_per_block(self.n_rows, vocab)
+        self._buffers = [torch.empty(min(step, self.n_rows), head.weight.shape[0], dtype=torch.float32,
+                                     device=head.weight.device) for head in (self.student, self.teacher)]
+        try:
+            for a in range(0, max(self.n_rows, 1), step):  # N = 0: one empty block (0.0 with zero gradients)
+                yield a, min(self.n_rows, a + step)
+        finally:
+            self._buffers = None
+
+    def block(self, a, b, tokens, stats=None) -> _Block:
+        z, u = (head.logits(a, b, buf) for head, buf in zip((self.student, self.teacher), self._buffers))
+        tok = None if tokens is None else tokens[a:b]
+        owned = None if self.owned is None else self.owned[a:b]
+        if stats is None:
+            stats = self.backend.row_stats(z, u, tok, self.inv_temp)
+            if self.group is not None:
+                stats = distributed.all_reduce_row_stats(stats, self.group, owned=owned, with_tokens=tok is not None)
+        valid = _valid_rows(None if self.mask is None else self.mask[a:b], stats)
+        return _Block(a, b, z, u, tok, stats, valid, self.backend, self.inv_temp, self.group, owned)
+
+    def hidden_grad_over_ranks(self, grads: "_Grads") -> None:
+        """Sharded: every rank holds all hidden states, and the loss depends on them through every shard, so
+        their gradient is the sum of the ranks' parts (one all-reduce of [N, H_s])."""
+        if self.group is not None and grads.hidden is not None:
+            grads.hidden = distributed.all_reduce_sum(grads.hidden, self.group)
+
+
+def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict, weight: torch.Tensor,
+                     grads: _Grads) -> None:
+    """Add the gradient of sum_r weight_r * (row value r) over the block to ``grads``. The logit gradient replaces
+    the block's student logits (by the backend's in-place primitive where it has one and the soft-cap's derivative
+    does not need the logits; else formed a slice of rows at a time and copied), and then feeds both matmuls whole."""
+    head = problem.student
+    if loss.in_place and block.has_in_place_grad and head.softcap is None:
+        head.chain(loss.grad(block, values, weight, into_z=True), block.z)
+    else:
+        n = block.b - block.a
+        step = max(1, -(-n // GRAD_SLICES))
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            part = block.rows(i, j)
+            dz = loss.grad(part, {key: v[i:j] for key, v in values.items()}, weight[i:j])
+            part.z.copy_(head.chain(dz.float(), part.z))
+    head.pull_back(block.z, block.a, block.b, grads)
+
+
+def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
+    """One pass over the row blocks: (per-row values concatenated, row stats [N, 10], validity [N]). With
+    ``grads``, also accumulates the gradient of sum over valid rows of the loss's row value (the "sum" form)."""
+    values, stats, valid = [], [], []
+    for a, b in problem.blocks():
+        block = problem.block(a, b, tokens)
+        row_values = loss.rows(block)
+        if grads is not None:
+            _accumulate_grad(problem, loss, block, row_values, block.valid.to(torch.float32), grads)
+        values.append(row_values)
+        stats.append(block.stats)
+        valid.append(block.valid)
+    merged = {key: torch.cat([v[key] for v in values]) for key in values[0]} if values else {}
+    return merged, torch.cat(stats) if stats else None, torch.cat(valid) if valid else None
+
+
+def _run(problem: _Problem, loss: _Loss, tokens, finish):
+    """Sweep, reduce with ``finish(values, valid) -> (outputs, value, per_row_weight_or_None)`` and attach the
+    gradient. ``per_row_weight`` None: a scalar loss whose row weights are valid / denominator (gradient computed in
+    the forward pass). A tensor: d value / d row value for reduction="none" (gradient recomputed in backward)."""
+    needs = problem.needs_grad()
+    scalar_output = finish.scalar
+    grads = _Grads.zeros_for(problem.student, needs) if any(needs) and scalar_output else None
+    with torch.no_grad():
+        values, stats, valid = _sweep(problem, loss, tokens, grads)
+        outputs, value, inv_denominator = finish(values, valid)
+        if grads is not None:
+            problem.hidden_grad_over_ranks(grads)
+    if not any(needs):
+        return outputs
+
+    if scalar_output:
+        def grad_fn(upstream):
+            return grads.scaled(upstream.to(torch.float32) * inv_denominator, problem.student, problem.hidden_shape)
+    else:
+        def grad_fn(upstream):
+            row_weight = valid.to(torch.float32) * upstream.to(torch.float32).reshape(-1)
+            deferred = _Grads.zeros_for(problem.student, needs)
+            with torch.no_grad():
+                for a, b in problem.blocks():
+                    block = problem.block(a, b, tokens, stats[a:b])
+                    _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], deferred)
+                problem.hidden_grad_over_ranks(deferred)
+            return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
+
+    return finish.attach(outputs, _attach_grad(value, grad_fn, *problem.student_inputs))
+
+
+class _Finish:
+    """How a loss's per-row values become its outputs. ``__call__(values, valid) -> (outputs, value carrying the
+    gradient, 1/denominator)``; ``attach(outputs, value_with_grad)`` puts the differentiable value in place."""
+
+    scalar = True
+
+    def __call__(self, values, valid):
+        raise NotImplementedError
+
+    def attach(self, outputs, loss):
+        return loss
+
+
+class _ReduceValue(_Finish):
+    def __init__(self, reduction, lead_shape):
+        self.reduction, self.lead_shape = reduction, lead_shape
+        self.scalar = reduction != "none"
+
+    def __call__(self, values, valid):
+        value, _ = _reduce(values["value"], valid, self.reduction, self.lead_shape)
+        return value, value, 1.0 / _denominator(valid, self.reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+def _pair(name: str, value) -> tuple:
+    """A per-model option: one number for both models or a (student, teacher) pair; None = not applied."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{name}: expected a number, None or a (student, teacher) pair, got {value!r}")
+    return tuple(None if v is None else _validate.check_positive(name, v) for v in pair)
+
+
+def _check_head(who: str, hidden, weight, bias) -> None:
+    names = (f"{who}_hidden", f"{who}_weight", f"{who}_bias")
+    for name, x in zip(names, (hidden, weight, bias)):
+        if x is None and name.endswith("bias"):
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _validate.LOGIT_DTYPES:
+            raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {x.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{names[0]}: expected shape [..., H] with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{names[1]}: expected shape [V, H] with H = {hidden.shape[-1]} (the last dimension of "
+                         f"{names[0]}) and V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{names[1]}: dtype {weight.dtype} differs from {names[0]}'s {hidden.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{names[2]}: expected shape ({weight.shape[0]},) (one entry per vocabulary row of "
+                         f"{names[1]}), got {tuple(bias.shape)}")
+    for name, x in zip(names, (hidden, weight, bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name}: on {x.device}, but {names[0]} is on {hidden.device}")
+    if who == "teacher":
+        for name, x in zip(names, (hidden, weight, bias)):
+            if x is not None and x.requires_grad:
+                raise ValueError(f"{name}: requires grad, but the teacher never receives a gradient; compute the "
+                                 f"teacher under torch.no_grad() and pass its lm_head tensors detached "
+                                 f"({name}.detach())")
+
+
+def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias, teacher_bias,
+             temperature, softcap, logit_scale, mask, backend, process_group) -> _Problem:
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    group = _validate.check_process_group(process_group)
+    if group is not None and student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"teacher_weight: with process_group (vocabulary-parallel lm_heads) both shards must cover "
+                         f"the same global columns, but this rank holds {student_weight.shape[0]} student and "
+                         f"{teacher_weight.shape[0]} teacher rows; slice the padded model's shard first")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden: leading shape {tuple(teacher_hidden.shape[:-1])} does not match "
+                         f"student_hidden's {tuple(student_hidden.shape[:-1])}")
+    if student_hidden.device != teacher_hidden.device:
+        raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, but student_hidden is on "
+                         f"{student_hidden.device}; both must be on the same device")
+    tau = _validate.check_positive("temperature", temperature)
+    caps, scales = _pair("softcap", softcap), _pair("logit_scale", logit_scale)
+    lead = student_hidden.shape[:-1]
+    device = student_hidden.device
+    if not isinstance(backend, str):
+        raise ValueError(f"backend: expected a string, got {type(backend).__name__}")
+    heads = [
+        _Head(hidden.reshape(-1, hidden.shape[-1]), weight, bias, scale, cap)
+        for hidden, weight, bias, scale, cap in ((student_hidden, student_weight, student_bias, scales[0], caps[0]),
+                                                 (teacher_hidden, teacher_weight, teacher_bias, scales[1], caps[1]))
+    ]
+    return _Problem(
+        student=heads[0], teacher=heads[1], hidden_shape=student_hidden.shape, lead_shape=lead,
+        vocab=min(student_weight.shape[0], teacher_weight.shape[0]), inv_temp=1.0 / tau,
+        mask=_validate.check_mask(mask, lead, device), backend=_dispatch.get_backend(backend, device),
+        student_inputs=(student_hidden, student_weight, student_bias), group=group,
+        shard=None if group is None else distributed.vocab_shard(student_weight.shape[0], group, device=device),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------------------
+
+def _divergence(loss: _Loss, args, kwargs, reduction):
+    reduction = _validate.check_reduction(reduction)
+    problem = _prepare(*args, **kwargs)
+    return _run(problem, loss, None, _ReduceValue(reduction, problem.lead_shape))
+
+
+def _options(student_bias, teacher_bias, temperature, softcap, logit_scale, mask, backend, process_group) -> dict:
+    return dict(student_bias=student_bias, teacher_bias=teacher_bias, temperature=temperature, softcap=softcap,
+                logit_scale=logit_scale, mask=mask, backend=backend, process_group=process_group)
+
+
+def fused_linear_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                            teacher_bias=None, temperature=1.0, softcap=None, logit_scale=None, mask=None,
+                            reduction="mean", backend="auto", process_group=None):
+    """``loss.reverse_kl`` (KL(q || p)) of the logits the two lm_heads produce; see the module docstring."""
+    return _divergence(_Divergence(_reverse_kl_rows, REVERSE_KL_GRAD),
+                       (student_hidden, student_weight, teacher_hidden, teacher_weight),
+                       _options(student_bias, teacher_bias, temperature, softcap, logit_scale, mask, backend,
+                                process_group), reduction)
+
+
+def fused_linear_forward_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                            teacher_bias=None, temperature=1.0, softcap=None, logit_scale=None, mask=None,
+                            reduction="mean", backend="auto", process_group=None):
+    """``loss.forward_kl`` (KL(p || q)) of the logits the two lm_heads produce; see the module docstring."""
+    return _divergence(_Divergence(_forward_kl_rows, FORWARD_KL_GRAD),
+                       (student_hidden, student_weight, teacher_hidden, teacher_weight),
+                       _options(student_bias, teacher_bias, temperature, softcap, logit_scale, mask, backend,
+                                process_group), reduction)
+
+
+def fused_linear_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, *, beta=0.5, student_bias=None,
+                     teacher_bias=None, temperature=1.0, softcap=None, logit_scale=None, mask=None, reduction="mean",
+                     backend="auto", process_group=None):
+    """``loss.jsd`` of the logits the two lm_heads produce: beta KL(p||m) + (1-beta) KL(q||m), m = beta p +
+    (1-beta) q, with ``beta=0`` defined as forward KL and ``beta=1`` as reverse KL; see the module docstring."""
+    beta = _validate.check_range("beta", beta, 0.0, 1.0, high_inclusive=True)
+    args = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    kwargs = _options(student_bias, teacher_bias, temperature, softcap, logit_scale, mask, backend, process_group)
+    if beta == 0.0:
+        return fused_linear_forward_kl(*args, reduction=reduction, **kwargs)
+    if beta == 1.0:
+        return fused_linear_reverse_kl(*args, reduction=reduction, **kwargs)
+    return _divergence(_JSD(beta), args, kwargs, reduction)
+
+
+class _TokenStatsFinish(_Finish):
+    def __init__(self, alpha, lead_shape):
+        self.alpha, self.lead_shape = alpha, lead_shape
+
+    def __call__(self, values, valid):
+        return _token_stats_from_rows(values["stats"], valid, self.alpha, self.lead_shape), None, None
+
+
+def fused_linear_token_stats(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, *,
+                             student_bias=None, teacher_bias=None, alpha=0.2, temperature=1.0, softcap=None,
+                             logit_scale=None, mask=None, backend="auto", process_group=None):
+    """``loss.token_stats`` of the logits the two lm_heads produce (no gradient); see the module docstring."""
+    alpha = _validate.check_range("alpha", alpha, 0.0, 1.0, high_inclusive=False)
+    problem = _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+                       teacher_bias=teacher_bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                       mask=mask, backend=backend, process_group=process_group)
+    flat_tokens = _token_ids("tokens", tokens, problem)
+    with torch.no_grad():
+        values, stats, valid = _sweep(problem, _Stats(), flat_tokens, None)
+        return _TokenStatsFinish(alpha, problem.lead_shape)(values, valid)[0]
+
+
+def _token_ids(name, tokens, problem: _Problem) -> torch.Tensor:
+    """Validated int64 [N] token ids as the backend reads them (sharded: this shard's local indices, and
+    ``problem.owned`` says which rows' tokens this rank holds)."""
+    device = problem.student.hidden.device
+    if problem.group is None:
+        return _validate.check_tokens(name, tokens, problem.lead_shape, device, problem.vocab, problem.mask)
+    flat = _validate.check_tokens(name, tokens, problem.lead_shape, device, problem.shard.vocab, problem.mask,
+                                  vocab_is="the global vocabulary: the sum of the shards' sizes")
+    local, problem.owned = distributed.local_tokens(flat, problem.shard.offset, problem.shard.size)
+    return local
+
+
+class _MiniLLMFinish(_Finish):
+    def __init__(self, lead_shape, num_tokens, single_step):
+        self.lead_shape, self.num_tokens, self.single_step = lead_shape, num_tokens, single_step
+
+    def __call__(self, values, valid):
+        def mean(key):
+            return _reduce(values[key], valid, "mean", self.lead_shape, self.num_tokens)[0]
+        pg_loss, reg_loss = mean("pg"), mean("kl")
+        value = pg_loss + reg_loss if self.single_step else pg_loss.clone()
+        outputs = MiniLLMLoss(value, pg_loss, reg_loss, mean("clipped"))
+        return outputs, value, 1.0 / _denominator(valid, "mean", self.num_tokens)
+
+    def attach(self, outputs, loss):
+        return outputs._replace(loss=loss)
+
+
+def fused_linear_minillm_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, advantages,
+                              old_logprobs, importance_weights, *, mask, student_bias=None, teacher_bias=None,
+                              clip_eps=0.2, temperature=1.0, softcap=None, logit_scale=None, single_step=True,
+                              num_tokens=None, backend="auto", process_group=None):
+    """``loss.minillm_loss`` (clipped policy gradient + single-step reverse KL) of the logits the two lm_heads
+    produce; returns ``MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)``. See the module docstring."""
+    clip_eps = _validate.check_positive("clip_eps", clip_eps)
+    num_tokens = _validate.check_num_tokens(num_tokens)
+    problem = _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+                       teacher_bias=teacher_bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                       mask=mask, backend=backend, process_group=process_group)
+    flat_tokens = _token_ids("tokens", tokens, problem)
+    lead, device = problem.lead_shape, student_hidden.device
+    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
+                   for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
+                                   ("importance_weights", importance_weights)))
+    return _run(problem, _MiniLLM(adv, old, w, clip_eps, single_step), flat_tokens,
+                _MiniLLMFinish(lead, num_tokens, single_step))
+
+
+class _PTFinish(_Finish):
+    def __init__(self, lead_shape, num_tokens, kd_ratio):
+        self.lead_shape, self.num_tokens, self.kd_ratio = lead_shape, num_tokens, kd_ratio
+
+    def __call__(self, values, valid):
+        lm_loss = _reduce(values["lm"], valid, "mean", self.lead_shape, self.num_tokens)[0]
+        kd_loss = _reduce(values["kd"], valid, "mean", self.lead_shape, self.num_tokens)[0]
+        value = (1 - self.kd_ratio) * lm_loss + self.kd_ratio * kd_loss
+        return PTLoss(value, lm_loss, kd_loss), value, 1.0 / _denominator(valid, "mean", self.num_tokens)
+
+    def attach(self, outputs, loss):
+        return outputs._replace(loss=loss)
+
+
+def fused_linear_pt_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, *,
+                         student_bias=None, teacher_bias=None, kd_ratio=0.5, ignore_index=-100, temperature=1.0,
+                         softcap=None, logit_scale=None, num_tokens=None, backend="auto", process_group=None):
+    """``loss.pt_loss`` ((1 - kd_ratio) LM loss + kd_ratio word-level KD; labels aligned with the hidden states, no
+    shift inside) of the logits the two lm_heads produce; returns ``PTLoss(loss, lm_loss, kd_loss)``."""
+    kd_ratio = _validate.check_range("kd_ratio", kd_ratio, 0.0, 1.0, high_inclusive=True)
+    num_tokens = _validate.check_num_tokens(num_tokens)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    _check_head("student", student_hidden, student_weight, student_bias)
+    lead = student_hidden.shape[:-1]
+    flat_labels = _validate.per_position("labels", labels, lead, student_hidden.device, integer=True)
+    problem = _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+                       teacher_bias=teacher_bias, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                       mask=(flat_labels != ignore_index).reshape(lead), backend=backend,
+                       process_group=process_group)
+    flat_tokens = _token_ids("labels", labels, problem)
+    return _run(problem, _PT(kd_ratio), flat_tokens, _PTFinish(lead, num_tokens, kd_ratio))
+

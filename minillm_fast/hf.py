@@ -1,0 +1,127 @@
+"""Hugging Face helpers for the fused-linear losses: hidden states and lm_heads of stock ``transformers`` causal LMs.
+
+    from minillm_fast import hf, loss
+
+    s_hidden = hf.last_hidden_state(student, input_ids, attention_mask)          # no [B, T, V] logits
+    with torch.no_grad():
+        t_hidden = hf.last_hidden_state(teacher, input_ids, attention_mask)
+    kl = loss.fused_linear_reverse_kl(**hf.fused_linear_args(student, s_hidden, teacher, t_hidden),
+                                      mask=attention_mask)
+
+``lm_head(model)`` reads what the model's own forward would apply to its last hidden state: the output embedding's
+weight and bias (tied input/output embeddings are the same Parameter, so the gradient reaches both uses), and the
+config entries below, looked up in the model's config and, for composite (e.g. vision-language) models, in its text
+config (``config.get_text_config()``), as their forwards do:
+
+* ``final_logit_softcapping``: ``softcap * tanh(logits / softcap)`` (Gemma 2, Gemma 3n, Gemma 4, PaliGemma, ...);
+* ``logit_scale``: logits times it (Cohere, Cohere 2);
+* ``logits_scaling``: logits divided by it (the Granite family), or times it for HyperCLOVAX, whose forward
+  multiplies ("MuP: multiply logits by logits_scaling (cf. GraniteForCausalLM which divides)");
+* ``lm_head_multiplier``: logits times it (Falcon-H1).
+
+Models whose head does more than that (a second projection, per-token scaling, a scale this module does not know,
+several scale entries at once) are rejected, not computed wrongly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap), each step optional."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    softcap: float | None
+    logit_scale: float | None
+
+
+# model_type prefixes whose forward multiplies the logits by ``logits_scaling`` (the Granite family divides).
+MULTIPLIES_BY_LOGITS_SCALING = ("hyperclovax",)
+# Config entries that some forwards apply to the logits or to the last hidden state and this module does not.
+UNSUPPORTED_ENTRIES = ("output_multiplier", "logits_mup_width_multiplier")
+
+
+def _configs(model) -> list:
+    """The model's config, then its text config when that is a different object (composite models)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        text = get_text_config()
+        if text is not None and text is not config:
+            configs.append(text)
+    return configs
+
+
+def _entry(configs, name):
+    """The first setting of ``name`` in ``configs`` that is not None."""
+    for config in configs:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def lm_head(model) -> LMHead:
+    """The lm_head of a ``transformers`` causal LM, with its logit soft-capping and scale read from its config."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"model: expected a causal LM whose get_output_embeddings() is a torch.nn.Linear, got "
+                         f"{type(head).__name__} from {type(model).__name__}")
+    configs = _configs(model)
+    for name in UNSUPPORTED_ENTRIES:
+        if _entry(configs, name) is not None:
+            raise ValueError(f"model: the config of {type(model).__name__} sets {name}, which its forward applies "
+                             f"around the lm_head and minillm_fast.hf does not; compute its logits instead")
+    softcap = _entry(configs, "final_logit_softcapping")
+    scales = {}
+    for name in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
+        value = _entry(configs, name)
+        if value is not None and value != 1:
+            scales[name] = float(value)
+    if len(scales) > 1:
+        raise ValueError(f"model: config of {type(model).__name__} sets several logit scales ({sorted(scales)}); "
+                         f"which ones its forward applies is ambiguous")
+    logit_scale = None
+    if "logits_scaling" in scales:
+        multiplies = any(str(getattr(c, "model_type", "")).startswith(MULTIPLIES_BY_LOGITS_SCALING) for c in configs)
+        logit_scale = scales["logits_scaling"] if multiplies else 1.0 / scales["logits_scaling"]
+    elif scales:
+        logit_scale = next(iter(scales.values()))
+    return LMHead(weight=head.weight, bias=head.bias, softcap=float(softcap) if softcap else None,
+                  logit_scale=logit_scale)
+
+
+def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
+    """[B, T, H] hidden states that the model's lm_head reads (after the final norm), without computing logits.
+
+    Runs the model's base (``model.<base_model_prefix>``, e.g. ``model.model`` for Llama, ``model.transformer`` for
+    GPT-2); extra keyword arguments (``position_ids``, ...) go to it.
+    """
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is None or base is model:
+        raise ValueError(f"model: cannot find the base model of {type(model).__name__} (its base_model_prefix "
+                         f"attribute names no submodule)")
+    out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def fused_linear_args(student, student_hidden: torch.Tensor, teacher, teacher_hidden: torch.Tensor) -> dict:
+    """Keyword arguments for any ``loss.fused_linear_*`` op from two causal LMs and their last hidden states.
+
+    The teacher's hidden states and lm_head tensors are passed detached (the teacher never gets a gradient).
+    """
+    s, t = lm_head(student), lm_head(teacher)
+    return dict(
+        student_hidden=student_hidden, student_weight=s.weight, student_bias=s.bias,
+        teacher_hidden=teacher_hidden.detach(), teacher_weight=t.weight.detach(),
+        teacher_bias=None if t.bias is None else t.bias.detach(),
+        softcap=(s.softcap, t.softcap), logit_scale=(s.logit_scale, t.logit_scale),
+    )

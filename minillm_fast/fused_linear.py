@@ -55,13 +55,15 @@ BYTES_PER_LOGIT = 9
 # At most 1/BLOCK_SHARE of one [N, V] float32 logits buffer, and at most MAX_BLOCK_BYTES, per block.
 BLOCK_SHARE = 5
 MAX_BLOCK_BYTES = 512 << 20
+# ... but at least this much (unless that is all N rows): tiny blocks cost more in per-call overhead than they save.
+MIN_BLOCK_BYTES = 1 << 20
 GRAD_SLICES = 4
 
 
 def rows_per_block(n_rows: int, vocab: int) -> int:
-    """Tokens per block: the temporaries (``BYTES_PER_LOGIT`` per logit) within min(N V 4 / BLOCK_SHARE,
-    MAX_BLOCK_BYTES); a multiple of 8 when that is >= 16 (matmul-friendly), at least 1."""
-    budget = min(MAX_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE))
+    """Tokens per block: the temporaries (``BYTES_PER_LOGIT`` per logit) within max(N V 4 / BLOCK_SHARE,
+    MIN_BLOCK_BYTES), capped at MAX_BLOCK_BYTES; a multiple of 8 when >= 16 (matmul-friendly); at least 1."""
+    budget = min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE)))
     rows = int(budget // (vocab * BYTES_PER_LOGIT))
     if rows >= 16:
         rows -= rows % 8

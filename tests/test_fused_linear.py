@@ -542,8 +542,9 @@ def test_rows_per_block():
         for v in (1, 7, 1000, 32000, 152064):
             r = fused_linear.rows_per_block(n, v)
             assert 1 <= r <= n
-            assert r < 16 or r % 8 == 0
-            budget = min(fused_linear.MAX_BLOCK_BYTES, n * v * 4 / fused_linear.BLOCK_SHARE)
+            assert r < 16 or r % 8 == 0 or r == n
+            budget = min(fused_linear.MAX_BLOCK_BYTES,
+                         max(fused_linear.MIN_BLOCK_BYTES, n * v * 4 / fused_linear.BLOCK_SHARE))
             assert r == 1 or r * v * fused_linear.BYTES_PER_LOGIT <= budget
     rows = fused_linear.rows_per_block(8192, 128256)
     assert rows * 128256 * fused_linear.BYTES_PER_LOGIT <= fused_linear.MAX_BLOCK_BYTES

@@ -36,7 +36,7 @@ def rewards(teacher_logprobs, old_logprobs, mask=None, *, scale=0.5, clip=100.0)
     return r
 
 
-def advantages(rewards, mask, *, gamma=0.95, length_norm=True, whiten=True):
+def advantages(rewards, mask, *, gamma=0.95, length_norm=True, whiten=True, process_group=None):
     """Length-normalised discounted returns, whitened over valid tokens, as MiniLLM's reference computes them.
 
     For each row, over its valid (unpadded) tokens, with positions counted *within the response*::
@@ -65,9 +65,26 @@ def advantages(rewards, mask, *, gamma=0.95, length_norm=True, whiten=True):
             running = torch.where(v, r[:, t] + gamma * running, running)
             remaining = remaining + v.to(torch.float32)
             returns[:, t] = running / remaining.clamp(min=1) if length_norm else running
-        if whiten:
+        if whiten and process_group is not None:
+            mean, var = _global_mean_var(returns, valid, process_group)
+            returns = (returns - mean) / torch.sqrt(var + 1e-8)
+        elif whiten:
             count = valid.sum().clamp(min=1).to(torch.float32)
             mean = torch.where(valid, returns, torch.zeros_like(returns)).sum() / count
             var = torch.where(valid, (returns - mean) ** 2, torch.zeros_like(returns)).sum() / count
             returns = (returns - mean) / torch.sqrt(var + 1e-8)
         return torch.where(valid, returns, torch.zeros_like(returns))
+
+
+def _global_mean_var(returns, valid, process_group):
+    """Mean and population variance over the valid entries of every rank's ``returns`` (two all-reduces)."""
+    import torch.distributed as dist
+
+    zero = torch.zeros_like(returns)
+    totals = torch.stack([torch.where(valid, returns, zero).sum(), valid.sum().to(torch.float32)])
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
+    count = totals[1].clamp(min=1)
+    mean = totals[0] / count
+    squares = torch.where(valid, (returns - mean) ** 2, zero).sum().reshape(1)
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=process_group)
+    return mean, squares[0] / count

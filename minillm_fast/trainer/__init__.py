@@ -5,7 +5,8 @@
     train(cfg)                                   # or train(cfg, student=model, teacher=model, tokenizer=tok)
 
 Command line: ``python -m minillm_fast.trainer.cli train CONFIG.yaml [key=value ...]`` (``--help`` lists every
-key with its default). Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``loop.py`` for the loop.
+key with its default); under ``torchrun`` (DDP or FSDP2, see ``parallel.py``) every rank runs the same command.
+Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``loop.py`` for the loop.
 """
 from .config import METHODS, TrainConfig
 from .data import DataError

@@ -4,6 +4,8 @@ Layout: ``<output_dir>/checkpoints/step_<NNNNNNNN>/`` holds the student (``model
 loadable with ``AutoModelForCausalLM.from_pretrained``), the tokenizer, the run's ``config.yaml`` and
 ``trainer_state.pt`` (optimizer, scheduler, RNG states and the loop's counters).
 
+Under ``torchrun`` only rank 0 writes (the trainer gathers sharded weights and optimizer states to it first).
+
 Atomicity: everything is written into a fresh hidden temporary directory beside the checkpoints, flushed to disk,
 and only then renamed to its final name with ``os.replace`` (one atomic rename on POSIX). A run killed at any
 moment therefore leaves either the complete new checkpoint or none; leftover temporary directories are never
@@ -86,20 +88,34 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir, step: int, *, student, tokenizer, optimizer, scheduler, trainer_state: dict, config_yaml: str,
-         keep: int = 0) -> Path:
-    """Write checkpoint ``step`` atomically; then keep only the ``keep`` newest (0 = all). Returns its path."""
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s content with ``text`` in one rename (readers see the old file or the new one)."""
+    temp = path.with_name(f"{_TEMP_PREFIX}{path.name}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def save(output_dir, step: int, *, student, tokenizer, scheduler, trainer_state: dict, config_yaml: str,
+         optimizer=None, optimizer_state: dict | None = None, keep: int = 0, weights: dict | None = None) -> Path:
+    """Write checkpoint ``step`` atomically; then keep only the ``keep`` newest (0 = all). Returns its path.
+
+    ``optimizer_state`` (default ``optimizer.state_dict()``) and ``weights`` (default the student's own state
+    dict) let a multi-process run pass what it gathered from its shards: a checkpoint has one format whatever
+    wrote it (weights loadable with ``from_pretrained``, optimizer state numbered in ``parameters()`` order).
+    """
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
     root = inside(output_dir, Path(output_dir) / CHECKPOINT_DIR)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
     temp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=root))
     try:
         with _quiet_transformers():
-            student.save_pretrained(temp)
+            student.save_pretrained(temp, **({"state_dict": weights} if weights is not None else {}))
         if tokenizer is not None:
             tokenizer.save(temp)
         (temp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **trainer_state},
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **trainer_state},
                    temp / STATE_FILE)
         _fsync_tree(temp)
         if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside first

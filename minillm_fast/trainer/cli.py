@@ -1,5 +1,8 @@
 """Command line: ``minillm-fast train CONFIG.yaml [key=value ...]`` (also ``python -m minillm_fast.trainer.cli``).
 
+Several processes: ``torchrun --nproc_per_node=N -m minillm_fast.trainer train CONFIG.yaml ...`` (every rank runs
+this; only rank 0 prints and writes). See the README's "Multi-process training".
+
 ``train --help`` lists every configuration key with its type, default and meaning; ``defaults`` prints a complete
 YAML config to start from.
 """
@@ -38,11 +41,18 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"minillm-fast: {e}", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
     from .loop import train  # heavy imports (transformers) only once the config is known to be valid
 
-    results = train(cfg)
-    if results:
-        print(json.dumps(results))
+    ours = dist.is_available() and not dist.is_initialized()  # under torchrun, train() joins the job
+    try:
+        results = train(cfg)
+        if results and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(json.dumps(results))
+    finally:
+        if ours and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -104,6 +104,14 @@ class TrainConfig:
                             "bfloat16 | float16")
     attn_implementation: str = _f("auto", "auto (flash_attention_2 when flash-attn is installed on GPU, else sdpa)")
     backend: str = _f("auto", "minillm_fast kernel backend: auto | cuda | triton | cpu | torch")
+    # --- several processes (torchrun; ignored in a single process) -----------------------------------------
+    parallel: str = _f("ddp", "student under torchrun: ddp (a replica per rank) | fsdp (FSDP2 fully_shard: "
+                              "parameters, gradients and AdamW states sharded over the ranks)")
+    teacher_sharding: str = _f("auto", "teacher under torchrun (inference only): replicate | shard (FSDP2, one "
+                                       "all-gather per layer per forward) | auto (shard when parallel=fsdp)")
+    rollout_seeding: str = _f("auto", "sampling noise: stream (one generator for the run) | sequence (one per "
+                                      "sequence, seeded by (seed, round, index): rollouts then do not depend on the "
+                                      "world size or batching) | auto (stream in one process, else sequence)")
 
     def __post_init__(self):
         self.validate()
@@ -112,6 +120,10 @@ class TrainConfig:
     @property
     def sampling_alpha(self) -> float:
         return self.alpha if self.teacher_mix else 0.0
+
+    @property
+    def shard_teacher(self) -> bool:
+        return self.teacher_sharding == "shard" or (self.teacher_sharding == "auto" and self.parallel == "fsdp")
 
     @property
     def needs_teacher(self) -> bool:
@@ -131,6 +143,11 @@ class TrainConfig:
         need(self.method in METHODS, "method", f"one of {METHODS}")
         need(self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {SCHEDULES}")
         need(self.resume in ("auto", "never"), "resume", "'auto' or 'never'")
+        need(self.parallel in ("ddp", "fsdp"), "parallel", "'ddp' or 'fsdp'")
+        need(self.teacher_sharding in ("auto", "replicate", "shard"), "teacher_sharding",
+             "'auto', 'replicate' or 'shard'")
+        need(self.rollout_seeding in ("auto", "stream", "sequence"), "rollout_seeding",
+             "'auto', 'stream' or 'sequence'")
         need(0.0 <= self.alpha < 1.0, "alpha", "a number in [0, 1)")
         need(0.0 <= self.gamma <= 1.0, "gamma", "a number in [0, 1]")
         need(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "a number in [0, 1]")

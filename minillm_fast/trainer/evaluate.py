@@ -17,7 +17,7 @@ import torch
 from .. import loss
 from .data import Example, collate
 from .models import response_logits
-from .rollout import generate, max_new_tokens
+from .rollout import generate, max_new_tokens, row_budgets
 
 try:
     from rouge_score import rouge_scorer as _rouge_scorer
@@ -60,7 +60,8 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(cfg, student, teacher, examples: list[Example], tokenizer, device) -> dict:
+def evaluate(cfg, student, teacher, examples: list[Example], tokenizer, device, *, seeding: str = "stream",
+             dist=None, lockstep=None) -> dict:
     """Sample one response per held-out prompt from ``student`` alone (temperature ``cfg.temperature``, a fixed
     seed, so every evaluation sees the same draws for the same weights) and report:
 
@@ -68,18 +69,37 @@ def evaluate(cfg, student, teacher, examples: list[Example], tokenizer, device) 
     * ``reverse_kl``: KL(q || p) over the whole vocabulary, averaged over the valid tokens of those rollouts
       (the per-token reverse KL the MiniLLM objective minimises; omitted without a teacher);
     * ``response_length``: mean valid tokens per response (EOS included).
+
+    ``seeding="sequence"``: prompt i draws from its own generator (``parallel.sequence_generators``), so results
+    do not depend on batching or on the number of processes. ``dist`` (``parallel.Dist``): each rank evaluates a
+    contiguous slice of the prompts and the sums are all-reduced (every rank returns the same metrics);
+    ``lockstep`` keeps sharded models' collectives matched when the slices differ in length.
     """
+    from .parallel import Dist, sequence_generators
+
+    dist = dist or Dist()
     if cfg.eval_samples:
         examples = examples[:cfg.eval_samples]
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
-    scores, lengths, kl_sum, kl_count = [], [], 0.0, 0
-    for start in range(0, len(examples), cfg.eval_batch_size):
-        chunk = examples[start:start + cfg.eval_batch_size]
+    mine = dist.shard_uneven(len(examples))
+    per_rank = -(-len(examples) // dist.world_size)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919) if seeding == "stream" else None
+    rouge_sum, length_sum, kl_sum, kl_count = 0.0, 0, 0.0, 0
+    for start in range(0, per_rank, cfg.eval_batch_size):  # the same number of chunks on every rank
+        indices = mine[start:start + cfg.eval_batch_size]
+        if not len(indices):
+            if lockstep is not None:  # nothing left here: take part in the others' forwards
+                lockstep.idle_generation((student,))
+                lockstep.idle_forward((student, teacher) if teacher is not None else (student,))
+            continue
+        chunk = [examples[i] for i in indices]
         prompts = collate(chunk, tokenizer.pad_token_id, with_response=False).to(device)
-        seq = generate(student, teacher, prompts, source="student",
-                       max_new_tokens=max_new_tokens(cfg, prompts, cfg.eval_max_new_tokens),
+        budget = max_new_tokens(cfg, prompts, cfg.eval_max_new_tokens)
+        if seeding == "sequence":  # each prompt's own noise and length budget: independent of the batching
+            generator = sequence_generators(cfg.seed + 7919, 0, indices, device)
+            budget = row_budgets(cfg, prompts, cfg.eval_max_new_tokens)
+        seq = generate(student, teacher, prompts, source="student", max_new_tokens=budget,
                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                       generator=generator, backend=cfg.backend)
+                       generator=generator, backend=cfg.backend, lockstep=lockstep)
         if teacher is not None:
             stats = loss.token_stats(response_logits(student, seq), response_logits(teacher, seq), seq.response,
                                      alpha=0.0, temperature=cfg.temperature, mask=seq.mask, backend=cfg.backend)
@@ -89,9 +109,13 @@ def evaluate(cfg, student, teacher, examples: list[Example], tokenizer, device) 
             ids = seq.response[row][seq.mask[row]].tolist()
             if ids and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]
-            scores.append(rouge_l(tokenizer.decode(ids), example.reference))
-            lengths.append(int(seq.mask[row].sum()))
-    metrics = {"rougeL": 100.0 * sum(scores) / len(scores), "response_length": sum(lengths) / len(lengths)}
+            rouge_sum += rouge_l(tokenizer.decode(ids), example.reference)
+            length_sum += int(seq.mask[row].sum())
+    if dist.enabled:
+        totals = dist.all_reduce_sum(torch.tensor([rouge_sum, length_sum, kl_sum, kl_count], dtype=torch.float64,
+                                                  device=device)).tolist()
+        rouge_sum, length_sum, kl_sum, kl_count = totals
+    metrics = {"rougeL": 100.0 * rouge_sum / len(examples), "response_length": length_sum / len(examples)}
     if teacher is not None:
         metrics["reverse_kl"] = kl_sum / max(kl_count, 1)
     return metrics

@@ -14,6 +14,11 @@ Checkpoints are written between rounds only, so no rollout buffer is ever saved:
 prompts with the same sampling RNG and continues exactly as the uninterrupted run would have. (One exception: the
 final checkpoint, written when ``total_steps`` is reached, may fall inside a round; extending a finished run with a
 larger ``total_steps`` then starts a new round, dropping the unfinished round's remaining steps.)
+
+Under ``torchrun`` the same loop runs on every rank: each generates a slice of the round's rollouts (all-gathered
+afterwards) and trains on a slice of every optimizer step, with global token counts and gradients summed over
+ranks, so the updates are those of one process on the same batch; only rank 0 logs and writes checkpoints
+(``parallel.py`` explains the rest).
 """
 from __future__ import annotations
 
@@ -27,15 +32,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, parallel
 from .config import TrainConfig
 from .data import PromptData, Sequences, ShuffledStream, collate, load_prompt_data, load_text_blocks, \
     shuffled_batches
 from .evaluate import evaluate
-from .metrics import MetricsLog
-from .models import load_model, output_vocab, resolve_device, resolve_dtype
+from .metrics import MetricsLog, NullLog
+from .models import load_model, output_vocab, resolve_dtype
 from .objectives import accumulate_gradients
-from .rollout import generate, max_new_tokens, score
+from .rollout import generate, max_new_tokens, row_budgets, score
 from .tokenizer import as_tokenizer, check_same_tokenizer, load_tokenizer
 
 log = logging.getLogger("minillm_fast.trainer")
@@ -53,8 +58,8 @@ def train(cfg: TrainConfig, *, student=None, teacher=None, tokenizer=None, teach
     """
     run = Run.setup(cfg, student, teacher, tokenizer, teacher_tokenizer)
     student, teacher = run.student, run.teacher
-    bar = tqdm(total=cfg.total_steps, initial=run.step, disable=not cfg.progress, desc=f"{cfg.method} train",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.total_steps, initial=run.step, disable=not cfg.progress or not run.dist.is_main,
+               desc=f"{cfg.method} train", dynamic_ncols=True)
     try:
         results = run.evaluate() if cfg.eval_at_start and run.step == 0 else {}
         while run.step < cfg.total_steps:
@@ -64,9 +69,14 @@ def train(cfg: TrainConfig, *, student=None, teacher=None, tokenizer=None, teach
             # 2. Optimise: shuffled optimizer steps over the buffer, ppo_epochs times (minillm) or once.
             for index in run.step_batches(len(buffer)):
                 pt_blocks = run.pt_blocks[run.pt.take(cfg.pt_batch_size)].to(run.device) if run.pt else None
-                metrics = accumulate_gradients(cfg, student, teacher, buffer.select(index), pt_blocks)
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(),
-                                                                            cfg.grad_clip or math.inf))
+                pt_tokens = pt_blocks[:, 1:].numel() if pt_blocks is not None else None
+                if run.dist.enabled:  # this rank's contiguous slice of the step (sizes checked at setup)
+                    index = run.dist.shard(index)
+                    pt_blocks = run.dist.shard(pt_blocks) if pt_blocks is not None else None
+                metrics = accumulate_gradients(cfg, student, teacher, buffer.select(index), pt_blocks,
+                                               dist=run.dist, pt_tokens=pt_tokens)
+                metrics["grad_norm"] = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(
+                    student.parameters(), cfg.grad_clip or math.inf))
                 if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
                     run.optimizer.step()
                     run.scheduler.step()
@@ -112,7 +122,7 @@ class Run:
     """What the loop carries between rounds. The integers (and the RNG states) are what a checkpoint stores."""
 
     cfg: TrainConfig
-    student: torch.nn.Module
+    student: torch.nn.Module  # as trained: wrapped in DDP, or sharded in place by FSDP2, under torchrun
     teacher: torch.nn.Module | None
     tokenizer: object
     device: torch.device
@@ -124,7 +134,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
-    metrics: MetricsLog | None = None
+    dist: parallel.Dist = field(default_factory=parallel.Dist)
+    seeding: str = "stream"  # "stream": self.generator draws every rollout; "sequence": one generator per sequence
+    metrics: MetricsLog | NullLog | None = None
     step: int = 0
     round: int = 0
     nonfinite: int = 0
@@ -132,23 +144,50 @@ class Run:
     last_save: int = 0
     config_yaml: str = field(default="", repr=False)
 
+    @property
+    def generating_student(self) -> torch.nn.Module:
+        """The model that samples: DDP's inner module (sampling needs no gradient and no communication); a
+        sharded model itself (its forwards gather the shards)."""
+        return parallel.unwrap(self.student)
+
+    @property
+    def lockstep(self):
+        return parallel.lockstep_for(self.dist, self.device, self.student, self.teacher)
+
     # --- the loop's helpers ----------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, examples) -> Sequences:
+        """This round's sequences. Under torchrun each rank generates (and scores) a contiguous slice of the
+        prompts, then the slices are all-gathered: every rank returns the whole round."""
         cfg, parts = self.cfg, []
         source = {"minillm": "mixture", "gkd": "student", "seqkd": "teacher"}.get(cfg.method)
-        for start in range(0, len(examples), cfg.rollout_batch_size):
-            chunk = examples[start:start + cfg.rollout_batch_size]
-            if source is None:  # sft, kd: the data's own responses
-                parts.append(collate(chunk, self.tokenizer.pad_token_id).to(self.device))
-                continue
-            prompts = collate(chunk, self.tokenizer.pad_token_id, with_response=False).to(self.device)
-            seq = generate(self.student, self.teacher, prompts, source=source,
-                           max_new_tokens=max_new_tokens(cfg, prompts), eos_id=self.tokenizer.eos_token_id,
+        if source is None:  # sft, kd: the data's own responses (no model involved: every rank collates them all)
+            for start in range(0, len(examples), cfg.rollout_batch_size):
+                parts.append(collate(examples[start:start + cfg.rollout_batch_size],
+                                     self.tokenizer.pad_token_id).to(self.device))
+            return Sequences.cat(parts, self.tokenizer.pad_token_id)
+        student, lockstep = self.generating_student, self.lockstep
+        mine = self.dist.shard(range(len(examples)))
+        for start in range(0, len(mine), cfg.rollout_batch_size):
+            indices = mine[start:start + cfg.rollout_batch_size]
+            prompts = collate([examples[i] for i in indices], self.tokenizer.pad_token_id,
+                              with_response=False).to(self.device)
+            if self.seeding == "stream":
+                generator, budget = self.generator, max_new_tokens(cfg, prompts)
+            else:  # each sequence's own noise and length budget: the same however prompts are split or batched
+                generator = parallel.sequence_generators(cfg.seed, self.round, indices, self.device)
+                budget = row_budgets(cfg, prompts)
+            seq = generate(student, self.teacher, prompts, source=source,
+                           max_new_tokens=budget, eos_id=self.tokenizer.eos_token_id,
                            pad_id=self.tokenizer.pad_token_id, alpha=cfg.sampling_alpha,
-                           temperature=cfg.temperature, generator=self.generator, backend=cfg.backend)
-            parts.append(score(self.student, self.teacher, seq, cfg) if cfg.method == "minillm" else seq)
-        return Sequences.cat(parts, self.tokenizer.pad_token_id)
+                           temperature=cfg.temperature, generator=generator, backend=cfg.backend,
+                           lockstep=lockstep)
+            parts.append(score(student, self.teacher, seq, cfg) if cfg.method == "minillm" else seq)
+        local = Sequences.cat(parts, self.tokenizer.pad_token_id)
+        if not self.dist.enabled:
+            return local
+        gathered = self.dist.all_gather_objects(local.to("cpu"))
+        return Sequences.cat(gathered, self.tokenizer.pad_token_id).to(self.device)
 
     def step_batches(self, n: int):
         """Row indices of each optimizer step of this round: a fresh permutation per epoch, a function of
@@ -164,7 +203,8 @@ class Run:
         self.nonfinite += 1
         metrics["skipped"] = 1
         detail = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        log.warning("step %d: non-finite loss or gradient, step skipped (no update): %s", self.step + 1, detail)
+        if self.dist.is_main:
+            log.warning("step %d: non-finite loss or gradient, step skipped (no update): %s", self.step + 1, detail)
         if self.nonfinite >= self.cfg.max_nonfinite_steps:
             self.metrics.log(self.step + 1, metrics)
             raise NonFiniteLossError(
@@ -182,25 +222,35 @@ class Run:
         bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "reward", "reg_loss") if k in metrics})
 
     def evaluate(self) -> dict:
-        results = evaluate(self.cfg, self.student, self.teacher, self.eval_examples, self.tokenizer, self.device)
+        results = evaluate(self.cfg, self.generating_student, self.teacher, self.eval_examples, self.tokenizer,
+                           self.device, seeding=self.seeding, dist=self.dist, lockstep=self.lockstep)
         self.metrics.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         self.last_eval = self.step
         return results
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every rank calls it (FSDP gathers the full weights and optimizer states to rank 0); rank 0 writes the
+        checkpoint atomically; the others wait for it. Returns the checkpoint's path (None off rank 0)."""
         state = {"step": self.step, "round": self.round, "prompt_position": self.prompts.position,
                  "pt_position": self.pt.position if self.pt else 0, "nonfinite": self.nonfinite,
-                 "last_eval": self.last_eval, "rng": checkpoint.rng_state(self.generator)}
+                 "last_eval": self.last_eval, "rng": checkpoint.rng_state(self.generator),
+                 "rollout_seeding": self.seeding, "world_size": self.dist.world_size}
         self.last_save = self.step
         state["last_save"] = self.step
-        return checkpoint.save(self.cfg.output_dir, self.step, student=self.student, tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                               config_yaml=self.config_yaml, keep=self.cfg.keep_checkpoints)
+        weights = parallel.full_model_state(self.student, self.dist)
+        optimizer_state = parallel.full_optimizer_state(self.student, self.optimizer, self.dist)
+        path = None
+        if self.dist.is_main:
+            path = checkpoint.save(self.cfg.output_dir, self.step, student=parallel.unwrap(self.student),
+                                   tokenizer=self.tokenizer, optimizer_state=optimizer_state,
+                                   scheduler=self.scheduler, trainer_state=state, config_yaml=self.config_yaml,
+                                   keep=self.cfg.keep_checkpoints, weights=weights)
+        self.dist.barrier()
+        return path
 
-    def resume(self, path: Path) -> None:
-        checkpoint.load_weights(self.student, path)
-        state = checkpoint.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def resume(self, state: dict, path: Path) -> None:
+        """Continue from a checkpoint's state (its weights are already in the student: see ``setup``)."""
+        parallel.load_optimizer_state(self.student, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.round, self.nonfinite = state["step"], state["round"], state["nonfinite"]
         self.last_eval, self.last_save = state["last_eval"], state["last_save"]
@@ -208,15 +258,19 @@ class Run:
         if self.pt:
             self.pt.position = state["pt_position"]
         checkpoint.set_rng_state(state["rng"], self.generator)
-        log.info("resumed from %s (step %d)", path, self.step)
+        if self.dist.is_main:
+            log.info("resumed from %s (step %d, written by %d process(es), now %d)", path, self.step,
+                     state.get("world_size", 1), self.dist.world_size)
 
     # --- setup -----------------------------------------------------------------------------------------------
     @classmethod
     def setup(cls, cfg: TrainConfig, student, teacher, tokenizer, teacher_tokenizer) -> "Run":
         cfg.validate()
         output_dir = Path(cfg.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        device = resolve_device(cfg.device)
+        d, device = parallel.init(cfg.device)
+        parallel.check_divisible(cfg, d.world_size, uses_pt=bool(cfg.pt_data) and cfg.method == "minillm")
+        if d.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
         dtype = resolve_dtype(cfg.dtype, device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -242,11 +296,33 @@ class Run:
         eval_examples = load_prompt_data(cfg.eval_data, tokenizer, cfg).examples if cfg.eval_data else []
         pt_blocks = load_text_blocks(cfg.pt_data, tokenizer, cfg.pt_length) if cfg.pt_data and \
             cfg.method == "minillm" else None
-        if data.truncated_prompts or data.truncated_responses:
+        if d.is_main and (data.truncated_prompts or data.truncated_responses):
             log.warning("%s: %d prompts longer than max_prompt_length=%d were truncated (last tokens kept); "
                         "%d responses were cut to fit max_length=%d", cfg.train_data, data.truncated_prompts,
                         cfg.max_prompt_length, data.truncated_responses, cfg.max_length)
 
+        # The checkpoint to resume: rank 0 looks (after clearing what an interrupted save left), everyone loads it.
+        if d.is_main:
+            checkpoint.remove_temporaries(output_dir)
+        found = d.broadcast_object(checkpoint.latest(output_dir) if d.is_main else None)
+        if found is not None and cfg.resume == "never":
+            raise ValueError(f"{output_dir} already holds checkpoints ({found.name}); resume=never refuses to "
+                             "overwrite them: use resume=auto or another output_dir")
+        state = None
+        if found is not None:
+            if not (Path(found) / checkpoint.STATE_FILE).is_file():
+                raise FileNotFoundError(f"rank {d.rank}: cannot read {found}, the checkpoint rank 0 resumes: "
+                                        "output_dir must be on a file system every node sees")
+            checkpoint.load_weights(student, found)  # before wrapping: any world size, any wrapping
+            state = checkpoint.load_state(found)
+        seeding = parallel.resolve_seeding(cfg.rollout_seeding, d.world_size,
+                                           state.get("rollout_seeding") if state else None)
+        if state is not None and state.get("rollout_seeding", "stream") != seeding and d.is_main:
+            log.warning("the resumed run drew its rollouts with rollout_seeding=%s; from here on: %s",
+                        state.get("rollout_seeding", "stream"), seeding)
+
+        student = parallel.wrap_student(student, cfg.parallel, d, device)
+        teacher = parallel.wrap_teacher(teacher, "shard" if cfg.shard_teacher else "replicate", d)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
@@ -254,23 +330,24 @@ class Run:
                   prompts=ShuffledStream(len(data.examples), cfg.seed),
                   pt=ShuffledStream(len(pt_blocks), cfg.seed + 1) if pt_blocks is not None else None,
                   optimizer=optimizer, scheduler=scheduler,
-                  generator=torch.Generator(device=device).manual_seed(cfg.seed), config_yaml=cfg.to_yaml())
-
-        checkpoint.remove_temporaries(output_dir)
-        found = checkpoint.latest(output_dir)
-        if found is not None and cfg.resume == "never":
-            raise ValueError(f"{output_dir} already holds checkpoints ({found.name}); resume=never refuses to "
-                             "overwrite them: use resume=auto or another output_dir")
-        if found is not None:
-            run.resume(found)
-        (checkpoint.inside(output_dir, output_dir / "config.yaml")).write_text(run.config_yaml, encoding="utf-8")
-        run.metrics = MetricsLog(output_dir, resume_step=run.step if found is not None else None,
-                                 tensorboard=cfg.tensorboard)
-        if found is None:
-            run.metrics.log(0, {"data/train_records": len(data.examples), "data/eval_records": len(eval_examples),
-                                "data/truncated_prompts": data.truncated_prompts,
-                                "data/truncated_responses": data.truncated_responses,
-                                "data/pt_blocks": 0 if pt_blocks is None else len(pt_blocks)})
+                  generator=torch.Generator(device=device).manual_seed(cfg.seed), dist=d, seeding=seeding,
+                  config_yaml=cfg.to_yaml())
+        if state is not None:
+            run.resume(state, found)
+        if d.is_main:
+            checkpoint.write_atomic(checkpoint.inside(output_dir, output_dir / "config.yaml"), run.config_yaml)
+            run.metrics = MetricsLog(output_dir, resume_step=run.step if found is not None else None,
+                                     tensorboard=cfg.tensorboard)
+            if found is None:
+                run.metrics.log(0, {"data/train_records": len(data.examples),
+                                    "data/eval_records": len(eval_examples),
+                                    "data/truncated_prompts": data.truncated_prompts,
+                                    "data/truncated_responses": data.truncated_responses,
+                                    "data/pt_blocks": 0 if pt_blocks is None else len(pt_blocks),
+                                    **({"world_size": d.world_size} if d.enabled else {})})
+        else:
+            run.metrics = NullLog()
+        d.barrier()
         return run
 
 

@@ -50,6 +50,16 @@ class MetricsLog:
             self.writer.close()
 
 
+class NullLog:
+    """What ranks other than 0 log to: nothing (only rank 0 writes metrics)."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))

@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 
 from .data import Sequences
+from .parallel import unwrap
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +63,7 @@ def _forward_params(cls) -> frozenset:
 
 def forward(model, input_ids, attention_mask, position_ids, *, cache=None, use_cache=False, logits_to_keep=0):
     """Run ``model``; returns (logits of the last ``logits_to_keep`` positions, or all when 0; the new KV cache)."""
-    params = _forward_params(type(model))
+    params = _forward_params(type(unwrap(model)))  # a DDP wrapper forwards keyword arguments as they are
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
               "use_cache": use_cache}
     if cache is not None:

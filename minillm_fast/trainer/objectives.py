@@ -67,36 +67,62 @@ def pt(cfg, student, teacher, blocks: torch.Tensor, num_tokens):
     return out.loss, {"pt_loss": out.loss.detach(), "pt_lm_loss": out.lm_loss, "pt_kd_loss": out.kd_loss}
 
 
-def accumulate_gradients(cfg, student, teacher, batch: Sequences, pt_blocks: torch.Tensor | None) -> dict:
+def accumulate_gradients(cfg, student, teacher, batch: Sequences, pt_blocks: torch.Tensor | None, *, dist=None,
+                         pt_tokens: int | None = None) -> dict:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's (float) metrics.
 
     Each micro-batch's loss is backpropagated on its own, so at most one micro-batch's logits are alive at a time.
+
+    Several processes (``dist``, a ``parallel.Dist``): ``batch`` and ``pt_blocks`` are this rank's slices of the
+    step. The valid-token count and the whitening statistics are all-reduced first, so each rank's losses are its
+    share of the global token mean; the wrapped student sums the gradients over ranks (DDP: once, on the last
+    micro-batch), and the metrics are all-reduced, so both equal one process's on the whole step batch.
+    ``pt_tokens``: the step's PT-loss target count (default: ``pt_blocks``' own).
     """
+    from .parallel import Dist, gradient_sync
+
+    dist = dist or Dist()
     if cfg.method == "minillm":  # algorithm step 3, over this step's batch (the reference: over its micro-batch)
         batch.advantages = rl.advantages(batch.rewards, batch.mask, gamma=cfg.gamma, length_norm=cfg.length_norm,
-                                         whiten=cfg.whiten)
+                                         whiten=cfg.whiten, process_group=dist.group)
+    tokens = batch.num_tokens()
+    if dist.enabled:
+        tokens = int(dist.all_reduce_sum(torch.tensor([tokens], dtype=torch.float64,
+                                                      device=batch.mask.device)).item())
+    num_tokens = max(tokens, 1)
+    steps = [(LOSSES[cfg.method], mb.trim(), num_tokens, 1.0) for mb in batch.split(cfg.batch_size)]
+    if pt_blocks is not None:
+        pt_tokens = pt_tokens if pt_tokens is not None else pt_blocks[:, 1:].numel()
+        steps += [(pt, blocks, pt_tokens, cfg.pt_weight)
+                  for blocks in pt_blocks.split(ceil_div(len(pt_blocks), cfg.grad_accum_steps))]
     metrics = defaultdict(float)  # values stay tensors until the end: no device sync per micro-batch
-    num_tokens = max(batch.num_tokens(), 1)
-    for mb in batch.split(cfg.batch_size):
-        value, parts = LOSSES[cfg.method](cfg, student, teacher, mb.trim(), num_tokens)
-        value.backward()
-        metrics["loss"] += value.detach()
+    for i, (objective, data, count, weight) in enumerate(steps):
+        with gradient_sync(student, last=i == len(steps) - 1):
+            value, parts = objective(cfg, student, teacher, data, count)
+            (value if weight == 1.0 else weight * value).backward()
+        metrics["loss"] += value.detach() if weight == 1.0 else weight * value.detach()
         for key, part in parts.items():
             metrics[key] += part
         del value  # its graph holds this micro-batch's logits until released
-    if pt_blocks is not None:
-        pt_tokens = pt_blocks[:, 1:].numel()
-        for blocks in pt_blocks.split(ceil_div(len(pt_blocks), cfg.grad_accum_steps)):
-            value, parts = pt(cfg, student, teacher, blocks, pt_tokens)
-            (cfg.pt_weight * value).backward()
-            metrics["loss"] += cfg.pt_weight * value.detach()
-            for key, part in parts.items():
-                metrics[key] += part
-            del value
-    if cfg.method == "minillm":  # what the reference logs about the rollouts in this step
-        valid = batch.mask
-        metrics["reward"] = float(batch.rewards[valid].mean()) if valid.any() else 0.0
-        metrics["rollout_reverse_kl"] = float(batch.reverse_kl[valid].mean()) if valid.any() else 0.0
-    metrics["response_length"] = float(batch.mask.sum(1).float().mean())
+    if dist.enabled:  # every value so far is a share of a global token mean: the sum over ranks is the mean
+        keys = sorted(metrics)
+        totals = dist.all_reduce_sum(torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32,
+                                                                  device=batch.mask.device) for k in keys]))
+        metrics = dict(zip(keys, totals.unbind()))
+    valid = batch.mask
+    if not dist.enabled:  # what the reference logs about the rollouts in this step
+        if cfg.method == "minillm":
+            metrics["reward"] = float(batch.rewards[valid].mean()) if valid.any() else 0.0
+            metrics["rollout_reverse_kl"] = float(batch.reverse_kl[valid].mean()) if valid.any() else 0.0
+        metrics["response_length"] = float(valid.sum(1).float().mean())
+    else:  # the same means over every rank's slice: sums, all-reduced
+        sums = [valid.sum(1).float().sum(), torch.tensor(float(len(batch)), device=valid.device)]
+        if cfg.method == "minillm":
+            sums += [batch.rewards[valid].sum(), batch.reverse_kl[valid].sum()]
+        sums = dist.all_reduce_sum(torch.stack([x.to(torch.float64) for x in sums])).tolist()
+        if cfg.method == "minillm":
+            metrics["reward"] = sums[2] / tokens if tokens else 0.0
+            metrics["rollout_reverse_kl"] = sums[3] / tokens if tokens else 0.0
+        metrics["response_length"] = sums[0] / sums[1]
     metrics["num_tokens"] = float(num_tokens)
     return {key: float(value) for key, value in metrics.items()}

@@ -70,6 +70,7 @@ def _entry(configs, name):
 
 def lm_head(model) -> LMHead:
     """The lm_head of a ``transformers`` causal LM, with its logit soft-capping and scale read from its config."""
+    model = unwrap(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"model: expected a causal LM whose get_output_embeddings() is a torch.nn.Linear, got "
@@ -98,19 +99,40 @@ def lm_head(model) -> LMHead:
                   logit_scale=logit_scale)
 
 
+def unwrap(model):
+    """The model inside a DistributedDataParallel (or similar ``.module``) wrapper; the model itself otherwise."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) and not hasattr(model, "get_output_embeddings") else model
+
+
 def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       **kwargs) -> torch.Tensor:
-    """[B, T, H] hidden states that the model's lm_head reads (after the final norm), without computing logits.
+    """[B, T, H]: exactly the hidden states the model's lm_head reads (after the final norm), with no [B, T, V] logits.
 
-    Runs the model's base (``model.<base_model_prefix>``, e.g. ``model.model`` for Llama, ``model.transformer`` for
-    GPT-2); extra keyword arguments (``position_ids``, ...) go to it.
+    Runs the model's own forward (so wrappers such as DistributedDataParallel see the call; extra keyword arguments
+    such as ``position_ids`` go to it) with a pre-hook on its output embedding that keeps the lm_head's input and
+    hands the lm_head only the last position of it: the model's own logits (discarded) cost one position.
     """
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if base is None or base is model:
-        raise ValueError(f"model: cannot find the base model of {type(model).__name__} (its base_model_prefix "
-                         f"attribute names no submodule)")
-    out = base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"model: expected a causal LM whose get_output_embeddings() is a torch.nn.Linear, got "
+                         f"{type(head).__name__} from {type(unwrap(model)).__name__}")
+    seen = []
+
+    def keep_input(module, args):
+        seen.append(args[0])
+        return (args[0][..., -1:, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"model: its forward called the lm_head {len(seen)} times (expected once); compute its "
+                         f"logits instead")
+    return seen[0]
 
 
 def fused_linear_args(student, student_hidden: torch.Tensor, teacher, teacher_hidden: torch.Tensor) -> dict:

@@ -333,13 +333,50 @@ def test_lm_head_rejects_heads_that_are_not_linear():
         hf.lm_head(torch.nn.Linear(8, 11))
 
 
-def test_last_hidden_state_needs_a_base_model():
+def test_last_hidden_state_needs_an_lm_head_called_once():
+    """The hidden states are the lm_head's input: a model without a Linear head, or whose forward calls it twice,
+    is rejected (a wrong tensor would be silently wrong)."""
     with pytest.raises(ValueError, match="model"):
-        hf.last_hidden_state(_Stub(ns()), torch.zeros(1, 3, dtype=torch.long))
-    stub = _Stub(ns())
-    stub.base_model_prefix = ""
-    with pytest.raises(ValueError, match="model"):
-        hf.last_hidden_state(stub, torch.zeros(1, 3, dtype=torch.long))
+        hf.last_hidden_state(torch.nn.Identity(), torch.zeros(1, 3, dtype=torch.long))
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 5)
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, input_ids, attention_mask=None):
+            h = torch.randn(*input_ids.shape, 4)
+            return self.head(h) + self.head(h)
+
+    with pytest.raises(ValueError, match="2 times"):
+        hf.last_hidden_state(TwoHeads(), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_last_hidden_state_through_a_ddp_style_wrapper():
+    """A wrapper with ``.module`` (DistributedDataParallel) is called itself, and its model's head is used."""
+    model = tiny("llama", 97, 32)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    ids, mask = batch(97)
+    wrapped = Wrapper(model)
+    with torch.no_grad():
+        a = hf.last_hidden_state(wrapped, ids, mask)
+        b = hf.last_hidden_state(model, ids, mask)
+    assert wrapped.calls == 1
+    torch.testing.assert_close(a, b)
+    assert hf.lm_head(wrapped).weight is model.get_output_embeddings().weight
 
 
 def test_last_hidden_state_passes_extra_arguments():

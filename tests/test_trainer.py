@@ -7,6 +7,8 @@ import weakref
 
 import pytest
 import torch
+
+import minillm_fast
 from transformers import LlamaForCausalLM  # noqa: F401  (the first import takes seconds: pay it at collection)
 
 from minillm_fast.trainer import DataError, NonFiniteLossError, TrainConfig, train
@@ -245,6 +247,33 @@ def test_minillm_lowers_the_held_out_reverse_kl(data_dir, tmp_path):
     train(cfg, student=student, teacher=teacher, tokenizer=TOK)
     kl = [m["eval/reverse_kl"] for m in read_metrics(tmp_path) if "eval/reverse_kl" in m]
     assert len(kl) == 2 and kl[1] < 0.92 * kl[0], kl
+
+
+@pytest.mark.parametrize("method", ["minillm", "sft", "kd", "gkd"])
+def test_fused_linear_trains_like_the_logits_path(data_dir, tmp_path, method):
+    """fused_linear=True (losses from hidden states and lm_heads, PT loss included for MiniLLM) takes the same
+    steps as the logits path: same losses, same weights after two steps (float32 rounding). Padded vocabularies
+    that differ, and a tied student embedding, exercise the head handling."""
+    runs = []
+    for fused in (False, True):
+        student = synthetic.tiny_llama(97, hidden=32, seed=2)
+        teacher = synthetic.tiny_llama(101, hidden=64, seed=1)
+        student.lm_head.weight = student.model.embed_tokens.weight  # tied
+        cfg = config(data_dir, tmp_path / str(fused), method=method, fused_linear=fused, eval_data="",
+                     pt_data=str(data_dir / "pt.txt") if method == "minillm" else "", backend="cpu"
+                     if minillm_fast.available_backends().count("cpu") else "torch")
+        train(cfg, student=student, teacher=teacher, tokenizer=TOK)
+        runs.append(([m["loss"] for m in read_metrics(tmp_path / str(fused)) if "loss" in m], weights(student)))
+    (losses, plain), (fused_losses, fused_weights) = runs
+    assert len(losses) == 2
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    for key in plain:
+        torch.testing.assert_close(fused_weights[key], plain[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_is_refused_with_fsdp():
+    with pytest.raises(ValueError, match="fused_linear"):
+        TrainConfig(fused_linear=True, parallel="fsdp").validate()
 
 
 def test_gradient_accumulation_does_not_depend_on_the_split(data_dir, tmp_path):

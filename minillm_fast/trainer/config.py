@@ -104,6 +104,8 @@ class TrainConfig:
                             "bfloat16 | float16")
     attn_implementation: str = _f("auto", "auto (flash_attention_2 when flash-attn is installed on GPU, else sdpa)")
     backend: str = _f("auto", "minillm_fast kernel backend: auto | cuda | triton | cpu | torch")
+    fused_linear: bool = _f(False, "compute the losses from the last hidden states and lm_heads (loss.fused_linear_*): "
+                                   "no [B, T, V] logits tensor; not with parallel=fsdp or a sharded teacher")
     # --- several processes (torchrun; ignored in a single process) -----------------------------------------
     parallel: str = _f("ddp", "student under torchrun: ddp (a replica per rank) | fsdp (FSDP2 fully_shard: "
                               "parameters, gradients and AdamW states sharded over the ranks)")
@@ -148,6 +150,10 @@ class TrainConfig:
              "'auto', 'replicate' or 'shard'")
         need(self.rollout_seeding in ("auto", "stream", "sequence"), "rollout_seeding",
              "'auto', 'stream' or 'sequence'")
+        # FSDP2 keeps the lm_head weights sharded outside the forward, where the fused ops read them.
+        need(not (self.fused_linear and self.parallel == "fsdp"), "fused_linear", "false with parallel=fsdp")
+        need(not (self.fused_linear and self.teacher_sharding == "shard"), "fused_linear",
+             "false with teacher_sharding=shard")
         need(0.0 <= self.alpha < 1.0, "alpha", "a number in [0, 1)")
         need(0.0 <= self.gamma <= 1.0, "gamma", "a number in [0, 1]")
         need(0.0 <= self.kd_ratio <= 1.0, "kd_ratio", "a number in [0, 1]")

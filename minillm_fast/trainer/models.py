@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from .. import hf
 from .data import Sequences
 from .parallel import unwrap
 
@@ -82,6 +83,17 @@ def response_logits(model, seq: Sequences) -> torch.Tensor:
     """[B, R, V] logits predicting the response tokens: input positions [P-1, L-1)."""
     logits, _ = forward(model, **seq.model_inputs(), logits_to_keep=seq.response.shape[1])
     return logits
+
+
+def response_hidden(model, seq: Sequences) -> torch.Tensor:
+    """[B, R, H] last hidden states (the lm_head's input) at the positions predicting the response tokens."""
+    return hf.last_hidden_state(model, **seq.model_inputs())[:, -seq.response.shape[1]:]
+
+
+def text_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] last hidden states of unpadded plain text (the fused twin of ``text_logits``)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return hf.last_hidden_state(model, input_ids, torch.ones_like(input_ids), position_ids=positions)
 
 
 def text_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

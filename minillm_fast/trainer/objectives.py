@@ -12,45 +12,61 @@ from collections import defaultdict
 
 import torch
 
-from .. import loss, rl
+from .. import hf, loss, rl
 from .data import Sequences, ceil_div
-from .models import response_logits, text_logits
+from .models import response_hidden, response_logits, text_hidden, text_logits
 
 
-def _teacher(teacher, seq):
-    with torch.no_grad():
-        return response_logits(teacher, seq)
+def _models(cfg, student, teacher, data, *, text=False) -> dict:
+    """The two models' outputs on ``data`` as keyword arguments of a loss op: their logits, or with
+    ``cfg.fused_linear`` their last hidden states and lm_heads (for the ``loss.fused_linear_*`` twin). A teacher
+    of None stands for the detached student (the LM loss as pt_loss with kd_ratio = 0)."""
+    outputs = (text_hidden if text else response_hidden) if cfg.fused_linear else \
+        (text_logits if text else response_logits)
+    mine = outputs(student, data)
+    if teacher is None:
+        theirs, teacher = mine.detach(), student
+    else:
+        with torch.no_grad():
+            theirs = outputs(teacher, data)
+    if cfg.fused_linear:
+        return hf.fused_linear_args(student, mine, teacher, theirs)
+    return {"student_logits": mine, "teacher_logits": theirs}
+
+
+def _op(cfg, name: str):
+    return getattr(loss, "fused_linear_" + name if cfg.fused_linear else name)
 
 
 def minillm(cfg, student, teacher, mb: Sequences, num_tokens):
     """Algorithm steps 4-5: clipped policy gradient (importance weight folded into the ratio) + single-step KL."""
-    out = loss.minillm_loss(response_logits(student, mb), _teacher(teacher, mb), mb.response, mb.advantages,
-                            mb.old_logprobs, mb.importance_weights, mask=mb.mask, clip_eps=cfg.clip_eps,
-                            temperature=cfg.temperature, single_step=cfg.single_step, num_tokens=num_tokens,
-                            backend=cfg.backend)
+    out = _op(cfg, "minillm_loss")(**_models(cfg, student, teacher, mb), tokens=mb.response,
+                                   advantages=mb.advantages, old_logprobs=mb.old_logprobs,
+                                   importance_weights=mb.importance_weights, mask=mb.mask, clip_eps=cfg.clip_eps,
+                                   temperature=cfg.temperature, single_step=cfg.single_step, num_tokens=num_tokens,
+                                   backend=cfg.backend)
     return out.loss, {"pg_loss": out.pg_loss, "reg_loss": out.reg_loss, "clip_fraction": out.clip_fraction}
 
 
 def sft(cfg, student, teacher, mb: Sequences, num_tokens):
     """Cross-entropy on the response tokens (seqkd: on the teacher's responses). pt_loss with kd_ratio = 0 is
     exactly the LM loss; the detached student stands in for the teacher it never reads into the gradient."""
-    logits = response_logits(student, mb)
-    out = loss.pt_loss(logits, logits.detach(), mb.labels(), kd_ratio=0.0, num_tokens=num_tokens,
-                       backend=cfg.backend)
+    out = _op(cfg, "pt_loss")(**_models(cfg, student, None, mb), labels=mb.labels(), kd_ratio=0.0,
+                              num_tokens=num_tokens, backend=cfg.backend)
     return out.loss, {"lm_loss": out.lm_loss}
 
 
 def kd(cfg, student, teacher, mb: Sequences, num_tokens):
     """Word-level KD on the data's responses: (1 - lambda) LM loss + lambda (-sum_v p_v log q_v)."""
-    out = loss.pt_loss(response_logits(student, mb), _teacher(teacher, mb), mb.labels(), kd_ratio=cfg.kd_ratio,
-                       num_tokens=num_tokens, backend=cfg.backend)
+    out = _op(cfg, "pt_loss")(**_models(cfg, student, teacher, mb), labels=mb.labels(), kd_ratio=cfg.kd_ratio,
+                              num_tokens=num_tokens, backend=cfg.backend)
     return out.loss, {"lm_loss": out.lm_loss, "kd_loss": out.kd_loss}
 
 
 def gkd(cfg, student, teacher, mb: Sequences, num_tokens):
     """On-policy GKD: generalised JSD_beta between student and teacher on the student's own samples."""
-    value = loss.jsd(response_logits(student, mb), _teacher(teacher, mb), beta=cfg.gkd_beta,
-                     temperature=cfg.temperature, mask=mb.mask, reduction="sum", backend=cfg.backend) / num_tokens
+    value = _op(cfg, "jsd")(**_models(cfg, student, teacher, mb), beta=cfg.gkd_beta, temperature=cfg.temperature,
+                            mask=mb.mask, reduction="sum", backend=cfg.backend) / num_tokens
     return value, {"jsd": value.detach()}
 
 
@@ -60,10 +76,8 @@ LOSSES = {"minillm": minillm, "sft": sft, "seqkd": sft, "kd": kd, "gkd": gkd}
 def pt(cfg, student, teacher, blocks: torch.Tensor, num_tokens):
     """Algorithm step 6, MiniLLM's PT loss on plain text: (1 - lambda) LM loss + lambda word-level distillation."""
     inputs, labels = blocks[:, :-1], blocks[:, 1:]
-    with torch.no_grad():
-        teacher_logits = text_logits(teacher, inputs)
-    out = loss.pt_loss(text_logits(student, inputs), teacher_logits, labels, kd_ratio=cfg.kd_ratio,
-                       num_tokens=num_tokens, backend=cfg.backend)
+    out = _op(cfg, "pt_loss")(**_models(cfg, student, teacher, inputs, text=True), labels=labels,
+                              kd_ratio=cfg.kd_ratio, num_tokens=num_tokens, backend=cfg.backend)
     return out.loss, {"pt_loss": out.loss.detach(), "pt_lm_loss": out.lm_loss, "pt_kd_loss": out.kd_loss}
 
 

@@ -49,9 +49,11 @@ from .loss import (FORWARD_KL_GRAD, REVERSE_KL_GRAD, MiniLLMLoss, PTLoss, TokenS
 __all__ = ["fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_jsd", "fused_linear_token_stats",
            "fused_linear_minillm_loss", "fused_linear_pt_loss"]
 
-# A block's float32 temporaries per logit: the student's and teacher's logits (the student's buffer then receives
-# the logit gradient, formed a quarter of the block at a time: 1 more byte per logit).
+# A block's temporaries per logit: the student's and teacher's float32 logits (the student's buffer then receives
+# the logit gradient, formed a quarter of the block at a time: 1 more byte per logit) ...
 BYTES_PER_LOGIT = 9
+# ... and where the matmuls run in bf16/fp16 (CUDA), a 16-bit copy of the logit gradient for them.
+BYTES_PER_LOGIT_16BIT_MATMULS = 11
 # At most 1/BLOCK_SHARE of one [N, V] float32 logits buffer, and at most MAX_BLOCK_BYTES, per block.
 BLOCK_SHARE = 5
 MAX_BLOCK_BYTES = 512 << 20
@@ -60,11 +62,11 @@ MIN_BLOCK_BYTES = 1 << 20
 GRAD_SLICES = 4
 
 
-def rows_per_block(n_rows: int, vocab: int) -> int:
-    """Tokens per block: the temporaries (``BYTES_PER_LOGIT`` per logit) within max(N V 4 / BLOCK_SHARE,
-    MIN_BLOCK_BYTES), capped at MAX_BLOCK_BYTES; a multiple of 8 when >= 16 (matmul-friendly); at least 1."""
+def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int = BYTES_PER_LOGIT) -> int:
+    """Tokens per block: the temporaries (``bytes_per_logit``) within max(N V 4 / BLOCK_SHARE, MIN_BLOCK_BYTES),
+    capped at MAX_BLOCK_BYTES; a multiple of 8 when >= 16 (matmul-friendly); at least 1."""
     budget = min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE)))
-    rows = int(budget // (vocab * BYTES_PER_LOGIT))
+    rows = int(budget // (vocab * bytes_per_logit))
     if rows >= 16:
         rows -= rows % 8
     return max(1, min(n_rows, rows))
@@ -74,22 +76,22 @@ def rows_per_block(n_rows: int, vocab: int) -> int:
 # One model's lm_head
 # ----------------------------------------------------------------------------------------------------------
 
-_MM_OUT_DTYPE_WORKS: bool | None = None  # whether torch.mm(..., out_dtype=torch.float32) runs here (tried once)
+_MM_OUT_DTYPE_WORKS: dict = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there (tried once)
 
 
 def _mm_float32_out(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """x @ w_t for bf16/fp16 CUDA tensors with float32 accumulation and float32 output (no rounding of the logits
     to 16 bits). Where this torch lacks ``mm(out_dtype=)``, the 16-bit product is upcast instead (rounded logits)."""
-    global _MM_OUT_DTYPE_WORKS
-    if _MM_OUT_DTYPE_WORKS is not False:
+    works = _MM_OUT_DTYPE_WORKS.get(x.device.type)
+    if works is not False:
         try:
             out = torch.mm(x, w_t, out_dtype=torch.float32)
-            _MM_OUT_DTYPE_WORKS = True
+            _MM_OUT_DTYPE_WORKS[x.device.type] = True
             return out
         except (RuntimeError, TypeError, NotImplementedError):
-            if _MM_OUT_DTYPE_WORKS:
+            if works:
                 raise
-            _MM_OUT_DTYPE_WORKS = False
+            _MM_OUT_DTYPE_WORKS[x.device.type] = False
     return torch.mm(x, w_t).float()
 
 
@@ -109,18 +111,24 @@ class _Head:
         if self.weight.dtype != torch.float32 and not self.weight.is_cuda:
             self._fp32_weight = self.weight.detach().float()
 
-    def _matmul_weight_t(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """x @ W^T in float32, written into ``out`` where it can be (a reused buffer: fresh pages cost more than
-        the matmul on a CPU)."""
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """float32, or (CUDA) the weight's bf16/fp16: the dtype the matmuls read."""
+        return torch.float32 if self.weight.dtype == torch.float32 or self._fp32_weight is not None else \
+            self.weight.dtype
+
+    def _matmul_weight_t(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T in float32, written into ``out`` (a buffer reused by every block: fresh pages cost more than
+        the matmul on a CPU) where the matmul runs in float32; a new tensor from a 16-bit matmul."""
         if self.weight.dtype == torch.float32:
             return torch.mm(x, self.weight.detach().t(), out=out)
         if self._fp32_weight is not None:
             return torch.mm(x.float(), self._fp32_weight.t(), out=out)
         return _mm_float32_out(x, self.weight.detach().t())
 
-    def logits(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-        """float32 [b - a, V]: the model's logits for rows a:b (in ``out``'s first rows where possible)."""
-        z = self._matmul_weight_t(self.hidden[a:b].detach(), out[: b - a])
+    def logits(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+        """float32 [b - a, V]: the model's logits for rows a:b (in ``out``'s first rows, if given)."""
+        z = self._matmul_weight_t(self.hidden[a:b].detach(), None if out is None else out[: b - a])
         if self.bias is not None:
             z += self.bias.detach().float()
         if self.logit_scale is not None:
@@ -139,7 +147,8 @@ class _Head:
         return dz
 
     def pull_back(self, dx: torch.Tensor, a: int, b: int, grads: "_Grads") -> None:
-        """Accumulate into ``grads`` the gradients of sum(dx * (h W^T + b)[a:b]) (dx: float32 [b - a, V])."""
+        """Accumulate into ``grads`` the gradients of sum(dx * (h W^T + b)[a:b]) (dx [b - a, V]: float32, or the
+        16-bit matmul dtype)."""
         weight = self._fp32_weight if self._fp32_weight is not None else self.weight.detach()
         dx_mm = dx.to(weight.dtype)
         if grads.hidden is not None and dx_mm.dtype == torch.float32:
@@ -164,8 +173,7 @@ class _Grads:
     def zeros_for(cls, head: _Head, needs: tuple[bool, bool, bool]) -> "_Grads":
         # The weight gradient accumulates over blocks: in float32 where the matmuls run in float32, else (CUDA
         # bf16/fp16) in its own dtype, rounded once per block.
-        acc = torch.float32 if head.weight.dtype == torch.float32 or head._fp32_weight is not None else \
-            head.weight.dtype
+        acc = head.matmul_dtype
         return cls(
             hidden=torch.empty(head.hidden.shape, dtype=torch.float32, device=head.hidden.device) if needs[0] else None,
             weight=torch.zeros(head.weight.shape, dtype=acc, device=head.weight.device) if needs[1] else None,
@@ -318,6 +326,10 @@ class _Problem:
     group: object = None  # vocabulary-parallel: the process group (weights are this rank's vocabulary shard)
     shard: distributed.VocabShard | None = None  # and this rank's columns of the global vocabulary
     owned: torch.Tensor | None = None  # set with the token ids: whether this rank's shard holds each row's token
+    # While blocks() runs: the float32 logit buffers (per head, None where a 16-bit matmul makes its own) and the
+    # 16-bit logit-gradient buffer of 16-bit matmuls.
+    _buffers = None
+    grad_buffer = None
 
     @property
     def n_rows(self) -> int:
@@ -332,14 +344,20 @@ class _Problem:
         # Sharded: sized by the global vocabulary, so that every rank runs the same blocks (and collectives).
         vocab = self.shard.vocab if self.shard is not None else max(head.weight.shape[0]
                                                                     for head in (self.student, self.teacher))
-        step = rows_per_block(self.n_rows, vocab)
-        self._buffers = [torch.empty(min(step, self.n_rows), head.weight.shape[0], dtype=torch.float32,
-                                     device=head.weight.device) for head in (self.student, self.teacher)]
+        sixteen_bit = self.student.matmul_dtype != torch.float32
+        step = rows_per_block(self.n_rows, vocab, BYTES_PER_LOGIT_16BIT_MATMULS if sixteen_bit else BYTES_PER_LOGIT)
+        rows = min(step, self.n_rows)
+
+        def buffer(head, dtype):
+            return torch.empty(rows, head.weight.shape[0], dtype=dtype, device=head.weight.device)
+        self._buffers = [buffer(head, torch.float32) if head.matmul_dtype == torch.float32 else None
+                         for head in (self.student, self.teacher)]
+        self.grad_buffer = buffer(self.student, self.student.matmul_dtype) if sixteen_bit else None
         try:
             for a in range(0, max(self.n_rows, 1), step):  # N = 0: one empty block (0.0 with zero gradients)
                 yield a, min(self.n_rows, a + step)
         finally:
-            self._buffers = None
+            self._buffers = self.grad_buffer = None
 
     def block(self, a, b, tokens, stats=None) -> _Block:
         z, u = (head.logits(a, b, buf) for head, buf in zip((self.student, self.teacher), self._buffers))
@@ -363,19 +381,20 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
                      grads: _Grads) -> None:
     """Add the gradient of sum_r weight_r * (row value r) over the block to ``grads``. The logit gradient replaces
     the block's student logits (by the backend's in-place primitive where it has one and the soft-cap's derivative
-    does not need the logits; else formed a slice of rows at a time and copied), and then feeds both matmuls whole."""
-    head = problem.student
+    does not need the logits; else formed a slice of rows at a time and copied, into a 16-bit buffer where the
+    matmuls are 16-bit), and then feeds both matmuls whole."""
+    head, n = problem.student, block.b - block.a
     if loss.in_place and block.has_in_place_grad and head.softcap is None:
-        head.chain(loss.grad(block, values, weight, into_z=True), block.z)
+        target = head.chain(loss.grad(block, values, weight, into_z=True), block.z)
     else:
-        n = block.b - block.a
+        target = block.z if problem.grad_buffer is None else problem.grad_buffer[:n]
         step = max(1, -(-n // GRAD_SLICES))
         for i in range(0, n, step):
             j = min(n, i + step)
             part = block.rows(i, j)
             dz = loss.grad(part, {key: v[i:j] for key, v in values.items()}, weight[i:j])
-            part.z.copy_(head.chain(dz.float(), part.z))
-    head.pull_back(block.z, block.a, block.b, grads)
+            target[i:j].copy_(head.chain(dz.float(), part.z))
+    head.pull_back(target, block.a, block.b, grads)
 
 
 def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
@@ -390,6 +409,7 @@ def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
         values.append(row_values)
         stats.append(block.stats)
         valid.append(block.valid)
+        del block  # before the next block's logits exist (16-bit matmuls allocate them anew)
     merged = {key: torch.cat([v[key] for v in values]) for key in values[0]} if values else {}
     return merged, torch.cat(stats) if stats else None, torch.cat(valid) if valid else None
 
@@ -420,6 +440,7 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
                 for a, b in problem.blocks():
                     block = problem.block(a, b, tokens, stats[a:b])
                     _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], deferred)
+                    del block
                 problem.hidden_grad_over_ranks(deferred)
             return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
 

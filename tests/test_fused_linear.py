@@ -1073,3 +1073,38 @@ def test_memory_claim(memory_results, key):
     growth, logits_growth = extra[128256] - extra[32000], big["logits_bytes"] - small["logits_bytes"]
     assert growth < 0.25 * logits_growth, (f"grows by {growth / logits_growth:.3f} of the logits' growth "
                                            f"(limit 0.25): {report}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["reverse_kl", "jsd", "minillm"])
+def test_sixteen_bit_matmul_path(monkeypatch, dtype, op):
+    """The CUDA path for bf16/fp16 weights (16-bit matmuls with float32 output, a 16-bit logit-gradient buffer),
+    run on the CPU: the weight is not upcast and the float32-output matmul is emulated exactly (products of 16-bit
+    numbers are exact in float32). Values and gradients against the float64 reference, several blocks."""
+    monkeypatch.setattr(fused_linear._Head, "__post_init__", lambda self: setattr(self, "_fp32_weight", None))
+    monkeypatch.setattr(fused_linear, "_mm_float32_out", lambda x, w_t: x.float() @ w_t.float())
+    monkeypatch.setattr(fused_linear, "MAX_BLOCK_BYTES", 8 * 1003 * fused_linear.BYTES_PER_LOGIT_16BIT_MATMULS)
+    gen = torch.Generator().manual_seed(5)
+    n, h_dim, v = 37, 16, 1003
+    h = torch.randn(n, h_dim, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(v, h_dim, generator=gen) * 0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=gen).to(dtype).requires_grad_()
+    th, tw = torch.randn(n, 12, generator=gen).to(dtype), (torch.randn(v - 4, 12, generator=gen) * 0.5).to(dtype)
+    tokens = torch.randint(0, v - 4, (n,), generator=gen)
+    adv, old, iw = torch.randn(n, generator=gen), torch.randn(n, generator=gen) - 7, torch.ones(n)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    z, u = 10.0 * torch.tanh((h64 @ w64.t() + b64) / 10.0), th.double() @ tw.double().t()
+    kw = dict(student_bias=b, softcap=(10.0, None), backend="torch")
+    if op == "minillm":
+        out = loss.fused_linear_minillm_loss(h, w, th, tw, tokens, adv, old, iw, mask=None, **kw).loss
+        want = reference.minillm_loss(z, u, tokens, adv.double(), old.double(), iw.double(), mask=None)["loss"]
+    else:
+        extra = {"beta": 0.3} if op == "jsd" else {}
+        out = getattr(loss, "fused_linear_" + op)(h, w, th, tw, **kw, **extra)
+        want = getattr(reference, op)(z, u, **extra)
+    assert_close_rel(out, want, loss_tol(dtype))
+    got = torch.autograd.grad(out, (h, w, b))
+    wanted = torch.autograd.grad(want, (h64, w64, b64))
+    for x, y in zip(got, wanted):
+        assert x.dtype == dtype
+        assert_close_rel(x, y, grad_tol(dtype))

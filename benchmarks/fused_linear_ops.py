@@ -1,0 +1,301 @@
+"""Fused-linear ops in the benchmark table: losses from hidden states and lm_head weights (issue 7's targets).
+
+For each shape (N tokens, hidden size H, vocabulary V) and forward+backward:
+
+* ``ours``      ``loss.fused_linear_reverse_kl`` / ``fused_linear_minillm_loss`` (gradients to the student's hidden
+                states and weight);
+* ``matmuls``   the four matmuls alone (student and teacher logits, then d hidden and d weight from a logits-sized
+                gradient): what any exact method must at least compute, measured, not typed;
+* ``eager``     plain PyTorch: materialise both logits, log-softmax, reverse KL, autograd;
+* ``liger``     Liger-Kernel's chunked fused-linear JSD loss (``LigerFusedLinearJSDLoss``, beta=1 = reverse KL, hard
+                loss weight 0), and on CUDA also ``LigerFusedLinearJSD`` (beta=1), when liger-kernel is installed.
+
+Timing: one warm-up call each, then rounds in which every implementation runs once (interleaved, so that a noisy
+moment hits all alike; each call synchronised on a GPU); the median over rounds. Columns: median time; TFLOP/s counting 8 N V H (four matmuls); % of the FLOP floor (8 N V H over a measured
+square-GEMM rate); ratio to each alternative; extra peak memory beyond inputs, weights and their gradients
+(CPU: a child process's peak RSS; GPU: ``torch.cuda.max_memory_allocated``); the relative error of the loss and of
+the hidden states' gradient against the float64 reference on the first rows.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks import harness
+from minillm_fast import loss as mloss
+from minillm_fast import reference
+
+# (N, H, V): CPU shapes from issue 7's CPU target; GPU: its H100 target shape and a vocabulary sweep.
+CPU_SHAPES = [(1024, 256, 32000), (1024, 256, 128256)]
+GPU_SHAPES = [(8192, 4096, 128256), (8192, 4096, 32000), (8192, 4096, 152064)]
+QUICK_SHAPES = [(64, 32, 2000)]
+ERROR_ROWS = 32
+
+
+@dataclass
+class Problem:
+    h: torch.Tensor  # student hidden [N, H], requires grad
+    w: torch.Tensor  # student weight [V, H], requires grad
+    ht: torch.Tensor  # teacher hidden
+    wt: torch.Tensor  # teacher weight
+    tokens: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def make(cls, n, h, v, dtype, device, seed=0):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        # Weights scaled so that logits have a std of about 2, as trained lm_heads give.
+        return cls(h=rand(n, h).requires_grad_(), w=rand(v, h, scale=2 / math.sqrt(h)).requires_grad_(),
+                   ht=rand(n, h), wt=rand(v, h, scale=2 / math.sqrt(h)),
+                   tokens=torch.randint(0, v, (n,), generator=g).to(device),
+                   advantages=torch.randn(n, generator=g).to(device),
+                   old_logprobs=(-8 + torch.randn(n, generator=g)).to(device),
+                   weights=torch.ones(n, device=device), mask=torch.ones(n, dtype=torch.bool, device=device))
+
+    def head(self, rows):
+        return Problem(h=self.h[:rows].detach().clone().requires_grad_(), w=self.w.detach().clone().requires_grad_(),
+                       ht=self.ht[:rows], wt=self.wt, tokens=self.tokens[:rows], advantages=self.advantages[:rows],
+                       old_logprobs=self.old_logprobs[:rows], weights=self.weights[:rows], mask=self.mask[:rows])
+
+
+def ours_reverse_kl(p: Problem):
+    return mloss.fused_linear_reverse_kl(p.h, p.w, p.ht, p.wt)
+
+
+def ours_minillm_loss(p: Problem):
+    return mloss.fused_linear_minillm_loss(p.h, p.w, p.ht, p.wt, p.tokens, p.advantages, p.old_logprobs, p.weights,
+                                           mask=p.mask).loss
+
+
+def eager_reverse_kl(p: Problem):
+    log_q = torch.log_softmax((p.h @ p.w.t()).float(), -1)
+    log_p = torch.log_softmax((p.ht @ p.wt.t()).float(), -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+def four_matmuls(p: Problem):
+    """The FLOPs any exact method computes: both logits, then d hidden and d weight from a logits-sized tensor."""
+    with torch.no_grad():
+        z = p.h @ p.w.t()
+        u = p.ht @ p.wt.t()
+        del u
+        return z @ p.w, z.t() @ p.h
+
+
+def _liger(kind: str, device):
+    """A callable for Liger's fused-linear JSD with beta = 1 (reverse KL), or a string saying why not."""
+    try:
+        if kind == "liger-chunked":
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+            # torch.compile of each chunk on CUDA (Liger's default); eager on a CPU (its compile costs minutes there).
+            module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
+                                             compiled=device.type == "cuda")
+            return lambda p: module(p.h, p.w, p.ht, p.wt, p.tokens)
+        if device.type != "cuda":
+            return "CUDA only (Triton kernels)"
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        module = LigerFusedLinearJSD(jsd_beta=1.0)
+        return lambda p: module(p.h, p.w, p.ht, p.wt, None)  # shift_labels=None: every token counts
+    except ImportError:
+        return "liger-kernel not installed"
+
+
+def implementations(op: str, device) -> dict:
+    """name -> callable(problem) returning a differentiable scalar (None: no backward), or a reason string."""
+    impls = {"ours": ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss,
+             "matmuls": four_matmuls}
+    if op == "fused_linear_reverse_kl":
+        impls["eager"] = eager_reverse_kl
+        impls["liger-chunked"] = _liger("liger-chunked", device)
+        impls["liger"] = _liger("liger", device)
+    return impls
+
+
+def _step(fn, p: Problem):
+    def call():
+        p.h.grad = p.w.grad = None
+        out = fn(p)
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.backward()
+        return out
+    return call
+
+
+def _reference(op: str, p: Problem):
+    """float64 loss and hidden-state gradient on ``p`` (small)."""
+    h = p.h.detach().double().requires_grad_()
+    z, u = h @ p.w.detach().double().t(), p.ht.double() @ p.wt.double().t()
+    if op == "fused_linear_reverse_kl":
+        value = reference.reverse_kl(z, u)
+    else:
+        value = reference.minillm_loss(z, u, p.tokens, p.advantages.double(), p.old_logprobs.double(),
+                                       p.weights.double(), mask=p.mask)["loss"]
+    value.backward()
+    return value.detach(), h.grad
+
+
+def _error(op: str, fn, p: Problem) -> float:
+    small = p.head(ERROR_ROWS)
+    out = fn(small)
+    out.backward()
+    want, want_grad = _reference(op, small)
+    err_value = abs(float(out.detach()) - float(want)) / max(abs(float(want)), 1e-12)
+    err_grad = float((small.h.grad.double() - want_grad).norm() / want_grad.norm().clamp(min=1e-30))
+    return max(err_value, err_grad)
+
+
+def _cpu_memory_child(conn, op, name, n, h, v, dtype_name):
+    """In a fresh child: the peak RSS growth of one call beyond inputs, weights and one set of gradients."""
+    torch.set_num_threads(torch.get_num_threads())
+    device = torch.device("cpu")
+    p = Problem.make(n, h, v, getattr(torch, dtype_name), device)
+    fn = implementations(op, device)[name]
+    call = _step(fn, p)
+    call()  # warm-up: allocates the gradients once
+    keep = (p.h.grad, p.w.grad)  # the baseline holds one set of gradients; the measured call makes the next
+    grad_bytes = sum(x.numel() * x.element_size() for x in keep if x is not None)
+    result = harness.rss_peak_of(call, None)
+    conn.send(result["peak_bytes"] - grad_bytes)
+    conn.close()
+
+
+def _cpu_extra_memory(op, name, n, h, v, dtype, timeout_s=120.0):
+    ctx = harness._child_context()  # the suite's fork server: torch already imported, nothing run
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_cpu_memory_child, args=(child, op, name, n, h, v, str(dtype).split(".")[-1]))
+    proc.start()
+    got = parent.recv() if parent.poll(timeout_s) else None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+    return got
+
+
+def _cuda_extra_memory(fn, p: Problem, device) -> int:
+    call = _step(fn, p)
+    call()
+    grad_bytes = sum(x.numel() * x.element_size() for x in (p.h.grad, p.w.grad) if x is not None)
+    p.h.grad = p.w.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base - grad_bytes
+
+
+OPS = ("fused_linear_reverse_kl", "fused_linear_minillm_loss")
+
+
+def _interleaved_medians(impls: dict, p: Problem, device, repeats: int) -> dict:
+    """name -> median seconds (or the reason it did not run): one warm-up call each, then ``repeats`` rounds in
+    which every implementation runs once, so that a noisy moment on a shared machine hits all of them alike."""
+    calls, out = {}, {}
+    for name, fn in impls.items():
+        if isinstance(fn, str):
+            out[name] = fn
+            continue
+        call = _step(fn, p)
+        try:
+            call()
+            calls[name] = call
+        except Exception as exc:  # noqa: BLE001  (an alternative that fails is shown, not dropped)
+            out[name] = f"failed: {harness.describe_error(exc)}"
+    samples = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            harness.sync(device)
+            start = time.perf_counter()
+            call()
+            harness.sync(device)
+            samples[name].append(time.perf_counter() - start)
+    out.update({name: statistics.median(times) for name, times in samples.items()})
+    return {name: out[name] for name in impls}
+
+
+def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: int = 3, memory: bool = True,
+        progress=None) -> list[dict]:
+    """Rows of the fused-linear table (one per op, shape and implementation)."""
+    rate = harness.matmul_rate(device, dtype)
+    rows = []
+    for n, h, v in shapes:
+        p = Problem.make(n, h, v, dtype, device)
+        flops = 8 * n * v * h
+        for op in ops:
+            impls = implementations(op, device)
+            timings = _interleaved_medians(impls, p, device, repeats)
+            if progress is not None:
+                progress(f"{op} {n}x{h}x{v}")
+            ours_t = timings["ours"]
+            for name, t in timings.items():
+                row = {"op": op, "n": n, "h": h, "v": v, "dtype": str(dtype).split(".")[-1], "impl": name,
+                       "mode": "fwd+bwd", "time_s": t if isinstance(t, float) else None,
+                       "note": t if isinstance(t, str) else "",
+                       "floor_s": flops / rate, "matmul_rate_tflops": rate / 1e12}
+                if isinstance(t, float):
+                    row["tflops"] = flops / t / 1e12
+                    row["pct_of_floor"] = 100 * (flops / rate) / t
+                    row["ours_speedup"] = t / ours_t if isinstance(ours_t, float) else None
+                    fn = impls[name]
+                    if name != "matmuls":
+                        try:
+                            row["max_rel_error"] = _error(op, fn, p)
+                        except Exception as exc:  # noqa: BLE001
+                            row["note"] = f"error check failed: {harness.describe_error(exc)}"
+                    if memory and name != "matmuls":
+                        row["extra_peak_bytes"] = (_cuda_extra_memory(fn, p, device) if device.type == "cuda"
+                                                   else _cpu_extra_memory(op, name, n, h, v, dtype))
+                    row["logits_buffer_bytes"] = n * v * 4
+                rows.append(row)
+        del p
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| op | N×H×V | dtype | impl | fwd+bwd | TFLOP/s | % of FLOP floor | ours is × faster | extra peak memory "
+           "(beyond inputs, weights, grads) | max rel. error |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, speed, mem, err = r.get("time_s"), r.get("ours_speedup"), r.get("extra_peak_bytes"), r.get("max_rel_error")
+        cells = [r["op"], f"{r['n']}×{r['h']}×{r['v']}", r["dtype"], r["impl"],
+                 harness.human_seconds(t) if t else r["note"],
+                 f"{r['tflops']:.2f}" if "tflops" in r else "-",
+                 f"{r['pct_of_floor']:.0f}%" if "pct_of_floor" in r else "-",
+                 f"{speed:.2f}×" if speed is not None and r["impl"] != "ours" else "",
+                 harness.human_bytes(mem) if mem is not None else "-",
+                 f"{err:.1e}" if err is not None else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    start = time.perf_counter()
+    rows = []
+    for shape in shapes:  # the table so far after each shape: a run cut short keeps what it measured
+        rows += run(device, dtype, [shape])
+        print(markdown(rows), flush=True)
+        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -76,6 +76,22 @@ def get_backend(name: str, device: torch.device):
     return _module(name)
 
 
+def check_backend(name, device: torch.device) -> str:
+    """``name`` if it names a backend that can run on ``device`` (ValueError naming ``backend`` otherwise).
+
+    The public ops keep the name and resolve it on each primitive call (``_library.primitive``). While
+    torch.compile traces, only the spelling is checked here: whether the backend can run is found by importing
+    modules and querying the dispatcher, which dynamo cannot trace; the primitives' ops find it out when the
+    compiled graph runs, and raise the same ValueError."""
+    if not isinstance(name, str):
+        raise ValueError(f"backend: expected a string, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    if not torch.compiler.is_compiling():
+        get_backend(name, device)
+    return name
+
+
 @lru_cache(maxsize=None)
 def _module(name: str):
     if name == "torch":

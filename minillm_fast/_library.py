@@ -4,6 +4,12 @@ The C++ extensions (``minillm_fast._C`` for the CPU, ``minillm_fast._C_cuda`` fo
 schemas for their dispatch key (``TORCH_LIBRARY_IMPL``); defining them in Python keeps one place for the
 signatures whichever extension happens to load, and lets us register fake (meta) implementations so that
 ``torch.compile`` can trace through them. Semantics of each primitive: ``minillm_fast.backends``.
+
+Below them, ``backend_row_stats``, ``backend_logits_grad``, ``backend_jsd_rows`` and ``backend_jsd_grad``: the same
+primitives run by the backend named in their last argument (whichever language implements it), as Python custom
+ops with fake implementations. The public losses call them through ``primitive`` (the op while torch.compile
+traces, the backend's function eagerly), so that a loss traces without a graph break (the autograd glue that calls
+``logits_grad`` in backward is in ``minillm_fast.loss``).
 """
 from __future__ import annotations
 
@@ -58,3 +64,81 @@ def _jsd_grad_fake(z, u, stats, jsd, coef, beta, inv_temp):
 @torch.library.register_fake("minillm_fast::sample_rows")
 def _sample_rows_fake(z, u, use_teacher, uniform, inv_temp):
     return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The primitives as run by a named backend: what the public ops call
+# ----------------------------------------------------------------------------------------------------------
+# The ops above are the C++ extensions' kernels, one per dispatch key. The four below take the backend's name
+# ("auto", "cuda", "triton", "cpu" or "torch") as their last argument and run that backend's primitive, chosen at
+# run time for the tensors' device (``_dispatch.get_backend``). Their Python bodies are opaque to torch.compile,
+# which sees only the fake implementations: tracing a loss never meets the backend choice (imports, dispatcher
+# queries) nor a backend's own Python (the torch backend's chunk loop tests chunks for all-zero coefficients).
+# Inputs are those of the primitive (``minillm_fast.backends``): 2-D rows with unit stride along the vocabulary.
+# Callers go through ``primitive``, which calls the op only while torch.compile traces.
+
+def primitive(name: str, *args, backend: str):
+    """The primitive ``name`` ("row_stats", "logits_grad", "jsd_rows" or "jsd_grad") of backend ``backend`` on
+    ``args``: while torch.compile traces, the op ``backend_<name>``; eagerly, the backend's function itself,
+    which is what the op's body runs, minus the op's dispatch (tens of microseconds a call, measurable on small
+    GPU batches)."""
+    if torch.compiler.is_compiling():
+        return _BACKEND_OPS[name](*args, backend)
+    return getattr(_backend(backend, args[0]), name)(*args)
+
+
+def _backend(name: str, z: torch.Tensor):
+    from . import _dispatch  # here, not at the top: _dispatch imports _extension, which imports this module
+    return _dispatch.get_backend(name, z.device)
+
+
+@torch.library.custom_op("minillm_fast::backend_row_stats", mutates_args=(),
+                         schema="(Tensor z, Tensor u, Tensor? tokens, float inv_temp, str backend) -> Tensor")
+def backend_row_stats(z, u, tokens, inv_temp, backend):
+    return _backend(backend, z).row_stats(z, u, tokens, inv_temp)
+
+
+@backend_row_stats.register_fake
+def _backend_row_stats_fake(z, u, tokens, inv_temp, backend):
+    return _row_stats_fake(z, u, tokens, inv_temp)
+
+
+@torch.library.custom_op("minillm_fast::backend_logits_grad", mutates_args=(),
+                         schema="(Tensor z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp, "
+                                "str backend) -> Tensor")
+def backend_logits_grad(z, u, tokens, stats, coef, inv_temp, backend):
+    return _backend(backend, z).logits_grad(z, u, tokens, stats, coef, inv_temp)
+
+
+@backend_logits_grad.register_fake
+def _backend_logits_grad_fake(z, u, tokens, stats, coef, inv_temp, backend):
+    return _logits_grad_fake(z, u, tokens, stats, coef, inv_temp)
+
+
+@torch.library.custom_op("minillm_fast::backend_jsd_rows", mutates_args=(),
+                         schema="(Tensor z, Tensor u, Tensor stats, float beta, float inv_temp, str backend) -> Tensor")
+def backend_jsd_rows(z, u, stats, beta, inv_temp, backend):
+    return _backend(backend, z).jsd_rows(z, u, stats, beta, inv_temp)
+
+
+@backend_jsd_rows.register_fake
+def _backend_jsd_rows_fake(z, u, stats, beta, inv_temp, backend):
+    return _jsd_rows_fake(z, u, stats, beta, inv_temp)
+
+
+@torch.library.custom_op("minillm_fast::backend_jsd_grad", mutates_args=(),
+                         schema="(Tensor z, Tensor u, Tensor stats, Tensor jsd, Tensor coef, float beta, "
+                                "float inv_temp, str backend) -> Tensor")
+def backend_jsd_grad(z, u, stats, jsd, coef, beta, inv_temp, backend):
+    return _backend(backend, z).jsd_grad(z, u, stats, jsd, coef, beta, inv_temp)
+
+
+@backend_jsd_grad.register_fake
+def _backend_jsd_grad_fake(z, u, stats, jsd, coef, beta, inv_temp, backend):
+    return _jsd_grad_fake(z, u, stats, jsd, coef, beta, inv_temp)
+
+
+_BACKEND_OPS = {"row_stats": torch.ops.minillm_fast.backend_row_stats,
+                "logits_grad": torch.ops.minillm_fast.backend_logits_grad,
+                "jsd_rows": torch.ops.minillm_fast.backend_jsd_rows,
+                "jsd_grad": torch.ops.minillm_fast.backend_jsd_grad}

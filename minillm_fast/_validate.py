@@ -22,8 +22,13 @@ class Rows:
     vocab: int  # min(V_s, V_t)
     inv_temp: float
     mask: torch.Tensor | None  # bool [N] or None (all valid)
-    backend: object
+    backend_name: str  # as given ("auto" included); each primitive call resolves it for the device
     group: object = None  # the process group of a vocabulary-parallel op (logits are this rank's shard), or None
+
+    @property
+    def backend(self):
+        """The backend module itself (for eager-only callers: sampling, the sharded paths)."""
+        return _dispatch.get_backend(self.backend_name, self.student.device)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +85,10 @@ def check_num_tokens(num_tokens):
         if num_tokens.dtype == torch.bool or num_tokens.is_complex():
             raise ValueError(f"num_tokens: expected a real number, got a {num_tokens.dtype} tensor")
         count = num_tokens.detach().to(torch.float32).reshape(())
-        if not bool(count > 0):  # one host sync: a wrong normaliser would silently scale every gradient
-            raise ValueError(f"num_tokens: expected a count > 0 (the global number of valid tokens), "
-                             f"got {count.item()!r}")
+        # A wrong normaliser would silently scale every gradient: worth one host sync (in an op when compiled).
+        if torch.compiler.is_compiling():
+            return torch.ops.minillm_fast.checked_token_count(count)
+        _check_token_count(count)
         return count
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not num_tokens > 0:
         raise ValueError(f"num_tokens: expected a number > 0 (the global count of valid tokens), got {num_tokens!r}")
@@ -126,10 +132,44 @@ def check_tokens(name: str, tokens, lead_shape, device, vocab: int, valid,
     flat = per_position(name, tokens, lead_shape, device, integer=True).to(torch.int64)
     if valid is not None:
         flat = torch.where(valid, flat, torch.zeros_like(flat))
-    if flat.numel() and bool(((flat < 0) | (flat >= vocab)).any()):
-        bad = flat[(flat < 0) | (flat >= vocab)][0].item()
-        raise ValueError(f"{name}: token id {bad} is out of range [0, {vocab}) (vocabulary = {vocab_is})")
+    if torch.compiler.is_compiling():
+        return torch.ops.minillm_fast.checked_token_ids(flat, vocab, name, vocab_is)
+    _check_token_range(flat, vocab, name, vocab_is)
     return flat
+
+
+def _check_token_range(tokens, vocab, name, vocab_is):
+    out_of_range = (tokens < 0) | (tokens >= vocab)
+    if tokens.numel() and bool(out_of_range.any()):
+        bad = tokens[out_of_range][0].item()
+        raise ValueError(f"{name}: token id {bad} is out of range [0, {vocab}) (vocabulary = {vocab_is})")
+
+
+def _check_token_count(count):
+    if not bool(count > 0):
+        raise ValueError(f"num_tokens: expected a count > 0 (the global number of valid tokens), got {count.item()!r}")
+
+
+# Checks of tensor *values* need a host sync, which torch.compile cannot trace (a graph break). While it traces,
+# they run inside these two custom ops instead, opaque to the compiler (which sees their fake implementations) and
+# run with the graph, raising the same ValueError. Each returns a copy of its input (an op's output may not alias
+# an input), which the caller uses in place of the input, so that no compiler removes the check as dead code.
+
+@torch.library.custom_op("minillm_fast::checked_token_ids", mutates_args=(),
+                         schema="(Tensor tokens, SymInt vocab, str name, str vocab_is) -> Tensor")
+def _checked_token_ids(tokens, vocab, name, vocab_is):
+    _check_token_range(tokens, vocab, name, vocab_is)
+    return tokens.clone()
+
+
+@torch.library.custom_op("minillm_fast::checked_token_count", mutates_args=(), schema="(Tensor count) -> Tensor")
+def _checked_token_count(count):
+    _check_token_count(count)
+    return count.clone()
+
+
+_checked_token_ids.register_fake(lambda tokens, vocab, name, vocab_is: torch.empty_like(tokens))
+_checked_token_count.register_fake(lambda count: torch.empty_like(count))
 
 
 def check_process_group(process_group):
@@ -161,8 +201,6 @@ def prepare(student_logits, teacher_logits, *, temperature, mask, backend, proce
     tau = check_positive("temperature", temperature)
     lead_shape = student_logits.shape[:-1]
     flat_mask = check_mask(mask, lead_shape, student_logits.device)
-    if not isinstance(backend, str):
-        raise ValueError(f"backend: expected a string, got {type(backend).__name__}")
     return Rows(
         student=_as_rows(student_logits),
         teacher=_as_rows(teacher_logits.detach()),
@@ -170,6 +208,6 @@ def prepare(student_logits, teacher_logits, *, temperature, mask, backend, proce
         vocab=min(student_logits.shape[-1], teacher_logits.shape[-1]),
         inv_temp=1.0 / tau,
         mask=flat_mask,
-        backend=_dispatch.get_backend(backend, student_logits.device),
+        backend_name=_dispatch.check_backend(backend, student_logits.device),
         group=group,
     )

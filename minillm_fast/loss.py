@@ -38,7 +38,13 @@ Common semantics (every op):
   exchange only per-row statistics (two all-reduces of at most 2 + 8 floats per row, see
   ``minillm_fast.distributed``), never logits, and the backward pass needs no communication. A ValueError on
   some ranks only (e.g. inconsistent arguments) leaves the others waiting in a collective, as with any
-  collective code.
+  collective code;
+* ``torch.compile``: every op traces without a graph break (``fullgraph=True`` works), forward and backward; the
+  primitives are custom ops (``torch.ops.minillm_fast.backend_*``) with fake implementations, so the compiled
+  backward still runs the fused gradient pass, and the O(rows) loss math around them is compiled. Data-dependent
+  argument checks (token ids in range, a tensor ``num_tokens`` > 0) run inside ops when the graph runs, with the
+  same ValueError; whether ``backend`` can run on the device is also checked there. Not traced: ``process_group``
+  (the collectives break the graph) and the fused-linear twins.
 
 How it works: one pass over both rows computes a few float32 statistics per row (``backends.row_stats``);
 every loss above is an O(rows) expression of them, and every gradient is one more pass
@@ -52,7 +58,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import _validate, distributed
+from . import _library, _validate, distributed
 from .backends import C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, ZY, UY
 
 __all__ = ["reverse_kl", "forward_kl", "jsd", "token_stats", "minillm_loss", "pt_loss",
@@ -91,12 +97,16 @@ class PTLoss(NamedTuple):
 
 def _row_stats(rows: _validate.Rows, tokens=None, owned=None) -> torch.Tensor:
     """The rows' statistics; with a process group, merged across the vocabulary shards (``owned``: whether this
-    rank's shard holds each row's token, from ``_token_ids``)."""
-    with torch.no_grad():
-        stats = rows.backend.row_stats(rows.student, rows.teacher, tokens, rows.inv_temp)
-        if rows.group is not None:
+    rank's shard holds each row's token, from ``_token_ids``). They carry no gradient (the pass reads detached
+    logits; the gradient is attached afterwards, see below), so the math on them needs no ``torch.no_grad()``
+    block, and has none: a compiled graph that turns grad mode off and raises inside (a ValueError from an op)
+    leaves it off under some torch.compile backends."""
+    stats = _library.primitive("row_stats", rows.student.detach(), rows.teacher, tokens, rows.inv_temp,
+                               backend=rows.backend_name)
+    if rows.group is not None:
+        with torch.no_grad():
             stats = distributed.all_reduce_row_stats(stats, rows.group, owned=owned, with_tokens=tokens is not None)
-        return stats
+    return stats
 
 
 def _token_ids(name: str, tokens, rows: _validate.Rows):
@@ -164,13 +174,84 @@ def _reduce(per_row, valid, reduction, lead_shape, num_tokens=None):
 # ----------------------------------------------------------------------------------------------------------
 # Attaching the fused gradient
 # ----------------------------------------------------------------------------------------------------------
+# A loss is computed from row statistics that carry no gradient (the row pass reads detached logits); its gradient
+# is attached afterwards by an autograd.Function that returns the loss value unchanged and whose backward is one
+# fused pass. Every loss is linear in its per-row values, so for an upstream gradient g
+#
+#     dz = logits_grad(coef * g),  coef = (d value / d per-row value) * (the loss's per-unit logits_grad columns),
+#
+# with g a scalar for reduced losses and one value per row for reduction="none" (JSD likewise with jsd_grad).
+# Everything the backward needs is an argument (tensors, the float 1/tau, the backend's name; no closure), and the
+# backward calls the primitive through ``_library.primitive`` (its custom op while torch.compile traces): dynamo
+# traces a loss, forward and backward, without a graph break, and the compiled backward runs the fused primitive;
+# no torch math is differentiated. Saved: the rows of both logits (views), token ids, [N, 10] statistics and
+# coefficients; autograd frees them after backward, so a second backward through the same loss raises autograd's
+# RuntimeError ("Trying to backward through the graph a second time"), and works under retain_graph=True.
+#
+# The fused-linear ops (``minillm_fast.fused_linear``) attach their gradients with ``_attach_grad`` below instead:
+# closures over gradients formed in the forward pass (or recomputed block by block), not traced by torch.compile.
+
+def _per_row_upstream(upstream: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The upstream gradient as a float32 [N] or [] tensor that broadcasts against per-row weights."""
+    upstream = upstream.to(torch.float32)
+    return upstream.reshape(n_rows) if upstream.dim() > 0 else upstream
+
+
+class _LogitsGrad(torch.autograd.Function):
+    """``value`` unchanged; d/dz = logits_grad(z, u, tokens, stats, coef * upstream), one fused pass (coef per
+    unit of upstream gradient, float32 [N, 4]). Nothing else receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, value, z, u, tokens, stats, coef, inv_temp: float, backend: str):
+        ctx.save_for_backward(z, u, tokens, stats, coef)
+        ctx.inv_temp, ctx.backend = inv_temp, backend
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        z, u, tokens, stats, coef = ctx.saved_tensors
+        coef = coef * _per_row_upstream(upstream, coef.shape[0])[..., None]
+        dz = _library.primitive("logits_grad", z, u, tokens, stats, coef.contiguous(), ctx.inv_temp,
+                                backend=ctx.backend)
+        return None, dz, None, None, None, None, None, None
+
+
+class _JSDGrad(torch.autograd.Function):
+    """``value`` unchanged; d/dz = jsd_grad(z, u, stats, jsd, coef * upstream), one fused pass (coef float32 [N])."""
+
+    @staticmethod
+    def forward(ctx, value, z, u, stats, jsd, coef, beta: float, inv_temp: float, backend: str):
+        ctx.save_for_backward(z, u, stats, jsd, coef)
+        ctx.beta, ctx.inv_temp, ctx.backend = beta, inv_temp, backend
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, upstream):
+        z, u, stats, jsd, coef = ctx.saved_tensors
+        coef = coef * _per_row_upstream(upstream, coef.shape[0])
+        dz = _library.primitive("jsd_grad", z, u, stats, jsd, coef.contiguous(), ctx.beta, ctx.inv_temp,
+                                backend=ctx.backend)
+        return None, dz, None, None, None, None, None, None, None
+
+
+def _needs_grad(student_logits: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and student_logits.requires_grad
+
+
+def _with_logits_grad(value, rows: _validate.Rows, stats, tokens, coef) -> torch.Tensor:
+    """``value`` whose gradient with respect to the student's logits is one ``logits_grad`` pass with ``coef``
+    (float32 [N, 4], per unit of upstream gradient)."""
+    if not _needs_grad(rows.student):
+        return value
+    return _LogitsGrad.apply(value, rows.student, rows.teacher, tokens, stats, coef, rows.inv_temp, rows.backend_name)
+
 
 class _FusedGrad(torch.autograd.Function):
     """Returns ``value`` unchanged; its backward is ``grad_fn(upstream)``: fused kernel calls, one gradient per
     input in ``inputs`` (None for those that do not require grad).
 
-    It knows nothing about backends or losses: each op hands it a closure over what it saved (row statistics,
-    or gradients already computed in the forward pass).
+    The fused-linear ops' glue (``minillm_fast.fused_linear``): each hands it a closure over what it saved
+    (gradients formed in the forward pass, or what it takes to recompute them block by block).
     """
 
     @staticmethod
@@ -194,23 +275,6 @@ def _attach_grad(value: torch.Tensor, grad_fn: Callable[[torch.Tensor], tuple], 
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         return _FusedGrad.apply(value, grad_fn, *inputs)
     return value
-
-
-def _per_row_upstream(upstream: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """The upstream gradient as a float32 [N] or [] tensor that broadcasts against per-row weights."""
-    upstream = upstream.to(torch.float32)
-    return upstream.reshape(n_rows) if upstream.dim() > 0 else upstream
-
-
-def _logits_grad_fn(student_logits, rows, stats, tokens, coef_per_unit: torch.Tensor):
-    """Closure computing dz for upstream g: coef = coef_per_unit * g (per row), then one fused pass."""
-
-    def student_grad(upstream):
-        coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])[..., None]
-        dz = rows.backend.logits_grad(rows.student, rows.teacher, tokens, stats, coef.contiguous(), rows.inv_temp)
-        return (dz.reshape(student_logits.shape),)
-
-    return student_grad
 
 
 def _coefs(n_rows: int, device, scale, columns: dict) -> torch.Tensor:
@@ -269,7 +333,7 @@ def _divergence(student_logits, teacher_logits, per_row_fn, grad_columns, *, tem
     valid = _valid_rows(rows.mask, stats)
     value, weight = _reduce(per_row_fn(stats), valid, reduction, rows.lead_shape)
     coef = _coefs(stats.shape[0], stats.device, weight * rows.inv_temp, grad_columns)
-    return _attach_grad(value, _logits_grad_fn(student_logits, rows, stats, None, coef), student_logits)
+    return _with_logits_grad(value, rows, stats, None, coef)
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="mean", backend="auto",
@@ -319,22 +383,19 @@ def jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, mask=None,
                              process_group=process_group)
     reduction = _validate.check_reduction(reduction)
     stats = _row_stats(rows)
-    with torch.no_grad():
-        # Expectations over the row under the (global) q, p and m: sums over columns, so shards add up.
-        jsd_rows = rows.backend.jsd_rows(rows.student, rows.teacher, stats, beta, rows.inv_temp)
-        if rows.group is not None:
+    # Expectations over the row under the (global) q, p and m: sums over columns, so shards add up.
+    jsd_rows = _library.primitive("jsd_rows", rows.student.detach(), rows.teacher, stats, beta, rows.inv_temp,
+                                  backend=rows.backend_name)
+    if rows.group is not None:
+        with torch.no_grad():
             jsd_rows = distributed.all_reduce_sum(jsd_rows, rows.group)
     valid = _valid_rows(rows.mask, stats)
     value, weight = _reduce(jsd_rows[:, 0], valid, reduction, rows.lead_shape)
-    coef_per_unit = weight * ((1.0 - beta) * rows.inv_temp)
-
-    def student_grad(upstream):
-        coef = coef_per_unit * _per_row_upstream(upstream, coef_per_unit.shape[0])
-        dz = rows.backend.jsd_grad(rows.student, rows.teacher, stats, jsd_rows, coef.contiguous(), beta,
-                                   rows.inv_temp)
-        return (dz.reshape(student_logits.shape),)
-
-    return _attach_grad(value, student_grad, student_logits)
+    if not _needs_grad(rows.student):
+        return value
+    coef = weight * ((1.0 - beta) * rows.inv_temp)
+    return _JSDGrad.apply(value, rows.student, rows.teacher, stats, jsd_rows, coef, beta, rows.inv_temp,
+                          rows.backend_name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,9 +417,8 @@ def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperatur
     rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
                              process_group=process_group)
     flat_tokens, owned = _token_ids("tokens", tokens, rows)
-    with torch.no_grad():
-        s = _row_stats(rows, flat_tokens, owned)
-        return _token_stats_from_rows(s, _valid_rows(rows.mask, s), alpha, rows.lead_shape)
+    s = _row_stats(rows, flat_tokens, owned)
+    return _token_stats_from_rows(s, _valid_rows(rows.mask, s), alpha, rows.lead_shape)
 
 
 def _token_stats_from_rows(s, valid, alpha: float, lead_shape) -> TokenStats:
@@ -399,17 +459,16 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
     adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
-    with torch.no_grad():
-        s = _row_stats(rows, flat_tokens, owned)
-        valid = _valid_rows(rows.mask, s)
-        pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)
-        pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
-        reg_loss, _ = _reduce(_reverse_kl_rows(s), valid, "mean", lead, num_tokens)
-        clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
-        value = pg_loss + reg_loss if single_step else pg_loss.clone()
-        coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _minillm_grad_columns(d_pg_d_logq, single_step))
-        coef = _own_token_terms(coef, owned)
-    loss = _attach_grad(value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef), student_logits)
+    s = _row_stats(rows, flat_tokens, owned)
+    valid = _valid_rows(rows.mask, s)
+    pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)
+    pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
+    reg_loss, _ = _reduce(_reverse_kl_rows(s), valid, "mean", lead, num_tokens)
+    clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
+    value = pg_loss + reg_loss if single_step else pg_loss.clone()
+    coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _minillm_grad_columns(d_pg_d_logq, single_step))
+    coef = _own_token_terms(coef, owned)
+    loss = _with_logits_grad(value, rows, s, flat_tokens, coef)
     return MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)
 
 
@@ -437,16 +496,15 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
     rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=label_mask,
                              backend=backend, process_group=process_group)
     flat_tokens, owned = _token_ids("labels", labels, rows)
-    with torch.no_grad():
-        s = _row_stats(rows, flat_tokens, owned)
-        valid = _valid_rows(rows.mask, s)
-        lm, kd = _pt_rows(s)
-        lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
-        kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
-        value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
-        coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _pt_grad_columns(kd_ratio))
-        coef = _own_token_terms(coef, owned)
-    loss = _attach_grad(value, _logits_grad_fn(student_logits, rows, s, flat_tokens, coef), student_logits)
+    s = _row_stats(rows, flat_tokens, owned)
+    valid = _valid_rows(rows.mask, s)
+    lm, kd = _pt_rows(s)
+    lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
+    kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
+    value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
+    coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _pt_grad_columns(kd_ratio))
+    coef = _own_token_terms(coef, owned)
+    loss = _with_logits_grad(value, rows, s, flat_tokens, coef)
     return PTLoss(loss, lm_loss, kd_loss)
 
 

@@ -44,15 +44,20 @@ def check_logits(student_logits, teacher_logits) -> None:
             raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] < 1:
             raise ValueError(f"{name}: expected shape [..., V] with V >= 1, got {tuple(x.shape)}")
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"teacher_logits: leading shape {tuple(teacher_logits.shape[:-1])} does not match "
-                         f"student_logits' {tuple(student_logits.shape[:-1])}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"teacher_logits: on {teacher_logits.device}, but student_logits is on "
-                         f"{student_logits.device}; both must be on the same device")
+    check_same_positions("student_logits", student_logits, "teacher_logits", teacher_logits)
     if teacher_logits.requires_grad:
         raise ValueError("teacher_logits: requires grad, but the teacher never receives a gradient; compute the "
                          "teacher's forward under torch.no_grad() (or pass teacher_logits.detach())")
+
+
+def check_same_positions(student_name: str, student, teacher_name: str, teacher) -> None:
+    """Student and teacher tensors ``[..., X]`` must have the same leading shape and device."""
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"{teacher_name}: leading shape {tuple(teacher.shape[:-1])} does not match "
+                         f"{student_name}'s {tuple(student.shape[:-1])}")
+    if student.device != teacher.device:
+        raise ValueError(f"{teacher_name}: on {teacher.device}, but {student_name} is on {student.device}; both "
+                         f"must be on the same device")
 
 
 def check_positive(name: str, value) -> float:

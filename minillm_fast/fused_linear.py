@@ -521,12 +521,7 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, *, 
         raise ValueError(f"teacher_weight: with process_group (vocabulary-parallel lm_heads) both shards must cover "
                          f"the same global columns, but this rank holds {student_weight.shape[0]} student and "
                          f"{teacher_weight.shape[0]} teacher rows; slice the padded model's shard first")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden: leading shape {tuple(teacher_hidden.shape[:-1])} does not match "
-                         f"student_hidden's {tuple(student_hidden.shape[:-1])}")
-    if student_hidden.device != teacher_hidden.device:
-        raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, but student_hidden is on "
-                         f"{student_hidden.device}; both must be on the same device")
+    _validate.check_same_positions("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     tau = _validate.check_positive("temperature", temperature)
     caps, scales = _pair("softcap", softcap), _pair("logit_scale", logit_scale)
     lead = student_hidden.shape[:-1]

@@ -22,6 +22,14 @@ if os.environ.get("MINILLM_BENCH_WARM_INDUCTOR") == "1":
 
     cpu_vec_isa.valid_vec_isa_list()
 
+# tqdm (which Inductor uses while compiling) would otherwise create a multiprocessing semaphore in every child;
+# the measuring forks exit with os._exit, which leaves them to the resource tracker ("leaked semaphore" warnings).
+import threading  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+tqdm.set_lock(threading.RLock())
+
 gc.collect()
 gc.freeze()
 atexit.register(gc.unfreeze)  # let the server's own shutdown free them (else nanobind reports "leaks")

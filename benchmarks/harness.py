@@ -9,10 +9,12 @@ input set of a rotation) and get numbers back.
 * **Timing.** On a GPU, ``triton.testing.do_bench`` (median); on a CPU a wall clock (median) after a warm-up.
   Candidates of one measurement are interleaved (round-robin), so that a noisy neighbour slows all of them alike.
 * **Memory.** On a GPU, ``torch.cuda.max_memory_allocated`` around one call, minus what was allocated before it
-  (the inputs). On a CPU, a *child process* (forked from a lean fork server) builds its own inputs, runs the op once
-  as warm-up, returns freed memory to the OS, resets its peak-RSS mark (``/proc/self/clear_refs``) and runs the op
-  once more: peak = ``VmHWM`` after it minus ``VmRSS`` before it. ``ru_maxrss`` is not used: it would carry the
-  parent's peak.
+  (the inputs). On a CPU, a *child process* (forked from a lean fork server) builds the op's inputs once; then,
+  for each implementation and pass, a fresh fork of that child runs the op once as warm-up, returns freed memory
+  to the OS, resets its peak-RSS mark (``/proc/self/clear_refs``) and runs the op once more: peak = ``VmHWM``
+  after it minus ``VmRSS`` before it. Each measurement is thus a process that has built its inputs and run only
+  that op (as with one child per measurement), while big inputs are built once per (op, shape) instead of once
+  per measurement. ``ru_maxrss`` is not used: it would carry the parent's peak.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import gc
 import math
 import multiprocessing as mp
 import os
+import pickle
 import re
+import select
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -129,11 +133,16 @@ class Candidate:
 
     ``warmup``: a cheap call that loads the same code paths (e.g. the op on 8 rows), or None to warm up with a
     full ``call`` whose time is then reported as ``first_call_s`` (a compiled candidate: that call compiles).
+    ``repeats``: timed calls wanted; ``min_repeats``: the time budget never stops it before this many;
+    ``slow_repeats``: if set, and its median so far is more than ``slow_factor`` times the reference candidate's
+    (see ``time_candidates``), it stops after this many calls instead (a far slower alternative).
     """
     name: str
     call: Callable[[], object]
     warmup: Callable[[], object] | None = None
     repeats: int = 5
+    min_repeats: int = 1
+    slow_repeats: int | None = None
 
 
 @dataclass
@@ -142,6 +151,8 @@ class Timing:
     samples: list[float] = field(default_factory=list)
     first_call_s: float | None = None
     error: str | None = None
+    repeats: int | None = None  # the timed calls wanted
+    fewer_calls: str | None = None  # why it got fewer: "budget" (time budget) or "slow" (> slow_factor x reference)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -166,16 +177,23 @@ def _release(device):
 
 
 def time_candidates(candidates: list[Candidate], device: torch.device, *, budget_s: float = 10.0,
-                    rounds_gpu: int = 3, on_sample: Callable[[str], None] | None = None) -> dict[str, Timing]:
+                    rounds_gpu: int = 3, on_sample: Callable[[str], None] | None = None,
+                    reference: str | None = None, slow_factor: float = 5.0,
+                    slow_min_s: float = 0.2) -> dict[str, Timing]:
     """Time every candidate, interleaved. Returns name -> Timing (median over samples, or the error).
 
-    CPU: each candidate warms up, then rounds of one timed call per candidate until it has ``repeats`` samples
-    or has spent ``budget_s`` (at least one sample each). GPU: ``rounds_gpu`` rounds, each one
-    ``do_bench`` (median) per candidate; the result is the median of the rounds.
+    CPU: each candidate warms up, then rounds of one timed call per candidate until it has ``repeats`` samples,
+    or has spent ``budget_s`` (after at least ``min_repeats`` samples), or - a candidate with ``slow_repeats`` -
+    has ``slow_repeats`` samples whose median is more than ``slow_factor`` times the median of the ``reference``
+    candidate's samples so far (the reference is timed first in every round) and at least ``slow_min_s`` (below
+    that, more calls cost little). ``Timing.fewer_calls`` says which rule cut a candidate short.
+    GPU: ``rounds_gpu`` rounds, each one ``do_bench`` (median) per candidate; the result is the median of the
+    rounds.
     """
-    results = {c.name: Timing() for c in candidates}
+    results = {c.name: Timing(repeats=c.repeats if device.type != "cuda" else None) for c in candidates}
+    ordered = sorted(candidates, key=lambda c: c.name != reference)  # the reference first in every round
     live = []
-    for c in candidates:  # warm-up (and the compile of a compiled candidate)
+    for c in ordered:  # warm-up (and the compile of a compiled candidate)
         timing = results[c.name]
         try:
             if c.warmup is not None:
@@ -211,9 +229,19 @@ def time_candidates(candidates: list[Candidate], device: torch.device, *, budget
                     results[c.name].error = describe_error(exc)
                     live.remove(c)
                     continue
-                results[c.name].samples.append(t)
+                timing = results[c.name]
+                timing.samples.append(t)
                 spent[c.name] += t
-                if len(results[c.name].samples) >= c.repeats or spent[c.name] >= budget_s:
+                n = len(timing.samples)
+                ref = results[reference].samples if reference and c.name != reference else None
+                if n >= c.repeats:
+                    live.remove(c)
+                elif (c.slow_repeats is not None and ref and n >= c.slow_repeats
+                      and statistics.median(timing.samples) > max(slow_factor * statistics.median(ref), slow_min_s)):
+                    timing.fewer_calls = "slow"
+                    live.remove(c)
+                elif spent[c.name] >= budget_s and n >= c.min_repeats:
+                    timing.fewer_calls = "budget"
                     live.remove(c)
                 if on_sample:
                     on_sample(c.name)
@@ -297,41 +325,205 @@ def _child_context():
     return _SERVER_CONTEXT
 
 
-def _child_main(conn, job: dict) -> None:
-    try:
-        from benchmarks import ops
-        call, warmup = ops.build_memory_job(job)
-        conn.send(("ok", rss_peak_of(call, warmup)))
-    except BaseException as exc:  # noqa: BLE001 - report anything, even SystemExit, to the parent
-        conn.send(("error", describe_error(exc)))
-    finally:
-        conn.close()
+def start_children() -> None:
+    """Start the fork server now, without waiting for it: its imports (and Inductor warm-up) then overlap with
+    the caller's own start-up. ``wait_for_children`` blocks until it can fork. Call ``prepare_children`` and set
+    the environment the children need (e.g. ``TORCHINDUCTOR_CACHE_DIR``) first: the server inherits it now."""
+    from multiprocessing import forkserver
+    _child_context()
+    forkserver.ensure_running()
 
 
-def cpu_peak_bytes_in_child(job: dict, timeout_s: float) -> tuple[int | None, str | None]:
-    """Run ``benchmarks.ops.build_memory_job(job)`` in a fresh child; (peak bytes, None) or (None, error)."""
+def _noop(conn) -> None:
+    conn.send("ok")
+    conn.close()
+
+
+def wait_for_children(timeout_s: float = 300.0) -> str | None:
+    """Block until the fork server has finished preloading (a trivial child answers). None, or why not."""
     ctx = _child_context()
     parent_end, child_end = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child_end, job), daemon=True)
+    proc = ctx.Process(target=_noop, args=(child_end,), daemon=True)
     proc.start()
     child_end.close()
     try:
-        if parent_end.poll(timeout_s):
-            status, payload = parent_end.recv()
-        else:
-            status, payload = "error", f"timed out after {timeout_s:.0f} s"
+        ok = parent_end.poll(timeout_s) and parent_end.recv() == "ok"
     except EOFError:
-        status, payload = "error", None
+        ok = False
     proc.join(5)
     if proc.is_alive():
         proc.kill()
         proc.join()
-    if status == "ok":
-        return payload["peak_bytes"], None
-    if payload is None:
-        code = proc.exitcode
-        payload = "killed (out of memory?)" if code == -9 else f"child exited with code {code}"
-    return None, payload
+    return None if ok else "the memory children's fork server did not start"
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the process that forked us dies (a killed cell child takes its fork along)."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure_in_fork(build: Callable[[], tuple], threads: int | None, timeout_s: float) -> tuple[str, object]:
+    """Fork; in the fork: ``call, warmup = build()`` and ``rss_peak_of(call, warmup)``. ("ok", result) or
+    ("error", message). The fork is a fresh process that has the inputs and nothing else of its own."""
+    parent_pid = os.getpid()
+    started = time.perf_counter()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the fork: never returns
+        code = 1
+        try:
+            os.close(read_fd)
+            _die_with_parent()
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            try:
+                if threads:
+                    torch.set_num_threads(threads)
+                call, warmup = build()
+                payload = ("ok", rss_peak_of(call, warmup))
+            except BaseException as exc:  # noqa: BLE001 - reported, not raised
+                payload = ("error", describe_error(exc))
+            data = pickle.dumps(payload)
+            while data:
+                data = data[os.write(write_fd, data):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    chunks, deadline, timed_out = [], time.monotonic() + timeout_s, False
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                os.kill(pid, 9)
+                break
+            if select.select([read_fd], [], [], remaining)[0]:
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return "error", f"timed out after {timeout_s:.0f} s"
+    if chunks:
+        status, payload = pickle.loads(b"".join(chunks))
+        if status == "ok":
+            payload["seconds"] = time.perf_counter() - started  # the fork's whole life: warm-up, call, exit
+        return status, payload
+    if os.WIFSIGNALED(status):
+        signal_number = os.WTERMSIG(status)
+        return "error", "killed (out of memory?)" if signal_number == 9 else f"killed by signal {signal_number}"
+    return "error", f"child exited with code {os.WEXITSTATUS(status)}"
+
+
+def _children_main(conn, job: dict) -> None:
+    """The cell child: build the inputs once and send ("ready",), then for each of ``job["runs"]`` fork a fresh
+    process that measures that run alone (``_measure_in_fork``), sending ("ok", index, result) or ("error",
+    index, message) after each, and ("done",) at the end.
+
+    The inputs are built on one thread, so that this process never starts an OpenMP thread pool: a fork of a
+    process whose pool has run hangs on its first parallel region (GNU libgomp). Each fork then starts its own
+    pool with the parent's thread count. Every fork starts from the same state, that of a fresh process that has
+    just built its inputs, whatever ran before it."""
+    try:
+        from benchmarks import ops
+        torch.set_num_threads(1)
+        runs = ops.build_memory_runs(job)  # builds the inputs
+        conn.send(("ready",))
+        timeouts = job.get("timeouts") or [600.0] * len(runs)
+        for (index, build), timeout_s in zip(runs, timeouts):
+            status, payload = _measure_in_fork(build, job.get("threads"), timeout_s)
+            conn.send((status, index, payload))
+        conn.send(("done",))
+    except BaseException as exc:  # noqa: BLE001 - report anything, even SystemExit, to the parent
+        try:
+            conn.send(("fatal", describe_error(exc)))
+        except OSError:  # the parent has gone (or given up on us): nothing to report to
+            pass
+    finally:
+        conn.close()
+
+
+def cpu_peaks_in_children(job: dict, timeouts_s: list[float], *, setup_timeout_s: float = 120.0,
+                          on_result: Callable[[int, tuple], None] | None = None,
+                          seconds: dict | None = None) -> list[tuple[int | None, str | None]]:
+    """Peak RSS growth of each of ``job["runs"]`` (see ``benchmarks.ops.memory_cell_job``): one cell child
+    builds the inputs once, and each run is measured in its own fresh fork of it (see ``_children_main``).
+    Returns [(peak bytes, None) or (None, error)] in run order.
+
+    ``timeouts_s[i]``: how long run i may take (its warm-up and measured call); building the inputs may take
+    ``setup_timeout_s``. A run that hangs or is killed is reported as an error and the others go on (in a new
+    cell child if the cell child itself died); if the inputs cannot be built, every run reports why.
+    ``on_result(i, (peak, error))`` is called as each run's result arrives. ``seconds``, if given, gets where
+    the time went: "inputs" (building them in the cell child) and "runs" (each fork's, None where it failed)."""
+    runs = job["runs"]
+    if seconds is not None:
+        seconds.update(inputs=0.0, runs=[None] * len(runs))
+    out: list[tuple[int | None, str | None]] = [(None, "not measured")] * len(runs)
+    pending = list(range(len(runs)))
+    ctx = _child_context()
+    while pending:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        sub = dict(job, runs=[runs[i] for i in pending], indices=list(pending),
+                   timeouts=[timeouts_s[i] for i in pending])
+        proc = ctx.Process(target=_children_main, args=(child_end, sub), daemon=True)
+        proc.start()
+        child_end.close()
+        failure, ready, child_started = None, False, time.perf_counter()
+        try:
+            while True:
+                # (the cell child enforces each run's timeout itself; this is the backstop)
+                wait = (timeouts_s[pending[0]] + 30.0 if pending else 30.0) if ready else setup_timeout_s
+                if not parent_end.poll(wait):
+                    failure = f"timed out after {wait:.0f} s" + ("" if ready else " building the inputs")
+                    break  # (with nothing pending: a child slow to exit, killed below)
+                message = parent_end.recv()
+                if message[0] == "ready":
+                    ready = True
+                    if seconds is not None:
+                        seconds["inputs"] += time.perf_counter() - child_started
+                    continue
+                if message[0] == "done":
+                    break
+                if message[0] == "fatal":
+                    failure = message[1]
+                    break
+                status, index, payload = message
+                out[index] = (payload["peak_bytes"], None) if status == "ok" else (None, payload)
+                if seconds is not None and status == "ok":
+                    seconds["runs"][index] = payload.get("seconds")
+                pending.remove(index)
+                if on_result:
+                    on_result(index, out[index])
+        except EOFError:
+            failure = ""
+        parent_end.close()
+        proc.join(5 if failure is None else 0.5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        if failure is not None and pending:  # the run in progress failed; the rest go on in a fresh child
+            if failure == "":
+                code = proc.exitcode
+                failure = "killed (out of memory?)" if code == -9 else f"child exited with code {code}"
+            # Before "ready" the inputs themselves failed (or the child could not start): all runs share that.
+            for index in list(pending) if not ready else [pending[0]]:
+                pending.remove(index)
+                out[index] = (None, failure)
+                if on_result:
+                    on_result(index, out[index])
+    return out
+
+
+def cpu_peak_bytes_in_child(job: dict, timeout_s: float) -> tuple[int | None, str | None]:
+    """Run one ``benchmarks.ops.memory_job(...)`` in a fresh child; (peak bytes, None) or (None, error)."""
+    return cpu_peaks_in_children(job, [timeout_s])[0]
 
 
 def human_bytes(n: float | None) -> str:

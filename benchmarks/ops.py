@@ -83,8 +83,10 @@ def _random_logits(n: int, v: int, g: torch.Generator, device: torch.device, dty
         return base.to(dtype)
     out = torch.empty(n, v, device=device, dtype=dtype)
     for block, start in enumerate(range(0, n, BASE_ROWS)):
-        stop = min(n, start + BASE_ROWS)
-        out[start:stop] = base[: stop - start].roll(shifts=block * 7919, dims=1)
+        rows, shift = min(n, start + BASE_ROWS) - start, (block * 7919) % v
+        # out rows = base rows rolled right by `shift` along the vocabulary, copied without a temporary
+        out[start:start + rows, shift:] = base[:rows, :v - shift]
+        out[start:start + rows, :shift] = base[:rows, v - shift:]
     return out
 
 
@@ -100,7 +102,10 @@ def make_inputs(needs: tuple[str, ...], n: int, v: int, dtype: torch.dtype, devi
         inp.tokens = torch.randint(0, v, (n,), generator=g, device=device)
     if "minillm" in needs:  # old log-probs within ~0.1 of the current ones, so rho ~ 1 and clipping is exercised
         with torch.no_grad():
-            lq = z.detach().gather(1, inp.tokens[:, None])[:, 0].float() - _row_logsumexp(z.detach())
+            # Row i of z is a permutation of row i % BASE_ROWS (see _random_logits): same logsumexp, computed once.
+            rows = min(n, BASE_ROWS)
+            lse = _row_logsumexp(z.detach()[:rows]).repeat(math.ceil(n / rows))[:n]
+            lq = z.detach().gather(1, inp.tokens[:, None])[:, 0].float() - lse
         inp.old_logprobs = lq + 0.1 * torch.randn(n, generator=g, device=device)
         inp.advantages = torch.randn(n, generator=g, device=device)
         inp.weights = torch.empty(n, device=device).uniform_(0.8, 1.25, generator=g)
@@ -422,17 +427,22 @@ def _relative_max_error(out: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_error(op: Op, spec: ImplSpec, impl: Callable[[Inputs], dict], inputs: Inputs, mode: str,
-                rows: int = 8) -> dict:
+                rows: int = 8, cache: dict | None = None) -> dict:
     """Error of ``impl`` on the first ``rows`` positions against minillm_fast.reference in float64.
 
     ``fwd``: the outputs (per-row values for our divergences, losses / statistics otherwise).
     ``fwd+bwd``: also the student gradient. Returns {"err": max over all, "detail": {name: err}}.
+    ``cache``: a dict kept across the implementations checked on the same ``inputs`` (the reference values are
+    then computed once).
     """
     if op.reference is None:
         return {"err": None, "detail": {}, "note": "stochastic: no reference value"}
     head = inputs.head(min(rows, inputs.z.shape[0]))
-    with torch.no_grad():
-        want = op.reference(head.as_float64())
+    cache = {} if cache is None else cache
+    if "want" not in cache:
+        with torch.no_grad():
+            cache["want"] = op.reference(head.as_float64())
+    want = cache["want"]
     detail = {}
     grad_enabled = mode == "fwd+bwd"
     with torch.set_grad_enabled(grad_enabled):
@@ -444,32 +454,45 @@ def check_error(op: Op, spec: ImplSpec, impl: Callable[[Inputs], dict], inputs: 
         detail[key] = _relative_max_error(got[key], want[key])
     if grad_enabled:
         (grad,) = torch.autograd.grad(got["loss"], head.z)
-        head64 = head.as_float64()
-        (want_grad,) = torch.autograd.grad(op.reference(head64)["loss"], head64.z)
-        detail["grad"] = _relative_max_error(grad, want_grad)
+        if "want_grad" not in cache:
+            head64 = head.as_float64()
+            (cache["want_grad"],) = torch.autograd.grad(op.reference(head64)["loss"], head64.z)
+        detail["grad"] = _relative_max_error(grad, cache["want_grad"])
     return {"err": max(detail.values()) if detail else None, "detail": detail}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The CPU memory child's job (see harness.cpu_peak_bytes_in_child)
+# The CPU memory children's job (see harness.cpu_peaks_in_children)
 # ----------------------------------------------------------------------------------------------------------
 
+def memory_cell_job(op: Op, runs: list[tuple[ImplSpec, str]], n: int, v: int, dtype: torch.dtype,
+                    seed: int) -> dict:
+    """A cell child's work: build the inputs of ``op`` at [n, v] once, then measure each (implementation, pass)
+    of ``runs`` in its own fresh fork."""
+    return {"op": op.name, "n": n, "v": v, "dtype": str(dtype).replace("torch.", ""), "seed": seed,
+            "runs": [{"kind": spec.kind, "backend": spec.backend, "mode": mode} for spec, mode in runs]}
+
+
 def memory_job(op: Op, spec: ImplSpec, n: int, v: int, dtype: torch.dtype, mode: str, seed: int) -> dict:
-    return {"op": op.name, "kind": spec.kind, "backend": spec.backend, "n": n, "v": v,
-            "dtype": str(dtype).replace("torch.", ""), "mode": mode, "seed": seed}
+    """A child's work for one implementation and pass (see ``memory_cell_job``)."""
+    return memory_cell_job(op, [(spec, mode)], n, v, dtype, seed)
 
 
-def build_memory_job(job: dict):
-    """In the child: (call, warmup) for one op on freshly built CPU inputs."""
+def build_memory_runs(job: dict) -> list[tuple[int, Callable[[], tuple]]]:
+    """In the child: build the CPU inputs once; [(run index, build)], where ``build()`` gives (call, warmup)
+    for that run. Indices are the parent's (``job["indices"]`` when it resends the rest of a failed child)."""
     op = OPS[job["op"]]
-    spec = ImplSpec(job["kind"], job["backend"])
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
     device = torch.device("cpu")
     inputs = make_inputs(op.needs, job["n"], job["v"], DTYPES[job["dtype"]], device, job["seed"])
-    impl = build_impl(op, spec)
-    call = make_call(op, impl, [inputs], job["mode"])
-    # 8 rows load the same code paths; for "compile" they build the very graph the full call uses (the token
-    # dimension is dynamic), from the parent's on-disk Inductor cache.
-    warmup = make_call(op, impl, [inputs.head(8)], job["mode"])
-    return call, warmup
+    head = inputs.head(8)
+
+    def builder(run):
+        def build():
+            impl = build_impl(op, ImplSpec(run["kind"], run["backend"]))
+            # 8 rows load the same code paths; for "compile" they build the very graph the full call uses (the
+            # token dimension is dynamic), from the parent's on-disk Inductor cache.
+            return make_call(op, impl, [inputs], run["mode"]), make_call(op, impl, [head], run["mode"])
+        return build
+
+    indices = job.get("indices") or list(range(len(job["runs"])))
+    return [(i, builder(run)) for i, run in zip(indices, job["runs"])]

@@ -38,7 +38,10 @@ def _notes(r: dict) -> str:
         if r.get("compile_s") is not None:
             notes.append(f"compile {human_seconds(r['compile_s'])}*")
         if r.get("samples"):
-            notes.append(f"n={len(r['samples'])}")
+            n = f"n={len(r['samples'])}"
+            if r.get("fewer_calls"):  # fewer timed calls than wanted, and why
+                n += f" of {r.get('repeats_wanted')}: {r['fewer_calls']}"
+            notes.append(n)
         if r.get("note"):
             notes.append(r["note"])
     if r.get("mem_note"):
@@ -137,11 +140,23 @@ COLORS = {"ours:cuda": "tab:blue", "ours:triton": "tab:cyan", "ours:cpu": "tab:p
           "eager": "tab:red", "compile": "tab:orange", "liger": "tab:green"}
 
 
+def _minor_log_label(ax):
+    """Label the 2 and 5 minor ticks of a log y axis that spans at most 2 decades (else none)."""
+    def label(y, _):
+        low, high = ax.get_ylim()
+        if y <= 0 or low <= 0 or high / low > 100:
+            return ""
+        mantissa = y / 10 ** math.floor(math.log10(y) + 1e-9)
+        return f"{y:g}" if any(abs(mantissa - m) < 1e-6 for m in (2, 5)) else ""
+    return label
+
+
 def plot(results: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     """time_vs_vocab.png and memory_vs_vocab.png: per op and pass, per 1,000 tokens, log-log, one line per impl."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in results if r["status"] == "ok"]
     panels = sorted({(r["op"], r["mode"]) for r in ok}, key=lambda p: (list(dict.fromkeys(
@@ -153,7 +168,12 @@ def plot(results: list[dict], meta: dict, out_dir: Path) -> list[Path]:
             break
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        # Fixed margins (in inches, so any grid lays out alike) instead of tight_layout, which lays every tick
+        # label out once more to fit them (seconds per figure on a CPU).
+        width, height = 5 * cols, 3.6 * nrows
+        fig, axes = plt.subplots(nrows, cols, figsize=(width, height), squeeze=False)
+        fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height,
+                            top=1 - 0.6 / height, wspace=0.3, hspace=0.45)
         for ax, (op, mode) in zip(axes.flat, panels):
             by_impl: dict[str, list[tuple[int, float]]] = {}
             for r in ok:
@@ -169,6 +189,15 @@ def plot(results: list[dict], meta: dict, out_dir: Path) -> list[Path]:
                         color=COLORS.get(impl))
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # Ticks at the measured vocabularies only: log axes' automatic (minor) ticks over a narrow range of
+            # one or two points cost seconds per figure to lay out.
+            vocabs = sorted({p[0] for points in by_impl.values() for p in points})
+            if vocabs:
+                ax.set_xticks(vocabs, [f"{v:,}" for v in vocabs], fontsize=8)
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            # Plain numbers on the y axis (the default log labels are typeset as math, slowly).
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_minor_log_label(ax)))
             ax.set_title(f"{op} ({mode})", fontsize=10)
             ax.set_xlabel("vocabulary size")
             ax.set_ylabel(ylabel, fontsize=8)
@@ -178,7 +207,6 @@ def plot(results: list[dict], meta: dict, out_dir: Path) -> list[Path]:
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.suptitle(f"{meta['device']} - {meta['dtype']} - {meta['date']}", fontsize=10)
-        fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, dpi=110)
         plt.close(fig)

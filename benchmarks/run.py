@@ -16,19 +16,21 @@ if __package__ in (None, ""):  # run as a script: make the repository root (benc
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 
 import torch  # noqa: E402
 
 import minillm_fast  # noqa: E402
-from benchmarks import harness, ops, report  # noqa: E402
+from benchmarks import fused_linear_ops, harness, ops, report  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +95,8 @@ columns of the table (one row per implementation; a group per op, shape and pass
                 beta=0 forward KL, beta=0.5 JSD) including the fp32 log_softmax of both inputs, CUDA only
   time          median time of one call. GPU: triton.testing.do_bench (median), several interleaved rounds.
                 CPU: wall clock after a warm-up; implementations are interleaved call by call and input sets
-                are rotated (several copies of the inputs, so no call finds its data in cache)
+                are rotated (several copies of the inputs, so no call finds its data in cache; one when a
+                single copy is beyond the caches)
   GB/s          bytes that must move / time. Must move = read student and teacher logits once (+ per-token
                 inputs and outputs), and for fwd+bwd write the student gradient once. (TF/s instead for
                 matmul-bound ops: FLOPs that must be done / time)
@@ -105,15 +108,19 @@ columns of the table (one row per implementation; a group per op, shape and pass
                 on our rows: that alternative's median time / ours (>1: ours is faster); n/a where the
                 alternative could not run (see its row)
   peak mem      peak memory beyond the inputs during one call (the gradient counts). GPU:
-                torch.cuda.max_memory_allocated minus what was allocated before the call. CPU: in a fresh child
-                process running only that op: VmHWM after the call minus VmRSS before it (peak reset first)
+                torch.cuda.max_memory_allocated minus what was allocated before the call. CPU: in a fresh
+                process running only that op (a fork of a child that built the op's inputs, one fork per
+                implementation and pass): VmHWM after the call minus VmRSS before it (peak reset first)
   /grad         peak mem in units of one student-gradient buffer [tokens x vocabulary] in the logits' dtype
   err           max |out - ref| / max |ref| against minillm_fast.reference in float64 on the first rows
                 (--check-rows) of the inputs: per-row values for our divergences, losses / statistics
                 otherwise; fwd+bwd rows include the student gradient. "-" where there is no reference
                 (sampling is stochastic)
   notes         compile <t>* = first call minus median (compile time, reported apart, not in "time");
-                n = timed calls; why a row has no numbers (not installed, unavailable, error, skipped)
+                n = timed calls, and why fewer than wanted: "n=1 of 3: >5x ours:cpu" (an alternative more
+                than --slow-factor times slower than our fast path, and over 0.2 s a call, stops after
+                --slow-repeats calls) or "n=1 of 3: 3 s budget" (--budget-s reached); why a row has no
+                numbers (not installed, unavailable, error, skipped)
 """
 
 
@@ -144,7 +151,12 @@ def parse_args(argv=None):
                                                         "torch fallback (default 3, --quick 2)")
     parser.add_argument("--budget-s", type=float, default=3.0,
                         help="CPU: stop repeating an implementation once its timed calls add up to this many "
-                             "seconds (default 3; at least one call)")
+                             "seconds (default 3; at least one call, at least 3 for ours)")
+    parser.add_argument("--slow-factor", type=float, default=5.0,
+                        help="CPU: an alternative whose median so far exceeds this many times our fast path's "
+                             "(and 0.2 s) stops after --slow-repeats calls (default 5; 0: never)")
+    parser.add_argument("--slow-repeats", type=int, default=1,
+                        help="CPU: timed calls of an alternative slower than --slow-factor x ours (default 1)")
     parser.add_argument("--input-sets", type=int, help="input sets rotated through (default: enough to exceed "
                                                        "the caches, at most 4, within a quarter of free memory)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
@@ -183,11 +195,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _fused_linear_ops(args) -> tuple[str, ...]:
+    """The fused-linear ops to run (their own table, benchmarks/fused_linear_ops.py): all unless --ops names others."""
+    names = _split(args.ops)
+    return fused_linear_ops.OPS if names is None else tuple(n for n in names if n in fused_linear_ops.OPS)
+
+
 def build_plan(args, device) -> list[Cell]:
     op_names = _split(args.ops)
     for name in op_names or []:
-        if name not in ops.OPS:
-            raise SystemExit(f"--ops: unknown op {name!r} (known: {', '.join(ops.OPS)})")
+        if name not in ops.OPS and name not in fused_linear_ops.OPS:
+            raise SystemExit(f"--ops: unknown op {name!r} (known: {', '.join(ops.OPS + fused_linear_ops.OPS)})")
+    if op_names is not None:
+        op_names = [n for n in op_names if n in ops.OPS]
     modes = _split(args.modes)
     for m in modes or []:
         if m not in ops.MODES:
@@ -234,7 +254,9 @@ def input_set_count(set_bytes: int, device, requested: int | None) -> int:
     if requested:
         return requested
     flush = (1 << 30) if device.type == "cuda" else (256 << 20)  # comfortably beyond L2 / last-level cache
-    count = min(4, max(2, math.ceil(flush / max(set_bytes, 1))))
+    # One set that alone is beyond the caches needs no rotation (no call can find it in cache); smaller sets
+    # rotate through enough copies to exceed the flush size.
+    count = 1 if set_bytes >= flush else min(4, max(2, math.ceil(flush / max(set_bytes, 1))))
     # Leave room for the alternatives' temporaries (eager needs several fp32 copies of the logits).
     share = 8 if device.type == "cuda" else 4
     while count > 1 and count * set_bytes > _free_bytes(device) // share:
@@ -250,6 +272,7 @@ class Runner:
         self.unavailable = {b: ops.ours_unavailable(b, device) for b in backends}
         self.alt_unavailable = {a: ops.alternative_unavailable(a, device) for a in alts}
         self.cell_seconds: list[dict] = []  # where the wall time went (results.json meta), for sizing plans
+        self._pending = None  # the last cell's memory children, running in a thread (see finish())
         quick = args.quick
         self.repeats = args.repeats or (3 if quick else 5)
         self.alt_repeats = args.alt_repeats or (2 if quick else 3)
@@ -301,44 +324,105 @@ class Runner:
                     rec["note"] = why
                 records[(mode, spec)] = rec
         runnable = [(mode, spec) for (mode, spec), r in records.items() if r["status"] == "ok"]
+        if not runnable:
+            self._derive(records)
+            return list(records.values())
         t0 = time.perf_counter()
-        if runnable:
-            self._time_and_check(cell, op, records, runnable)
-            t1 = time.perf_counter()
-            if not self.args.no_memory and self.device.type == "cpu":
-                self._cpu_memory(cell, op, records, runnable)
-            self.cell_seconds.append({"op": cell.op, "shape": f"{cell.n}x{cell.v}",
-                                      "timing_and_check_s": round(t1 - t0, 1),
-                                      "memory_children_s": round(time.perf_counter() - t1, 1)})
-        self._derive(records)
+        # Building the inputs is not measured: it overlaps the previous cell's memory children (a CPU's peak
+        # RSS does not depend on the load). Those must be done before any timing starts, though.
+        sets = self._make_sets(cell, op, records, runnable)
+        t1 = time.perf_counter()
+        self.finish()
+        t2 = time.perf_counter()
+        if sets is not None:
+            self._time_and_check(cell, op, records, runnable, sets)
+        del sets
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        t3 = time.perf_counter()
+        seconds = {"op": cell.op, "shape": f"{cell.n}x{cell.v}", "inputs_s": round(t1 - t0, 1),
+                   "timing_and_check_s": round(t3 - t2, 1)}
+        self.cell_seconds.append(seconds)
+        if not self.args.no_memory and self.device.type == "cpu":
+            self._start_cpu_memory(cell, op, records, runnable, seconds)  # finish() collects it
+        else:
+            self._derive(records)
         return list(records.values())
 
-    def _time_and_check(self, cell, op, records, runnable):
+    def _make_sets(self, cell, op, records, runnable):
         device, args = self.device, self.args
+        self.progress.set_postfix_str(f"{cell.op} {cell.n}x{cell.v}: inputs")
         set_bytes = ops.make_inputs(op.needs, 1, cell.v, self.dtype, device, 0).nbytes() * cell.n
         count = input_set_count(set_bytes, device, args.input_sets)
         try:
-            sets = [ops.make_inputs(op.needs, cell.n, cell.v, self.dtype, device, args.seed + i)
+            return [ops.make_inputs(op.needs, cell.n, cell.v, self.dtype, device, args.seed + i)
                     for i in range(count)]
         except Exception as exc:  # noqa: BLE001
             for key in runnable:
                 records[key].update(status="error", note="inputs: " + harness.describe_error(exc))
+            return None
+
+    def finish(self) -> None:
+        """Wait for the last cell's memory children and fill in its records (call before using them)."""
+        if self._pending is None:
             return
+        thread, records, todo, box, seconds, started = self._pending
+        thread.join()  # (an interrupt here leaves it pending, for abandon())
+        self._pending = None
+        measured = box.get("measured") or [(None, box.get("error", "not measured"))] * len(todo)
+        for key, (peak, error) in zip(todo, measured):
+            if error:
+                records[key]["mem_note"] = error
+            else:
+                records[key]["peak_bytes"] = peak
+        seconds["memory_children_s"] = round(box.get("total", time.perf_counter() - started), 1)
+        detail = box["seconds"]
+        if detail:  # where that went: the cell child's inputs, then each fork
+            seconds["memory_detail_s"] = {"inputs": round(detail.get("inputs", 0.0), 1), **{
+                f"{mode} {spec.label}": (round(t, 1) if t is not None else None)
+                for (mode, spec), t in zip(todo, detail.get("runs") or [])}}
+        self._derive(records)
+
+    def abandon(self, why: str) -> None:
+        """Interrupted: give up on the last cell's memory children (daemonic: they end with us)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _, records, todo, box, _, _ = pending
+            for i, key in enumerate(todo):
+                peak, error = dict(box["partial"]).get(i, (None, why))  # what arrived before the interrupt
+                if error:
+                    records[key]["mem_note"] = error
+                else:
+                    records[key]["peak_bytes"] = peak
+            self._derive(records)
+
+    def _time_and_check(self, cell, op, records, runnable, sets):
+        device, args = self.device, self.args
+        count = len(sets)
         impls = {spec: ops.build_impl(op, spec) for _, spec in runnable}
         for mode in cell.modes:
             specs = [spec for m, spec in runnable if m == mode]
-            candidates = []
+            candidates, reference = [], None
             for spec in specs:
                 call = ops.make_call(op, impls[spec], sets, mode)
                 warmup = None
                 if device.type == "cpu" and spec.kind != "compile":  # same code paths, 8 rows: cheap
                     warmup = ops.make_call(op, impls[spec], [sets[0].head(8)], mode)
                 # The chunked torch fallback is not the fast path: it gets the alternatives' (fewer) repeats.
+                # Ours never gets fewer than 3 calls (the time budget notwithstanding); an alternative that proves
+                # more than --slow-factor times slower than our fast path stops after --slow-repeats calls.
                 fast_path = spec.kind == "ours" and spec.backend != "torch"
-                candidates.append(harness.Candidate(spec.label, call, warmup,
-                                                    self.repeats if fast_path else self.alt_repeats))
+                if fast_path and reference is None:
+                    reference = spec.label
+                candidates.append(harness.Candidate(
+                    spec.label, call, warmup, self.repeats if fast_path else self.alt_repeats,
+                    min_repeats=min(3, self.repeats) if spec.kind == "ours" else 1,
+                    slow_repeats=args.slow_repeats if spec.kind != "ours" and args.slow_factor > 0 else None))
             self.progress.set_postfix_str(f"{cell.op} {cell.n}x{cell.v} {mode}: timing")
-            timings = harness.time_candidates(candidates, device, budget_s=args.budget_s)
+            timings = harness.time_candidates(candidates, device, budget_s=args.budget_s, reference=reference,
+                                              slow_factor=args.slow_factor)
+            reference_values: dict = {}  # float64 reference outputs of this pass, computed once for all impls
             for spec in specs:
                 rec, t = records[(mode, spec)], timings[spec.label]
                 rec["input_sets"] = count
@@ -346,6 +430,12 @@ class Runner:
                     rec.update(status="error", note=t.error)
                 else:
                     rec.update(median_s=t.median_s, samples=t.samples, first_call_s=t.first_call_s)
+                    if t.repeats is not None:
+                        rec["repeats_wanted"] = t.repeats
+                    if t.fewer_calls == "slow":  # why it got fewer timed calls than repeats_wanted
+                        rec["fewer_calls"] = f">{args.slow_factor:g}x {reference}"
+                    elif t.fewer_calls == "budget":
+                        rec["fewer_calls"] = f"{args.budget_s:g} s budget"
                     if spec.kind == "compile" and t.first_call_s is not None:
                         rec["compile_s"] = max(0.0, t.first_call_s - t.median_s)
                 self.progress.update(1)
@@ -353,7 +443,8 @@ class Runner:
                     continue
                 if not args.no_check:
                     try:
-                        checked = ops.check_error(op, spec, impls[spec], sets[0], mode, rows=args.check_rows)
+                        checked = ops.check_error(op, spec, impls[spec], sets[0], mode, rows=args.check_rows,
+                                                  cache=reference_values)
                         rec["err"], rec["err_detail"] = checked["err"], checked["detail"]
                     except Exception as exc:  # noqa: BLE001
                         rec["err_note"] = "check failed: " + harness.describe_error(exc)
@@ -366,27 +457,61 @@ class Runner:
                         rec["mem_note"] = harness.describe_error(exc)
                         torch.cuda.empty_cache()
                     self.progress.update(1)
-        del sets, impls
+        del impls
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _cpu_memory(self, cell, op, records, runnable):
+    def _start_cpu_memory(self, cell, op, records, runnable, seconds):
+        """Every implementation and pass of the cell: one child builds the inputs once, and a fresh fork of it
+        measures each (see harness.cpu_peaks_in_children). Runs in a thread, while the next cell's inputs are
+        built; ``finish()`` waits for it."""
+        todo = []
         for mode, spec in runnable:
-            rec = records[(mode, spec)]
-            if rec["status"] != "ok":
-                self.progress.update(1)
-                continue
-            self.progress.set_postfix_str(f"{cell.op} {cell.n}x{cell.v} {mode} {spec.label}: memory (child)")
-            job = ops.memory_job(op, spec, cell.n, cell.v, self.dtype, mode, self.args.seed)
-            job["threads"] = torch.get_num_threads()
-            slowest = max(rec.get("first_call_s") or 0.0, rec.get("median_s") or 0.0)
-            peak, error = harness.cpu_peak_bytes_in_child(job, timeout_s=max(120.0, 6 * slowest + 60))
-            if error:
-                rec["mem_note"] = error
+            if records[(mode, spec)]["status"] == "ok":
+                todo.append((mode, spec))
             else:
-                rec["peak_bytes"] = peak
+                self.progress.update(1)
+        if not todo:
+            self._derive(records)
+            return
+        # Cheapest first (a slow one that hangs or runs out of memory then holds up nothing else).
+        todo.sort(key=lambda key: records[key].get("median_s") or 0.0)
+        job = ops.memory_cell_job(op, [(spec, mode) for mode, spec in todo], cell.n, cell.v, self.dtype,
+                                  self.args.seed)
+        job["threads"] = torch.get_num_threads()
+        timeouts = []
+        for key in todo:
+            rec = records[key]
+            slowest = max(rec.get("first_call_s") or 0.0, rec.get("median_s") or 0.0)
+            timeouts.append(max(120.0, 6 * slowest + 60))
+
+        def label(i):
+            mode, spec = todo[i]
+            return f"{cell.op} {cell.n}x{cell.v} {mode} {spec.label}: memory (child)"
+
+        box: dict = {"seconds": {}, "partial": {}}
+
+        def on_result(i, result):  # in the thread
+            box["partial"][i] = result
             self.progress.update(1)
+            if i + 1 < len(todo):
+                self.progress.set_postfix_str(label(i + 1))
+
+        started = time.perf_counter()
+
+        def measure():  # in the thread: touches only `box` and the progress bar, never the records
+            try:
+                box["measured"] = harness.cpu_peaks_in_children(job, timeouts, on_result=on_result,
+                                                                seconds=box["seconds"])
+            except Exception as exc:  # noqa: BLE001
+                box["error"] = harness.describe_error(exc)
+            box["total"] = time.perf_counter() - started
+
+        self.progress.set_postfix_str(label(0))
+        thread = threading.Thread(target=measure, name="memory-children", daemon=True)
+        thread.start()
+        self._pending = (thread, records, todo, box, seconds, started)
 
     def _derive(self, records):
         bw = self.dinfo.copy_bytes_per_s
@@ -430,12 +555,34 @@ def _git_commit() -> str | None:
         return None
 
 
+def _probe_vec_isas_in_parallel(device) -> None:
+    """Part of Inductor's CPU start-up: it compiles and loads one test program per vector ISA the CPU has (AMX,
+    AVX512-VNNI, AVX512, AVX2 on a recent Xeon: seconds each, one after another). Run those same checks two at a
+    time (threads; the compiler runs outside the GIL): Inductor caches their results, so its own sequential
+    pass then finds them done and picks the same ISA. Any failure leaves that pass to do the work as usual."""
+    if device.type != "cpu":
+        return
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torch._inductor import cpu_vec_isa
+        supported = cpu_vec_isa.x86_isa_checker()
+        isas = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                if all(flag in supported for flag in str(isa).split())]
+        if len(isas) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(isas), os.cpu_count() or 1)) as pool:
+                list(pool.map(bool, isas))  # VecISA.__bool__ = the (cached) build-and-load check
+    except Exception:  # noqa: BLE001 - private API: whatever goes wrong, Inductor does it itself below
+        pass
+
+
 def _compile_init(device) -> float | None:
     """Time Inductor's one-time start-up (imports, toolchain probes) on a trivial graph, so that the compile
     times reported per op are the op's own."""
     try:
         ops._configure_dynamo()
         t0 = time.perf_counter()
+        _probe_vec_isas_in_parallel(device)
         torch.compile(lambda x: (x.exp() + 1).sum())(torch.randn(8, 8, device=device))
         harness.sync(device)
         return time.perf_counter() - t0
@@ -460,7 +607,7 @@ def main(argv=None) -> int:
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     plan = build_plan(args, device)
-    if not plan:
+    if not plan and not _fused_linear_ops(args):
         raise SystemExit("nothing to run: --ops / --shapes / --modes select no cell")
 
     from tqdm.auto import tqdm
@@ -475,6 +622,11 @@ def main(argv=None) -> int:
     print(f"minillm_fast benchmark on {dinfo.name} ({device}), {dtype_name}; {len(plan)} cells -> {out_dir}",
           file=sys.stderr)
     dinfo.copy_bytes_per_s = harness.copy_bandwidth(device)
+    memory_children = device.type == "cpu" and not args.no_memory
+    compile_measured = "compile" in alts and ops.alternative_unavailable("compile", device) is None
+    if memory_children:  # start the children's fork server now: its imports overlap with our start-up
+        harness.prepare_children(warm_inductor=compile_measured)
+        harness.start_children()
     try:
         import triton
         triton_version = triton.__version__
@@ -489,11 +641,14 @@ def main(argv=None) -> int:
         "git": _git_commit(), "copy_gb_per_s": dinfo.copy_bytes_per_s / 1e9,
         "backends": backends, "alternatives": alts, "quick": args.quick,
     }
-    if "compile" in alts and ops.alternative_unavailable("compile", device) is None:
+    if compile_measured:
         print("warming up torch.compile (one-time Inductor start-up, excluded from compile times)...",
               file=sys.stderr)
         meta["compile_init_s"] = _compile_init(device)
-        harness.prepare_children(warm_inductor=device.type == "cpu" and not args.no_memory)
+    if memory_children:  # before any timing: the server's start-up must not overlap a measurement
+        why = harness.wait_for_children()
+        if why:
+            print(f"warning: {why}", file=sys.stderr)
 
     gc.collect()
     gc.freeze()  # torch, dynamo and sympy leave millions of objects: keep the collections between calls cheap
@@ -510,11 +665,13 @@ def main(argv=None) -> int:
                 if args.time_limit and time.perf_counter() - started > args.time_limit:
                     results += _not_run(plan[done:], runner, "skipped (--time-limit reached)")
                     break
-                results += runner.run_cell(cell)
+                results += runner.run_cell(cell)  # its memory may still be measuring: run_cell / finish wait
                 done += 1
                 report.write(results, meta, out_dir)  # after every cell: a killed run still leaves its results
+            runner.finish()
         except (Interrupted, KeyboardInterrupt):
             interrupted = True
+            runner.abandon("not measured (interrupted)")
             results += _not_run(plan[done:], runner, "not run (interrupted)")
     finally:
         progress.close()
@@ -528,19 +685,42 @@ def main(argv=None) -> int:
     if dinfo.matmul_flop_per_s:
         meta["matmul_tflop_per_s"] = dinfo.matmul_flop_per_s / 1e12
     report.write(results, meta, out_dir)
-    plots = [] if args.no_plots else report.plot(results, meta, out_dir)
+    plots = [] if args.no_plots or not results else report.plot(results, meta, out_dir)
+    fused_table = _run_fused_linear(args, device, dtype, meta, out_dir)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
     print()
     print("\n".join(report.header_lines(meta)))
     print()
     print(report.text_table(results))
     print()
     print(report.FOOTNOTE)
+    if fused_table:
+        print("\nFused-linear ops (from hidden states and lm_head weights; FLOP floor = 8 N V H over the measured "
+              "matmul rate):\n" + fused_table)
     print(f"\nwrote {out_dir / 'results.json'}, {out_dir / 'results.md'}"
           + "".join(f", {p}" for p in plots) + f"  ({meta['wall_s']:.0f} s)")
     failed = [r for r in results if r["kind"] == "ours" and r["status"] == "error"]
     if interrupted:
         return 130
     return 1 if (args.strict and failed) else 0
+
+
+def _run_fused_linear(args, device, dtype, meta, out_dir) -> str | None:
+    """The fused-linear ops' table (benchmarks/fused_linear_ops.py) into fused_linear.md / .json beside the results."""
+    names = _fused_linear_ops(args)
+    if not names:
+        return None
+    if args.shapes:
+        return None  # --shapes are [N, V] logits shapes; run `python -m benchmarks.fused_linear_ops` for others
+    shapes = (fused_linear_ops.QUICK_SHAPES if args.quick else fused_linear_ops.GPU_SHAPES if device.type == "cuda"
+              else fused_linear_ops.CPU_DEFAULT_SHAPES)
+    rows = fused_linear_ops.run(device, dtype, shapes, ops=names, repeats=3 if device.type == "cuda" else 2,
+                                memory=not args.no_memory)
+    table = fused_linear_ops.markdown(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fused_linear.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / "fused_linear.md").write_text("\n".join(report.header_lines(meta)) + "\n\n" + table + "\n")
+    return table
 
 
 def _not_run(cells, runner, why) -> list[dict]:

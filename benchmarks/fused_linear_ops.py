@@ -146,41 +146,48 @@ def _reference(op: str, p: Problem):
     return value.detach(), h.grad
 
 
-def _error(op: str, fn, p: Problem) -> float:
+def _error(op: str, fn, p: Problem, cache: dict | None = None) -> float:
+    """``cache``: kept across the implementations of one op on ``p``, so the float64 reference runs once."""
     small = p.head(ERROR_ROWS)
     out = fn(small)
     out.backward()
-    want, want_grad = _reference(op, small)
+    cache = {} if cache is None else cache
+    if "want" not in cache:
+        cache["want"] = _reference(op, small)
+    want, want_grad = cache["want"]
     err_value = abs(float(out.detach()) - float(want)) / max(abs(float(want)), 1e-12)
     err_grad = float((small.h.grad.double() - want_grad).norm() / want_grad.norm().clamp(min=1e-30))
     return max(err_value, err_grad)
 
 
-def _cpu_memory_child(conn, op, name, n, h, v, dtype_name):
-    """In a fresh child: the peak RSS growth of one call beyond inputs, weights and one set of gradients."""
-    torch.set_num_threads(torch.get_num_threads())
+def build_memory_runs(job: dict) -> list:
+    """In the suite's cell child (``harness.cpu_peaks_in_children``): the problem built once; for each run
+    (op, implementation) a ``build()`` giving (call, warmup) for ``harness.rss_peak_of`` in a fresh fork. The
+    warm-up is one full call whose gradients stay alive: the baseline holds one set of gradients, the measured
+    call makes the next (``_cpu_extra_memory`` subtracts them)."""
     device = torch.device("cpu")
-    p = Problem.make(n, h, v, getattr(torch, dtype_name), device)
-    fn = implementations(op, device)[name]
-    call = _step(fn, p)
-    call()  # warm-up: allocates the gradients once
-    keep = (p.h.grad, p.w.grad)  # the baseline holds one set of gradients; the measured call makes the next
-    grad_bytes = sum(x.numel() * x.element_size() for x in keep if x is not None)
-    result = harness.rss_peak_of(call, None)
-    conn.send(result["peak_bytes"] - grad_bytes)
-    conn.close()
+    p = Problem.make(job["n"], job["h"], job["v"], getattr(torch, job["dtype"]), device)
+
+    def builder(run):
+        def build():
+            call = _step(implementations(run["op"], device)[run["impl"]], p)
+            kept = []
+            return call, lambda: kept.append((call(), p.h.grad, p.w.grad))
+        return build
+
+    indices = job.get("indices") or list(range(len(job["runs"])))
+    return [(i, builder(run)) for i, run in zip(indices, job["runs"])]
 
 
-def _cpu_extra_memory(op, name, n, h, v, dtype, timeout_s=120.0):
-    ctx = harness._child_context()  # the suite's fork server: torch already imported, nothing run
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_cpu_memory_child, args=(child, op, name, n, h, v, str(dtype).split(".")[-1]))
-    proc.start()
-    got = parent.recv() if parent.poll(timeout_s) else None
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-    return got
+def _cpu_extra_memory(runs, n, h, v, dtype, timeout_s=120.0) -> list:
+    """Peak RSS growth beyond inputs, weights and one set of gradients of each (op, impl) in ``runs``, each in
+    its own fresh process (forks of one child that builds the problem once); None where it failed."""
+    job = {"builder": "benchmarks.fused_linear_ops:build_memory_runs", "n": n, "h": h, "v": v,
+           "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
+           "runs": [{"op": op, "impl": name} for op, name in runs]}
+    grad_bytes = (n * h + v * h) * torch.empty((), dtype=dtype).element_size()  # d hidden and d weight
+    measured = harness.cpu_peaks_in_children(job, [timeout_s] * len(runs))
+    return [peak - grad_bytes if peak is not None else None for peak, _ in measured]
 
 
 def _cuda_extra_memory(fn, p: Problem, device) -> int:
@@ -233,12 +240,14 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
     for n, h, v in shapes:
         p = Problem.make(n, h, v, dtype, device)
         flops = 8 * n * v * h
+        cpu_memory = []  # (op, impl, row): measured together after the timings (one child builds the problem once)
         for op in ops:
             impls = implementations(op, device)
             timings = _interleaved_medians(impls, p, device, repeats)
             if progress is not None:
                 progress(f"{op} {n}x{h}x{v}")
             ours_t = timings["ours"]
+            reference_cache: dict = {}
             for name, t in timings.items():
                 row = {"op": op, "n": n, "h": h, "v": v, "dtype": str(dtype).split(".")[-1], "impl": name,
                        "mode": "fwd+bwd", "time_s": t if isinstance(t, float) else None,
@@ -251,14 +260,20 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
                     fn = impls[name]
                     if name != "matmuls":
                         try:
-                            row["max_rel_error"] = _error(op, fn, p)
+                            row["max_rel_error"] = _error(op, fn, p, reference_cache)
                         except Exception as exc:  # noqa: BLE001
                             row["note"] = f"error check failed: {harness.describe_error(exc)}"
                     if memory and name != "matmuls":
-                        row["extra_peak_bytes"] = (_cuda_extra_memory(fn, p, device) if device.type == "cuda"
-                                                   else _cpu_extra_memory(op, name, n, h, v, dtype))
+                        if device.type == "cuda":
+                            row["extra_peak_bytes"] = _cuda_extra_memory(fn, p, device)
+                        else:
+                            cpu_memory.append((op, name, row))
                     row["logits_buffer_bytes"] = n * v * 4
                 rows.append(row)
+        if cpu_memory:
+            peaks = _cpu_extra_memory([(op, name) for op, name, _ in cpu_memory], n, h, v, dtype)
+            for (_, _, row), peak in zip(cpu_memory, peaks):
+                row["extra_peak_bytes"] = peak
         del p
     return rows
 

@@ -432,9 +432,10 @@ def _children_main(conn, job: dict) -> None:
     pool with the parent's thread count. Every fork starts from the same state, that of a fresh process that has
     just built its inputs, whatever ran before it."""
     try:
-        from benchmarks import ops
+        import importlib
+        module_name, function = job.get("builder", "benchmarks.ops:build_memory_runs").split(":")
         torch.set_num_threads(1)
-        runs = ops.build_memory_runs(job)  # builds the inputs
+        runs = getattr(importlib.import_module(module_name), function)(job)  # builds the inputs
         conn.send(("ready",))
         timeouts = job.get("timeouts") or [600.0] * len(runs)
         for (index, build), timeout_s in zip(runs, timeouts):
@@ -455,6 +456,8 @@ def cpu_peaks_in_children(job: dict, timeouts_s: list[float], *, setup_timeout_s
                           seconds: dict | None = None) -> list[tuple[int | None, str | None]]:
     """Peak RSS growth of each of ``job["runs"]`` (see ``benchmarks.ops.memory_cell_job``): one cell child
     builds the inputs once, and each run is measured in its own fresh fork of it (see ``_children_main``).
+    ``job["builder"]`` ("module:function", default ``benchmarks.ops:build_memory_runs``) builds them: it takes
+    the job and returns [(run index, build)], ``build()`` giving (call, warmup) for ``rss_peak_of``.
     Returns [(peak bytes, None) or (None, error)] in run order.
 
     ``timeouts_s[i]``: how long run i may take (its warm-up and measured call); building the inputs may take

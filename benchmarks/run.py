@@ -44,30 +44,35 @@ class Cell:
     """One op at one shape, and the passes to run there.
 
     ``heavy``: on a CPU, leave out the slow chunked ``torch`` fallback unless it was asked for by name (~30 s per
-    call at [2048, 128256] on 2 cores). ``compile=False``: the default plan leaves torch.compile out here to keep
-    within its time budget (each graph costs seconds to compile); an explicit ``--alts`` or ``--shapes`` puts it
-    back. Either way the table shows the row as skipped, with the reason."""
+    call at [2048, 128256] on 2 cores); ``fallback=False``: the same, to keep the default plan within its time
+    budget (the fallback's calls and memory child cost ~2 s per op at [512, 32000]). ``compile=False``: the
+    default plan leaves torch.compile out here to keep within its time budget (each graph costs seconds to
+    compile); an explicit ``--alts`` or ``--shapes`` puts it back. Either way the table shows the row as skipped,
+    with the reason."""
     op: str
     n: int
     v: int
     modes: tuple[str, ...]
     heavy: bool = False
     compile: bool = True
+    fallback: bool = True
 
 
 BOTH, FWD, FWDBWD = ("fwd", "fwd+bwd"), ("fwd",), ("fwd+bwd",)
 HEADLINE = ("reverse_kl", "minillm_loss")
 
-# A 2-core CPU, < 3 minutes when idle (fused-linear table included): the targets' shape [2048, 128256] for the
-# two headline ops (fwd+bwd), every op at [512, 32000] (reverse_kl fwd too: token_stats' target is relative to
-# it), torch.compile for the headline ops at the targets' shape only (its one-time start-up alone is ~15 s, then
-# seconds per graph: at [512, 32000] its three graphs and their memory children cost ~15 s more).
+# A 2-core CPU, < 3 minutes when idle (the fused-linear table, ~30 s, included): the targets' shape
+# [2048, 128256] for the two headline ops (fwd+bwd), every op at [512, 32000] (reverse_kl fwd too: token_stats'
+# target is relative to it). torch.compile for the headline ops at the targets' shape only (its one-time start-up
+# alone is ~15 s, then seconds per graph: at [512, 32000] its three graphs and their memory children cost ~15 s
+# more); the chunked torch fallback for the headline ops at [512, 32000] only (~10 s more for the other five).
+_SMALL = dict(compile=False, fallback=False)
 CPU_PLAN = (
     [Cell(op, 2048, 128256, FWDBWD, heavy=True) for op in HEADLINE]
     + [Cell("reverse_kl", 512, 32000, BOTH, compile=False), Cell("minillm_loss", 512, 32000, FWDBWD, compile=False)]
-    + [Cell("forward_kl", 512, 32000, FWDBWD, compile=False), Cell("jsd", 512, 32000, FWDBWD, compile=False),
-       Cell("token_stats", 512, 32000, FWD, compile=False), Cell("pt_loss", 512, 32000, FWDBWD, compile=False),
-       Cell("sample_mixture", 512, 32000, FWD, compile=False)]
+    + [Cell("forward_kl", 512, 32000, FWDBWD, **_SMALL), Cell("jsd", 512, 32000, FWDBWD, **_SMALL),
+       Cell("token_stats", 512, 32000, FWD, **_SMALL), Cell("pt_loss", 512, 32000, FWDBWD, **_SMALL),
+       Cell("sample_mixture", 512, 32000, FWD, **_SMALL)]
 )
 
 # A GPU, most important first (a --time-limit or a `timeout` keeps what was measured): every op at [8192, 128256],
@@ -284,9 +289,11 @@ class Runner:
         out = []
         for b in self.backends:
             reason = self.unavailable[b]
-            if reason is None and cell.heavy and b == "torch" and self.device.type == "cpu" \
-                    and "torch" not in self.explicit_backends:
-                reason = "skipped: chunked fallback, ~30 s per call here (--backends torch to include)"
+            if reason is None and b == "torch" and self.device.type == "cpu" and "torch" not in self.explicit_backends:
+                if cell.heavy:
+                    reason = "skipped: chunked fallback, ~30 s per call here (--backends torch to include)"
+                elif not cell.fallback:
+                    reason = "skipped: chunked fallback (default plan's time budget; --backends cpu,torch to include)"
             out.append((ops.ImplSpec("ours", b), reason))
         for a in op.alternatives():
             if a not in self.alts:

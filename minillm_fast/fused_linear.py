@@ -415,9 +415,9 @@ def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
 
 
 def _run(problem: _Problem, loss: _Loss, tokens, finish):
-    """Sweep, reduce with ``finish(values, valid) -> (outputs, value, per_row_weight_or_None)`` and attach the
-    gradient. ``per_row_weight`` None: a scalar loss whose row weights are valid / denominator (gradient computed in
-    the forward pass). A tensor: d value / d row value for reduction="none" (gradient recomputed in backward)."""
+    """Sweep, reduce with ``finish(values, valid) -> (outputs, value, 1 / denominator)`` and attach the gradient:
+    for a scalar loss (``finish.scalar``) the gradients formed in the forward pass, scaled in backward by
+    upstream / denominator; for reduction="none" the blocks recomputed in backward with per-row upstream weights."""
     needs = problem.needs_grad()
     scalar_output = finish.scalar
     grads = _Grads.zeros_for(problem.student, needs) if any(needs) and scalar_output else None

@@ -64,6 +64,14 @@ class Inputs:
     def leaves(self):
         return [self.hidden, *self.head.parameters()]
 
+    def to(self, device) -> "Inputs":
+        """The same inputs on ``device`` (new leaves there)."""
+        self.head = self.head.to(device)
+        for name in ("teacher", "mask", "tokens", "labels", "advantages", "old_logprobs", "weights", "upstream"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.hidden = self.hidden.detach().to(device).requires_grad_()
+        return self
+
 
 def _call(op: str, x: Inputs, backend: str, reduction: str):
     z = x.head(x.hidden)
@@ -98,8 +106,8 @@ def _run(fn, x: Inputs):
     return [o.detach() for o in outputs], [leaf.grad for leaf in x.leaves()]
 
 
-def _assert_compiled_equals_eager(op, backend, reduction, dtype, gen, compiler):
-    x = Inputs(gen, dtype)
+def _assert_compiled_equals_eager(op, backend, reduction, dtype, gen, compiler, device="cpu"):
+    x = Inputs(gen, dtype).to(device)
     eager_out, eager_grads = _run(lambda: _call(op, x, backend, reduction), x)
     compiled = torch.compile(lambda: _call(op, x, backend, reduction), fullgraph=True, backend=compiler)
     out, grads = _run(compiled, x)
@@ -178,6 +186,20 @@ def test_inductor(gen):
     """One real compile: inductor generates the code around the ops (the loss math, the lm_head's matmuls)."""
     backend = "cpu" if _dispatch.is_available("cpu", torch.device("cpu")) else "torch"
     _assert_compiled_equals_eager("minillm", backend, "mean", torch.float32, gen, "inductor")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", ["reverse_kl", "jsd", "minillm", "pt", "token_stats"])
+def test_gpu_backends_compile(op, backend, gen):
+    """On CUDA tensors (GPU machines; benchmarks/gpu_check.sh runs it): no graph breaks and inductor's compiled
+    forward + backward equal eager, on the CUDA C++ and the Triton backends."""
+    if not _dispatch.is_available(backend, torch.device("cuda")):
+        pytest.skip(f"backend {backend!r} is not available for CUDA tensors")
+    x = Inputs(gen, torch.bfloat16).to("cuda")
+    explanation = torch._dynamo.explain(lambda: _call(op, x, backend, "mean"))()
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    _assert_compiled_equals_eager(op, backend, "mean", torch.bfloat16, gen, "inductor", device="cuda")
 
 
 def test_new_shapes_recompile_dynamic(fast_backend, gen):

@@ -139,3 +139,62 @@ def log_add_exp(a, b):
     lo = tl.minimum(a, b)
     res = hi + log1p_accurate(tl.exp(lo - hi))
     return tl.where(hi == float("-inf"), float("-inf"), res)
+
+
+@triton.jit
+def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y):
+    """``online_update_pair`` for a 2-D tile: rows of scaled student (x) and teacher (y) logits [R, C], one state
+    per row ([R] vectors, already reduced over the columns seen so far). The tile's own terms are reduced along
+    its columns at once, so the state stays [R] whatever the tile width (the fused-linear kernels, whose tiles
+    come out of a matmul, cannot afford per-lane [R, C] sums next to two logit tiles).
+
+    Same math as ``online_update_pair``: with the new maxima m' = max(m, tile max) and the growth (delta_q, delta_p)
+    of each, every old term is multiplied by exp(-delta) and the cross sums move by -(delta_q - delta_p) s."""
+    m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, tl.max(x, 1))
+    m_p_new, shift_p, alpha_p, delta_p = rescale_factors(m_p, tl.max(y, 1))
+    xc = x - shift_q[:, None]
+    yc = y - shift_p[:, None]
+    e_q = tl.exp(xc)
+    e_p = tl.exp(yc)
+    d = xc - yc
+    a_q = (tl.where(alpha_q > 0, (a_q - (delta_q - delta_p) * s_q) * alpha_q, 0.0)
+           + tl.sum(tl.where(e_q > 0, e_q * d, 0.0), 1))
+    a_p = (tl.where(alpha_p > 0, (a_p - (delta_p - delta_q) * s_p) * alpha_p, 0.0)
+           + tl.sum(tl.where(e_p > 0, -e_p * d, 0.0), 1))
+    b_q = (b_q - delta_q * s_q) * alpha_q + tl.sum(tl.where(e_q > 0, e_q * xc, 0.0), 1)
+    b_p = (b_p - delta_p * s_p) * alpha_p + tl.sum(tl.where(e_p > 0, e_p * yc, 0.0), 1)
+    s_q = s_q * alpha_q + tl.sum(e_q, 1)
+    s_p = s_p * alpha_p + tl.sum(e_p, 1)
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p
+
+
+@triton.jit
+def merge_state_pairs(m_q1, s_q1, a_q1, b_q1, m_p1, s_p1, a_p1, b_p1,
+                      m_q2, s_q2, a_q2, b_q2, m_p2, s_p2, a_p2, b_p2):
+    """Merge two reduced pair states (``online_update_pair``'s, of disjoint parts of a row) into one.
+
+    ``merge_states`` does not fit the cross sums: a_q = sum e_q ((x - m_q) - (y - m_p)) is relative to both
+    maxima, so moving part i from (m_qi, m_pi) to the merged (m_q, m_p), by (delta_qi, delta_pi) >= 0, also shifts
+    every term by -(delta_qi - delta_pi): a_q = sum_i exp(-delta_qi) (a_qi - (delta_qi - delta_pi) s_qi), and
+    symmetrically for a_p. A part with no finite entry (m = -inf, sums 0) contributes exactly 0."""
+    m_q = tl.maximum(m_q1, m_q2)
+    m_p = tl.maximum(m_p1, m_p2)
+    shift_q = finite_or_zero(m_q)
+    shift_p = finite_or_zero(m_p)
+    alpha_q1 = tl.exp(m_q1 - shift_q)
+    alpha_q2 = tl.exp(m_q2 - shift_q)
+    alpha_p1 = tl.exp(m_p1 - shift_p)
+    alpha_p2 = tl.exp(m_p2 - shift_p)
+    delta_q1 = tl.where(m_q1 > float("-inf"), m_q - m_q1, 0.0)
+    delta_q2 = tl.where(m_q2 > float("-inf"), m_q - m_q2, 0.0)
+    delta_p1 = tl.where(m_p1 > float("-inf"), m_p - m_p1, 0.0)
+    delta_p2 = tl.where(m_p2 > float("-inf"), m_p - m_p2, 0.0)
+    s_q = s_q1 * alpha_q1 + s_q2 * alpha_q2
+    s_p = s_p1 * alpha_p1 + s_p2 * alpha_p2
+    a_q = (tl.where(alpha_q1 > 0, (a_q1 - (delta_q1 - delta_p1) * s_q1) * alpha_q1, 0.0)
+           + tl.where(alpha_q2 > 0, (a_q2 - (delta_q2 - delta_p2) * s_q2) * alpha_q2, 0.0))
+    a_p = (tl.where(alpha_p1 > 0, (a_p1 - (delta_p1 - delta_q1) * s_p1) * alpha_p1, 0.0)
+           + tl.where(alpha_p2 > 0, (a_p2 - (delta_p2 - delta_q2) * s_p2) * alpha_p2, 0.0))
+    b_q = (b_q1 - delta_q1 * s_q1) * alpha_q1 + (b_q2 - delta_q2 * s_q2) * alpha_q2
+    b_p = (b_p1 - delta_p1 * s_p1) * alpha_p1 + (b_p2 - delta_p2 * s_p2) * alpha_p2
+    return m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p

@@ -1,0 +1,324 @@
+"""Fused-linear row statistics and gradients: logits formed tile by tile in on-chip memory, never written anywhere.
+
+Each model's logits are what its lm_head produces (``minillm_fast.fused_linear``), every step optional::
+
+    logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap),      x = logits / tau
+
+for the student (hidden [N, H_s], weight [V_s, H_s]: z) and the teacher ([N, H_t], [V_t, H_t]: u); the
+distributions are over the first V = min(V_s, V_t) columns. A tile of BLOCK_N rows x BLOCK_V columns of one model's
+logits is an on-chip matmul: sum over H in chunks of BLOCK_K of tl.dot(hidden[rows, k], weight[cols, k]^T) with
+float32 accumulation (full-precision IEEE dots for float32 inputs, not TF32: the library promises 2e-5 relative
+accuracy for float32; bf16/fp16 operands go to the tensor cores as they are), then bias, scale, soft-cap and
+1/tau in float32. No [N, V] tensor of any dtype exists at any time.
+
+``fused_linear_stats_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT)): program (i, j) forms the student and teacher tiles
+of row block i for the vocabulary tiles of split j and folds each pair of tiles into per-row online states
+(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, the same state as the
+``row_stats`` kernel's, reduced along the tile's columns), and picks ZY = z'_y, UY = u'_y out of the tile that holds
+the row's token y (0 where no tile does: no tokens, y = -1 or y outside [0, V)). It writes that partial state,
+10 floats per row. Splitting the vocabulary fills the GPU when N is small (N / BLOCK_N programs alone would not).
+
+``fused_linear_merge_kernel`` (grid cdiv(N, BLOCK_R)): merges the SPLIT partial states of each row
+(``merge_state_pairs``, ZY and UY summed since exactly one split can hold the token) and writes the row statistics
+[N, 10] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY), exactly what
+``row_stats`` returns on the materialised logits, to float32 rounding: an empty row (all -inf) gets M = LOGS = -inf
+and 0/0 for its means, as there.
+
+``fused_linear_grad_kernel`` (grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V), grouped): program (i, j) recomputes the
+student tile (and the teacher tile, only if some row of the block has c_kl or c_p != 0) from the final statistics
+and coefficients (c_kl, c_q, c_p, c_y), forms the logit gradient as ``logits_grad`` does::
+
+    q = exp((z' - M_Q) - LOGS_Q),  p = exp((u' - M_P) - LOGS_P),  d = (z' - M_Q) - (u' - M_P)
+    dz = c_kl q (d - EQ_D) + c_q q + c_p p + c_y [v == y]          (0 for v >= V, 0 on rows whose c are all 0)
+
+(0 * inf = 0: the KL term is 0 where q = 0, a term whose coefficient is 0 is skipped, not multiplied by 0), takes it
+through the soft-cap and scale, dx = dz * logit_scale * (1 - (logits / softcap)^2), and pulls the tile back::
+
+    d hidden[rows] += dx @ W[cols]      d W[cols] += dx^T @ hidden[rows]      d b[cols] += sum_rows dx
+
+looping over H_s in BLOCK_K chunks. These go into float32 buffers (zeroed by the launcher) with ``tl.atomic_add``,
+as Cut Cross-Entropy does: d hidden[rows] receives one addition per vocabulary tile, d W[cols] one per row block.
+Atomics make the float32 sums' order, hence their last bits, vary from run to run (not bitwise deterministic).
+The alternative, one program owning all vocabulary tiles of its rows (d hidden without atomics), leaves the GPU
+idle when N / BLOCK_N is small and still needs atomics (or an [N/BLOCK_N, V, H] buffer) for d W. Tiles whose dx is
+exactly 0 (every row inactive, or all of q, p underflowed) skip the pull-back. For bf16/fp16 inputs dx is rounded
+to the inputs' dtype before its two matmuls (as the blocked path does on the GPU); for float32 the dots are IEEE.
+
+Cost, per logit of the shared vocabulary: the statistics pass runs 2 tile matmuls (student and teacher logits,
+2 (H_s + H_t) FLOPs), the gradient pass 3 or 4 (the student tile again, the teacher's where needed, then d hidden
+and d W: 2 (3 H_s + H_t) FLOPs). Against the blocked path's 4 matmuls, the 2 recomputed tiles are the price of
+holding no logits. Offsets are int64 (row * stride).
+"""
+import triton
+import triton.language as tl
+
+from .online_softmax import finite_or_zero, merge_state_pairs, online_update_pair_rows
+
+NUM_STATS = tl.constexpr(10)
+NUM_COEFS = tl.constexpr(4)
+# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy.
+NUM_PARTIAL = tl.constexpr(10)
+
+
+@triton.jit
+def tanh_f32(t):
+    """tanh in float32 from exp alone (libdevice's tanh has no interpreter implementation, and one code path for
+    the GPU and the CPU tests is worth more than its last ulp): 1 - 2 / (exp(2|t|) + 1) for |t| >= 0.6, where it
+    loses nothing to cancellation; an odd minimax polynomial below (CUDA's tanhf coefficients). Within 3 ulp of
+    the exact tanh; tanh(+-inf) = +-1 (a -inf logit soft-capped is -softcap, as in the model)."""
+    a = tl.abs(t)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(t < 0, -big, big)
+    s = t * t
+    p = -5.70498872e-3
+    p = p * s + 2.06390828e-2
+    p = p * s - 5.37397955e-2
+    p = p * s + 1.33314422e-1
+    p = p * s - 3.33332986e-1
+    small = (p * s) * t + t
+    return tl.where(a >= 0.6, big, small)
+
+
+@triton.jit
+def tile_dot(a, b, acc, PRECISION: tl.constexpr, BF16_UPCAST: tl.constexpr):
+    """tl.dot(a, b, acc) with float32 accumulation. ``BF16_UPCAST`` (set by the launcher under Triton's
+    interpreter only) multiplies bf16 operands as float32: the interpreter's tl.dot (Triton 3.x) multiplies the raw
+    bits of bf16 (stored as uint16). The products are exact either way, so the result is the tensor cores' up to
+    the order of the float32 sums."""
+    if BF16_UPCAST:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def head_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_h, stride_w, H, scale, softcap,
+              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+              BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(logits, tanh) of one [BLOCK_N, BLOCK_V] tile: logits = softcap tanh(scale (h W^T + b) / softcap) in float32
+    (before the temperature), and the tanh itself (the soft-cap's derivative is 1 - tanh^2; the logits where there
+    is no soft-cap). Rows outside ``row_ok`` and columns outside ``col_ok`` read zeros (finite, never stored)."""
+    # Row starts only ([BLOCK_N] / [BLOCK_V] int64 addresses): 2-D address tensors carried through the loop would
+    # cost 2 registers per element next to two logit tiles.
+    ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64) * stride_h
+    w_cols = w_ptr + cols.to(tl.int64) * stride_w
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < H
+        h = tl.load(h_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols[None, :] + kk[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # W^T's tile
+        acc = tile_dot(h, w, acc, PRECISION, BF16_UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc = acc * scale
+    th = acc
+    if HAS_SOFTCAP:
+        th = tanh_f32(acc / softcap)
+        acc = softcap * th
+    return acc, th
+
+
+@triton.jit
+def fused_linear_stats_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tok_ptr, part_ptr,
+        N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt, stride_tok,
+        scale_s, cap_s, scale_t, cap_t, inv_temp, tiles_per_split,
+        HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, PRECISION_S: tl.constexpr,
+        HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr,
+        HAS_TOKENS: tl.constexpr, BF16_UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    lanes = tl.arange(0, BLOCK_V)
+    if HAS_TOKENS:
+        tok = tl.load(tok_ptr + rows.to(tl.int64) * stride_tok, mask=row_ok, other=-1).to(tl.int64)
+    else:
+        tok = tl.full([BLOCK_N], -1, tl.int64)
+
+    m_q = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_p = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_q = tl.zeros([BLOCK_N], tl.float32)
+    a_q = tl.zeros([BLOCK_N], tl.float32)
+    b_q = tl.zeros([BLOCK_N], tl.float32)
+    s_p = tl.zeros([BLOCK_N], tl.float32)
+    a_p = tl.zeros([BLOCK_N], tl.float32)
+    b_p = tl.zeros([BLOCK_N], tl.float32)
+    zy = tl.zeros([BLOCK_N], tl.float32)
+    uy = tl.zeros([BLOCK_N], tl.float32)
+
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    for tile in range(first, last):
+        cols = tile * BLOCK_V + lanes
+        col_ok = cols < V
+        z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
+                         scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
+                         scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
+        y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+        if HAS_TOKENS:
+            # Exactly one tile of one split holds a row's token (none when y is -1 or >= V): the merge sums these.
+            hit = (cols[None, :].to(tl.int64) == tok[:, None]) & col_ok[None, :]
+            zy += tl.sum(tl.where(hit, x, 0.0), 1)
+            uy += tl.sum(tl.where(hit, y, 0.0), 1)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
+                                                                         x, y)
+
+    # Partial states as [N, SPLIT, 10] (row-major in the rows: the int64 row index carries the offset).
+    out = part_ptr + (rows.to(tl.int64) * tl.num_programs(1) + split) * NUM_PARTIAL
+    tl.store(out + 0, m_q, mask=row_ok)
+    tl.store(out + 1, s_q, mask=row_ok)
+    tl.store(out + 2, a_q, mask=row_ok)
+    tl.store(out + 3, b_q, mask=row_ok)
+    tl.store(out + 4, m_p, mask=row_ok)
+    tl.store(out + 5, s_p, mask=row_ok)
+    tl.store(out + 6, a_p, mask=row_ok)
+    tl.store(out + 7, b_p, mask=row_ok)
+    tl.store(out + 8, zy, mask=row_ok)
+    tl.store(out + 9, uy, mask=row_ok)
+
+
+@triton.jit
+def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    m_q = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m_p = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s_q = tl.zeros([BLOCK_R], tl.float32)
+    a_q = tl.zeros([BLOCK_R], tl.float32)
+    b_q = tl.zeros([BLOCK_R], tl.float32)
+    s_p = tl.zeros([BLOCK_R], tl.float32)
+    a_p = tl.zeros([BLOCK_R], tl.float32)
+    b_p = tl.zeros([BLOCK_R], tl.float32)
+    zy = tl.zeros([BLOCK_R], tl.float32)
+    uy = tl.zeros([BLOCK_R], tl.float32)
+    for split in range(0, num_splits):
+        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * NUM_PARTIAL
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = merge_state_pairs(
+            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
+            tl.load(part + 0, mask=row_ok, other=float("-inf")), tl.load(part + 1, mask=row_ok, other=0.0),
+            tl.load(part + 2, mask=row_ok, other=0.0), tl.load(part + 3, mask=row_ok, other=0.0),
+            tl.load(part + 4, mask=row_ok, other=float("-inf")), tl.load(part + 5, mask=row_ok, other=0.0),
+            tl.load(part + 6, mask=row_ok, other=0.0), tl.load(part + 7, mask=row_ok, other=0.0))
+        zy += tl.load(part + 8, mask=row_ok, other=0.0)
+        uy += tl.load(part + 9, mask=row_ok, other=0.0)
+
+    out = out_ptr + rows.to(tl.int64) * NUM_STATS
+    tl.store(out + 0, m_q, mask=row_ok)
+    tl.store(out + 1, tl.log(s_q), mask=row_ok)
+    tl.store(out + 2, m_p, mask=row_ok)
+    tl.store(out + 3, tl.log(s_p), mask=row_ok)
+    tl.store(out + 4, a_q / s_q, mask=row_ok)
+    tl.store(out + 5, b_q / s_q, mask=row_ok)
+    tl.store(out + 6, a_p / s_p, mask=row_ok)
+    tl.store(out + 7, b_p / s_p, mask=row_ok)
+    tl.store(out + 8, zy, mask=row_ok)
+    tl.store(out + 9, uy, mask=row_ok)
+
+
+@triton.jit
+def fused_linear_grad_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tok_ptr, stats_ptr, coef_ptr,
+        dh_ptr, dw_ptr, db_ptr,
+        N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt, stride_tok, stride_dh, stride_dw,
+        scale_s, cap_s, scale_t, cap_t, inv_temp,
+        HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, PRECISION_S: tl.constexpr,
+        HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr,
+        HAS_TOKENS: tl.constexpr, NEEDS_DH: tl.constexpr, NEEDS_DW: tl.constexpr, NEEDS_DB: tl.constexpr,
+        BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_N: tl.constexpr):
+    # Grouped order: GROUP_N row blocks sweep the vocabulary tiles together, so that the programs in flight share
+    # weight tiles and hidden rows in L2.
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    tiles_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * tiles_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < N
+    col_ok = cols < V
+    rows64 = rows.to(tl.int64)
+
+    coef = coef_ptr + rows64 * NUM_COEFS
+    c_kl = tl.load(coef + 0, mask=row_ok, other=0.0)
+    c_q = tl.load(coef + 1, mask=row_ok, other=0.0)
+    c_p = tl.load(coef + 2, mask=row_ok, other=0.0)
+    c_y = tl.load(coef + 3, mask=row_ok, other=0.0)
+    active = (c_kl != 0) | (c_q != 0) | (c_p != 0) | (c_y != 0)
+    any_active = tl.max(active.to(tl.int32), 0) > 0
+    any_teacher = tl.max(((c_kl != 0) | (c_p != 0)).to(tl.int32), 0) > 0
+    if any_active:
+        stats = stats_ptr + rows64 * NUM_STATS
+        m_q = finite_or_zero(tl.load(stats + 0, mask=row_ok, other=0.0))
+        log_s_q = tl.load(stats + 1, mask=row_ok, other=0.0)
+        m_p = finite_or_zero(tl.load(stats + 2, mask=row_ok, other=0.0))
+        log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)
+        eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
+        if HAS_TOKENS:
+            tok = tl.load(tok_ptr + rows64 * stride_tok, mask=row_ok, other=-1).to(tl.int64)
+        else:
+            tok = tl.full([BLOCK_N], -1, tl.int64)
+
+        z, th_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
+                            scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
+                            BLOCK_N, BLOCK_V, BLOCK_K)
+        x = z * inv_temp
+        q = tl.exp((x - m_q[:, None]) - log_s_q[:, None])
+        g = c_q[:, None] * q
+        if any_teacher:
+            u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
+                             scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
+                             BLOCK_N, BLOCK_V, BLOCK_K)
+            y = u * inv_temp
+            centred = tl.where(q > 0, q * (((x - m_q[:, None]) - (y - m_p[:, None])) - eq_d[:, None]), 0.0)
+            g = tl.where(c_kl[:, None] != 0, g + c_kl[:, None] * centred, g)
+            p = tl.exp((y - m_p[:, None]) - log_s_p[:, None])
+            g = tl.where(c_p[:, None] != 0, g + c_p[:, None] * p, g)
+        g += tl.where(cols[None, :].to(tl.int64) == tok[:, None], c_y[:, None], 0.0)
+        # Columns >= V and rows whose coefficients are all 0 (an empty row's q is NaN) get exactly 0.
+        g = tl.where(col_ok[None, :] & active[:, None], g, 0.0)
+        # Through the soft-cap, d softcap tanh(t / softcap) / dt = 1 - tanh^2, and the scale.
+        if HAS_SOFTCAP_S:
+            g = g * (1.0 - th_s * th_s)
+        if HAS_SCALE_S:
+            g = g * scale_s
+
+        if tl.sum((g != 0).to(tl.int32)) > 0:  # NaN != 0: a NaN tile is pulled back, not hidden
+            if NEEDS_DB:
+                tl.atomic_add(db_ptr + cols, tl.sum(g, 0), mask=col_ok, sem="relaxed")
+            g_mm = g.to(hs_ptr.dtype.element_ty)
+            ks = tl.arange(0, BLOCK_K)
+            # Row starts only ([BLOCK_N] / [BLOCK_V] int64 addresses): 2-D address tensors carried through the
+            # loop would cost 2 registers per element.
+            h_rows = hs_ptr + rows64 * stride_hs
+            w_rows = ws_ptr + cols.to(tl.int64) * stride_ws
+            dh_rows = dh_ptr + rows64 * stride_dh
+            dw_rows = dw_ptr + cols.to(tl.int64) * stride_dw
+            for k0 in range(0, H_s, BLOCK_K):
+                kk = k0 + ks
+                k_ok = kk < H_s
+                if NEEDS_DH:
+                    w = tl.load(w_rows[:, None] + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    dh = tile_dot(g_mm, w, None, PRECISION_S, BF16_UPCAST)
+                    tl.atomic_add(dh_rows[:, None] + kk[None, :], dh, mask=row_ok[:, None] & k_ok[None, :],
+                                  sem="relaxed")
+                if NEEDS_DW:
+                    h = tl.load(h_rows[:, None] + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    dw = tile_dot(tl.trans(g_mm), h, None, PRECISION_S, BF16_UPCAST)
+                    tl.atomic_add(dw_rows[:, None] + kk[None, :], dw, mask=col_ok[:, None] & k_ok[None, :],
+                                  sem="relaxed")

@@ -4,6 +4,8 @@ For each shape (N tokens, hidden size H, vocabulary V) and forward+backward:
 
 * ``ours``      ``loss.fused_linear_reverse_kl`` / ``fused_linear_minillm_loss`` (gradients to the student's hidden
                 states and weight);
+* ``ours-on-chip`` the same ops with ``backend="triton"``: the on-chip kernels (logit tiles never leave the chip;
+                the gradient pass recomputes them: 6 matmul-equivalents instead of 4), CUDA only;
 * ``matmuls``   the four matmuls alone (student and teacher logits, then d hidden and d weight from a logits-sized
                 gradient): what any exact method must at least compute, measured, not typed;
 * ``eager``     plain PyTorch: materialise both logits, log-softmax, reverse KL, autograd;
@@ -70,13 +72,21 @@ class Problem:
                        old_logprobs=self.old_logprobs[:rows], weights=self.weights[:rows], mask=self.mask[:rows])
 
 
-def ours_reverse_kl(p: Problem):
-    return mloss.fused_linear_reverse_kl(p.h, p.w, p.ht, p.wt)
+def ours_reverse_kl(p: Problem, backend: str = "auto"):
+    return mloss.fused_linear_reverse_kl(p.h, p.w, p.ht, p.wt, backend=backend)
 
 
-def ours_minillm_loss(p: Problem):
+def ours_minillm_loss(p: Problem, backend: str = "auto"):
     return mloss.fused_linear_minillm_loss(p.h, p.w, p.ht, p.wt, p.tokens, p.advantages, p.old_logprobs, p.weights,
-                                           mask=p.mask).loss
+                                           mask=p.mask, backend=backend).loss
+
+
+def _on_chip(op: str, device):
+    """Our on-chip Triton kernels (backend="triton": no logits block in memory), or why not."""
+    if device.type != "cuda":
+        return "CUDA only (on-chip Triton kernels)"
+    fn = ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss
+    return lambda p: fn(p, backend="triton")
 
 
 def eager_reverse_kl(p: Problem):
@@ -115,7 +125,7 @@ def _liger(kind: str, device):
 def implementations(op: str, device) -> dict:
     """name -> callable(problem) returning a differentiable scalar (None: no backward), or a reason string."""
     impls = {"ours": ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss,
-             "matmuls": four_matmuls}
+             "ours-on-chip": _on_chip(op, device), "matmuls": four_matmuls}
     if op == "fused_linear_reverse_kl":
         impls["eager"] = eager_reverse_kl
         impls["liger-chunked"] = _liger("liger-chunked", device)

@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]
 #
-# On a fresh GPU machine with no network: JIT-builds the CUDA extension, runs the GPU tests, a compute-sanitizer
-# pass, and the benchmark table; writes logs and results under OUT_DIR. Python packages the machine lacks
-# (e.g. liger-kernel) are installed from wheels in WHEEL_DIR (default .whl/) if present, never fetched.
-# Budget: about 7-9 minutes on an H100; each step has its own timeout (12 minutes at worst in all: pass a shorter
-# list of steps' work, e.g. skip the sanitizer, when the device window is shorter).
+# On a fresh GPU machine with no network: JIT-builds the CUDA extension, runs the GPU tests (incl. torch.compile
+# of the cuda and triton backends and the on-chip fused-linear kernels), compute-sanitizer memcheck / racecheck /
+# synccheck on a small workload (benchmarks/sanitizer_workload.py), and the benchmark tables; writes logs and
+# results under OUT_DIR. Python packages the machine lacks (e.g. liger-kernel) are installed from wheels in
+# WHEEL_DIR (default .whl/) if present, never fetched.
+# Budget: about 8 minutes on an H100; each step has its own timeout (about 14 minutes at worst in all: pass a
+# shorter list of steps' work, e.g. skip the sanitizers, when the device window is shorter).
 set -uo pipefail
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR [WHEEL_DIR]}
 WHEELS=${2:-.whl}
@@ -42,23 +44,14 @@ from minillm_fast import _extension, available_backends
 assert _extension.load('cuda') is not None, 'CUDA extension failed to build'
 print('built in %.0f s; backends:' % (time.time() - t), available_backends())"
 
-step gpu_tests 180 $PY -m pytest -q -rf --tb=short tests/test_gpu_ops.py tests/test_cuda_backend.py tests/test_triton_smoke.py tests/test_gpu_fused_linear.py -p no:cacheprovider
+step gpu_tests 180 $PY -m pytest -q -rf --tb=short tests/test_gpu_ops.py tests/test_cuda_backend.py tests/test_triton_smoke.py tests/test_gpu_fused_linear.py tests/test_triton_fused_linear.py tests/test_compile.py::test_gpu_backends_compile -p no:cacheprovider
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step sanitizer 50 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -c "
-import torch, math
-from minillm_fast import loss, sampling
-for v in (7, 1003, 40000):
-    z = torch.randn(5, v, device='cuda', dtype=torch.bfloat16).requires_grad_()
-    u = torch.randn(5, v + 3, device='cuda')
-    u[:, ::5] = -math.inf
-    loss.reverse_kl(z, u, backend='cuda').backward()
-    loss.jsd(z, u, beta=0.4, backend='cuda').backward()
-    t = torch.randint(0, v, (5,), device='cuda')
-    loss.minillm_loss(z, u, t, torch.randn(5, device='cuda'), torch.zeros(5, device='cuda'),
-                      torch.ones(5, device='cuda'), mask=None, backend='cuda').loss.backward()
-    sampling.sample_mixture(z, u, backend='cuda')
-torch.cuda.synchronize(); print('sanitizer run done')"
+  # memcheck: every kernel (cuda C++ and Triton); racecheck / synccheck: shared-memory hazards and barriers of the
+  # hand-written CUDA kernels (Triton's own kernels are left to Triton).
+  step sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload
+  step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
+  step synccheck 45 compute-sanitizer --tool synccheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
 fi
 
 step benchmark 190 $PY -m benchmarks.run --device cuda --backends cuda,triton --time-limit 150 --out "$OUT_DIR/bench"

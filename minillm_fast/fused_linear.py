@@ -28,6 +28,14 @@ with no student tensor requiring grad they are skipped. ``reduction="none"`` (an
 cannot be applied to a weight gradient after the fact: it recomputes the logits block by block in backward instead
 (6 matmuls in all).
 
+``backend="triton"``: the on-chip path (``backends/triton_fused_linear.py``, kernels in ``kernels/fused_linear.py``).
+No block of logits exists in any memory: a statistics kernel forms logit tiles in registers (one tile matmul per
+model) and folds them into the per-row online-softmax state; a gradient kernel recomputes the tiles from those
+statistics, forms dz in registers and pulls it back into float32 gradient buffers (d hidden, d W, d b). Extra memory
+is those buffers and [N, 10] statistics; the price is recomputing both models' logits (6 matmuls in all, also for
+``reduction="none"``, whose backward runs the gradient kernel with the saved statistics). JSD (0 < beta < 1), which needs a second pass over the logits, takes the blocked path with
+the Triton row kernels. Other backends ("cuda", "cpu", "torch"; "auto") take the blocked path.
+
 ``process_group`` (every op): vocabulary-parallel lm_heads, as tensor parallelism shards them. Each rank passes all
 hidden states and its rows ``[V_local, H]`` of both weights (and biases), covering the same global columns; the
 block's row statistics are merged across ranks exactly as the logits ops merge theirs (``minillm_fast.distributed``:
@@ -217,10 +225,15 @@ class _Block:
                       None if self.tokens is None else self.tokens[i:j], self.stats[i:j], self.valid[i:j],
                       self.backend, self.inv_temp, self.group, None if self.owned is None else self.owned[i:j])
 
+    def coefs(self, weight: torch.Tensor, columns: dict) -> torch.Tensor:
+        """float32 [n, 4] logits_grad coefficients of sum_r weight_r (row value r) for these columns."""
+        return _own_token_terms(_coefs(self.b - self.a, self.stats.device, weight * self.inv_temp, columns),
+                                self.owned)
+
     def logits_grad(self, weight: torch.Tensor, columns: dict, into_z: bool = False) -> torch.Tensor:
         """dz of sum_r weight_r (row value r) for a loss with these logits_grad columns; ``into_z``: written over
         the student logits by the backend's in-place primitive (callers check ``has_in_place_grad`` first)."""
-        coef = _own_token_terms(_coefs(self.b - self.a, self.z.device, weight * self.inv_temp, columns), self.owned)
+        coef = self.coefs(weight, columns)
         if into_z:
             self.backend.logits_grad_(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
             return self.z
@@ -234,30 +247,37 @@ class _Block:
 class _Loss:
     """A loss as a sum over rows: ``rows`` gives a block's per-row values (a dict of float32 [n] tensors), and
     ``grad(block, values, weight, into_z)`` the logit gradient dz of sum_r weight_r * (the loss's row value r),
-    written over the block's student logits when ``into_z`` (only asked of losses with ``in_place = True``)."""
+    written over the block's student logits when ``into_z`` (only asked of losses with ``in_place = True``).
+    Most losses' dz is a ``logits_grad`` combination: ``grad_columns(values)`` names its columns, which is also
+    what the on-chip kernels (they never hold dz) take."""
 
     in_place = True
+    on_chip = True  # its gradient is a logits_grad combination (grad_columns)
 
     def rows(self, block: _Block) -> dict:
         raise NotImplementedError
 
-    def grad(self, block: _Block, values: dict, weight: torch.Tensor, into_z: bool = False) -> torch.Tensor:
+    def grad_columns(self, values: dict) -> dict:
         raise NotImplementedError
+
+    def grad(self, block: _Block, values: dict, weight: torch.Tensor, into_z: bool = False) -> torch.Tensor:
+        return block.logits_grad(weight, self.grad_columns(values), into_z)
 
 
 class _Divergence(_Loss):
-    def __init__(self, per_row_fn, grad_columns):
-        self.per_row_fn, self.grad_columns = per_row_fn, grad_columns
+    def __init__(self, per_row_fn, columns):
+        self.per_row_fn, self.columns = per_row_fn, columns
 
     def rows(self, block):
         return {"value": self.per_row_fn(block.stats)}
 
-    def grad(self, block, values, weight, into_z=False):
-        return block.logits_grad(weight, self.grad_columns, into_z)
+    def grad_columns(self, values):
+        return self.columns
 
 
 class _JSD(_Loss):
     in_place = False  # jsd_grad has no in-place form
+    on_chip = False  # a second pass over the logits (jsd_rows) and its own gradient primitive
 
     def __init__(self, beta: float):
         self.beta = beta
@@ -285,8 +305,8 @@ class _MiniLLM(_Loss):
         return {"pg": pg, "d_pg": d_pg, "clipped": ((rho - 1).abs() > self.clip_eps).to(torch.float32),
                 "kl": _reverse_kl_rows(block.stats)}
 
-    def grad(self, block, values, weight, into_z=False):
-        return block.logits_grad(weight, _minillm_grad_columns(values["d_pg"], self.single_step), into_z)
+    def grad_columns(self, values):
+        return _minillm_grad_columns(values["d_pg"], self.single_step)
 
 
 class _PT(_Loss):
@@ -297,8 +317,8 @@ class _PT(_Loss):
         lm, kd = _pt_rows(block.stats)
         return {"lm": lm, "kd": kd}
 
-    def grad(self, block, values, weight, into_z=False):
-        return block.logits_grad(weight, _pt_grad_columns(self.kd_ratio), into_z)
+    def grad_columns(self, values):
+        return _pt_grad_columns(self.kd_ratio)
 
 
 class _Stats(_Loss):
@@ -414,18 +434,75 @@ def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
     return merged, torch.cat(stats) if stats else None, torch.cat(valid) if valid else None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# On-chip (backend="triton"): logit tiles never leave the GPU's registers and shared memory
+# ----------------------------------------------------------------------------------------------------------
+
+def _on_chip(problem: _Problem, loss: _Loss) -> bool:
+    """Whether the on-chip kernels (``backends/triton_fused_linear.py``) run this call: backend "triton" and a loss
+    whose gradient is a logits_grad combination (JSD needs a second pass over the logits: it takes the blocked
+    path with the Triton row kernels)."""
+    return getattr(problem.backend, "name", None) == "triton" and loss.on_chip and problem.n_rows > 0
+
+
+def _on_chip_block(problem: _Problem, tokens, stats=None) -> _Block:
+    """All rows as one block without logits: the row statistics from the stats kernel (merged across ranks)."""
+    from .backends import triton_fused_linear
+    owned = problem.owned
+    if stats is None:
+        stats = triton_fused_linear.row_stats(problem.student, problem.teacher, tokens, problem.inv_temp)
+        if problem.group is not None:
+            stats = distributed.all_reduce_row_stats(stats, problem.group, owned=owned, with_tokens=tokens is not None)
+    valid = _valid_rows(problem.mask, stats)
+    return _Block(0, problem.n_rows, None, None, tokens, stats, valid, problem.backend, problem.inv_temp,
+                  problem.group, owned)
+
+
+def _pull_back_on_chip(problem: _Problem, loss: _Loss, block: _Block, values: dict, weight: torch.Tensor,
+                       needs: tuple) -> _Grads:
+    """The gradients of sum_r weight_r * (row value r), from the gradient kernel (it recomputes the logit tiles
+    and pulls dz back through the lm_head as it goes), summed over ranks where the vocabulary is sharded."""
+    from .backends import triton_fused_linear
+    coef = block.coefs(weight, loss.grad_columns(values))
+    grads = _Grads(*triton_fused_linear.logits_grad_pullback(problem.student, problem.teacher, block.tokens,
+                                                             block.stats, coef, problem.inv_temp, needs=needs))
+    problem.hidden_grad_over_ranks(grads)
+    return grads
+
+
+def _sweep_on_chip(problem: _Problem, loss: _Loss, tokens, needs):
+    """``_sweep``'s results (values, stats, valid) and the gradients of the "sum" form (None without ``needs``)."""
+    block = _on_chip_block(problem, tokens)
+    values = loss.rows(block)
+    grads = None
+    if needs is not None:
+        grads = _pull_back_on_chip(problem, loss, block, values, block.valid.to(torch.float32), needs)
+    return values, block.stats, block.valid, grads
+
+
+def _forward(problem: _Problem, loss: _Loss, tokens, needs):
+    """(per-row values, row stats, validity, and with ``needs`` the gradients of the "sum" form): from the on-chip
+    kernels where they run this call, else from the blocks."""
+    if _on_chip(problem, loss):
+        return _sweep_on_chip(problem, loss, tokens, needs)
+    grads = None if needs is None else _Grads.zeros_for(problem.student, needs)
+    values, stats, valid = _sweep(problem, loss, tokens, grads)
+    if grads is not None:
+        problem.hidden_grad_over_ranks(grads)
+    return values, stats, valid, grads
+
+
 def _run(problem: _Problem, loss: _Loss, tokens, finish):
     """Sweep, reduce with ``finish(values, valid) -> (outputs, value, 1 / denominator)`` and attach the gradient:
     for a scalar loss (``finish.scalar``) the gradients formed in the forward pass, scaled in backward by
-    upstream / denominator; for reduction="none" the blocks recomputed in backward with per-row upstream weights."""
+    upstream / denominator; for reduction="none" the blocks recomputed in backward with per-row upstream weights.
+    With backend="triton" the on-chip kernels replace the blocks (one stats pass; one gradient pass)."""
     needs = problem.needs_grad()
     scalar_output = finish.scalar
-    grads = _Grads.zeros_for(problem.student, needs) if any(needs) and scalar_output else None
+    on_chip = _on_chip(problem, loss)
     with torch.no_grad():
-        values, stats, valid = _sweep(problem, loss, tokens, grads)
+        values, stats, valid, grads = _forward(problem, loss, tokens, needs if any(needs) and scalar_output else None)
         outputs, value, inv_denominator = finish(values, valid)
-        if grads is not None:
-            problem.hidden_grad_over_ranks(grads)
     if not any(needs):
         return outputs
 
@@ -435,6 +512,11 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
     else:
         def grad_fn(upstream):
             row_weight = valid.to(torch.float32) * upstream.to(torch.float32).reshape(-1)
+            if on_chip:
+                with torch.no_grad():
+                    block = _on_chip_block(problem, tokens, stats)
+                    deferred = _pull_back_on_chip(problem, loss, block, loss.rows(block), row_weight, needs)
+                return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
             deferred = _Grads.zeros_for(problem.student, needs)
             with torch.no_grad():
                 for a, b in problem.blocks():
@@ -610,7 +692,7 @@ def fused_linear_token_stats(student_hidden, student_weight, teacher_hidden, tea
                        mask=mask, backend=backend, process_group=process_group)
     flat_tokens = _token_ids("tokens", tokens, problem)
     with torch.no_grad():
-        values, stats, valid = _sweep(problem, _Stats(), flat_tokens, None)
+        values, stats, valid, _ = _forward(problem, _Stats(), flat_tokens, None)
         return _TokenStatsFinish(alpha, problem.lead_shape)(values, valid)[0]
 
 

@@ -1,4 +1,5 @@
-"""Fused-linear row statistics and gradients: logits formed tile by tile in on-chip memory, never written anywhere.
+"""Fused-linear row statistics, JSD rows and gradients: logits formed tile by tile in on-chip memory, never written
+anywhere.
 
 Each model's logits are what its lm_head produces (``minillm_fast.fused_linear``), every step optional::
 
@@ -24,6 +25,20 @@ the row's token y (0 where no tile does: no tokens, y = -1 or y outside [0, V)).
 ``row_stats`` returns on the materialised logits, to float32 rounding: an empty row (all -inf) gets M = LOGS = -inf
 and 0/0 for its means, as there.
 
+``fused_linear_jsd_rows_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT), the generalised JSD for 0 < beta < 1: a second
+pass, after the statistics, over the same tiles): program (i, j) recomputes the student and teacher tiles of row
+block i for the vocabulary tiles of split j and, from the final statistics, sums per row (``jsd_terms``, the element
+math of ``jsd_rows``)::
+
+    log q = (z' - M_Q) - LOGS_Q,  log p = (u' - M_P) - LOGS_P,
+    log m = logaddexp(log beta + log p, log(1 - beta) + log q)      (m = beta p + (1 - beta) q, never log of a sum)
+    g = log q - log m,  h = log p - log m                           (0 where the probability is 0: 0 * inf = 0)
+    S_Q = sum_v q_v g_v,  S_P = sum_v p_v h_v                       (over the split's columns v < V)
+
+and writes (S_Q, S_P), 2 floats per (row, split). ``fused_linear_jsd_merge_kernel`` adds the splits' partial sums
+(plain sums: the statistics are final, nothing to rescale) and writes ``jsd_rows``'s [N, 2]:
+(JSD_beta = beta S_P + (1 - beta) S_Q, E_q[g] = S_Q), to float32 rounding.
+
 ``fused_linear_grad_kernel`` (grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V), grouped): program (i, j) recomputes the
 student tile (and the teacher tile, only if some row of the block has c_kl or c_p != 0) from the final statistics
 and coefficients (c_kl, c_q, c_p, c_y), forms the logit gradient as ``logits_grad`` does::
@@ -31,8 +46,14 @@ and coefficients (c_kl, c_q, c_p, c_y), forms the logit gradient as ``logits_gra
     q = exp((z' - M_Q) - LOGS_Q),  p = exp((u' - M_P) - LOGS_P),  d = (z' - M_Q) - (u' - M_P)
     dz = c_kl q (d - EQ_D) + c_q q + c_p p + c_y [v == y]          (0 for v >= V, 0 on rows whose c are all 0)
 
-(0 * inf = 0: the KL term is 0 where q = 0, a term whose coefficient is 0 is skipped, not multiplied by 0), takes it
-through the soft-cap and scale, dx = dz * logit_scale * (1 - (logits / softcap)^2), and pulls the tile back::
+(0 * inf = 0: the KL term is 0 where q = 0, a term whose coefficient is 0 is skipped, not multiplied by 0). With
+``JSD`` (constexpr) it forms ``jsd_grad``'s instead, from one coefficient per row (float32 [N], (1 - beta) / tau
+folded in) and E_q[g] (column 1 of the ``jsd_rows`` output), always with the teacher tile (g needs m)::
+
+    dz = c q (g - E_q[g])                                           (0 for v >= V, 0 on rows whose c is 0)
+
+Either way it takes dz through the soft-cap and scale, dx = dz * logit_scale * (1 - (logits / softcap)^2), and
+pulls the tile back (one code path for both)::
 
     d hidden[rows] += dx @ W[cols]      d W[cols] += dx^T @ hidden[rows]      d b[cols] += sum_rows dx
 
@@ -47,12 +68,14 @@ to the inputs' dtype before its two matmuls (as the blocked path does on the GPU
 Cost, per logit of the shared vocabulary: the statistics pass runs 2 tile matmuls (student and teacher logits,
 2 (H_s + H_t) FLOPs), the gradient pass 3 or 4 (the student tile again, the teacher's where needed, then d hidden
 and d W: 2 (3 H_s + H_t) FLOPs). Against the blocked path's 4 matmuls, the 2 recomputed tiles are the price of
-holding no logits. Offsets are int64 (row * stride).
+holding no logits. The JSD adds its rows pass, 2 more tile matmuls (2 (H_s + H_t) FLOPs), and its gradient pass
+always runs all 4 (the teacher tile is needed on every active row): 8 tile matmuls in all against the blocked
+path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 """
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, merge_state_pairs, online_update_pair_rows
+from .online_softmax import finite_or_zero, jsd_terms, merge_state_pairs, online_update_pair_rows
 
 NUM_STATS = tl.constexpr(10)
 NUM_COEFS = tl.constexpr(4)
@@ -227,16 +250,77 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
 
 
 @triton.jit
-def fused_linear_grad_kernel(
-        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tok_ptr, stats_ptr, coef_ptr,
-        dh_ptr, dw_ptr, db_ptr,
-        N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt, stride_tok, stride_dh, stride_dw,
-        scale_s, cap_s, scale_t, cap_t, inv_temp,
+def fused_linear_jsd_rows_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, part_ptr,
+        N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt,
+        scale_s, cap_s, scale_t, cap_t, inv_temp, log_beta, log_1m_beta, tiles_per_split,
         HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, PRECISION_S: tl.constexpr,
         HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr,
-        HAS_TOKENS: tl.constexpr, NEEDS_DH: tl.constexpr, NEEDS_DW: tl.constexpr, NEEDS_DB: tl.constexpr,
-        BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_N: tl.constexpr):
+        BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    lanes = tl.arange(0, BLOCK_V)
+    stats = stats_ptr + rows64 * NUM_STATS
+    m_q = tl.load(stats + 0, mask=row_ok, other=0.0)[:, None]
+    log_s_q = tl.load(stats + 1, mask=row_ok, other=0.0)[:, None]
+    m_p = tl.load(stats + 2, mask=row_ok, other=0.0)[:, None]
+    log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)[:, None]
+
+    sum_q = tl.zeros([BLOCK_N], tl.float32)  # sum_v q_v g_v over this split's columns
+    sum_p = tl.zeros([BLOCK_N], tl.float32)  # sum_v p_v h_v
+    num_tiles = tl.cdiv(V, BLOCK_V)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    for tile in range(first, last):
+        cols = tile * BLOCK_V + lanes
+        col_ok = cols < V
+        z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
+                         scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
+                         scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
+                         BLOCK_N, BLOCK_V, BLOCK_K)
+        x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
+        y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+        q, g, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta)
+        sum_q += tl.sum(q * g, 1)
+        sum_p += tl.sum(p * h, 1)
+
+    # Partial sums as [N, SPLIT, 2].
+    out = part_ptr + (rows64 * tl.num_programs(1) + split) * 2
+    tl.store(out + 0, sum_q, mask=row_ok)
+    tl.store(out + 1, sum_p, mask=row_ok)
+
+
+@triton.jit
+def fused_linear_jsd_merge_kernel(part_ptr, out_ptr, N, num_splits, beta, one_m_beta, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    sum_q = tl.zeros([BLOCK_R], tl.float32)
+    sum_p = tl.zeros([BLOCK_R], tl.float32)
+    for split in range(0, num_splits):
+        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * 2
+        sum_q += tl.load(part + 0, mask=row_ok, other=0.0)
+        sum_p += tl.load(part + 1, mask=row_ok, other=0.0)
+    out = out_ptr + rows.to(tl.int64) * 2
+    tl.store(out + 0, beta * sum_p + one_m_beta * sum_q, mask=row_ok)
+    tl.store(out + 1, sum_q, mask=row_ok)
+
+
+@triton.jit
+def fused_linear_grad_kernel(
+        hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tok_ptr, stats_ptr, coef_ptr, jsd_ptr,
+        dh_ptr, dw_ptr, db_ptr,
+        N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt, stride_tok, stride_dh, stride_dw,
+        scale_s, cap_s, scale_t, cap_t, inv_temp, log_beta, log_1m_beta,
+        HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, PRECISION_S: tl.constexpr,
+        HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr,
+        HAS_TOKENS: tl.constexpr, JSD: tl.constexpr, NEEDS_DH: tl.constexpr, NEEDS_DW: tl.constexpr,
+        NEEDS_DB: tl.constexpr, BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
     # Grouped order: GROUP_N row blocks sweep the vocabulary tiles together, so that the programs in flight share
     # weight tiles and hidden rows in L2.
     pid = tl.program_id(0)
@@ -254,43 +338,59 @@ def fused_linear_grad_kernel(
     col_ok = cols < V
     rows64 = rows.to(tl.int64)
 
-    coef = coef_ptr + rows64 * NUM_COEFS
-    c_kl = tl.load(coef + 0, mask=row_ok, other=0.0)
-    c_q = tl.load(coef + 1, mask=row_ok, other=0.0)
-    c_p = tl.load(coef + 2, mask=row_ok, other=0.0)
-    c_y = tl.load(coef + 3, mask=row_ok, other=0.0)
-    active = (c_kl != 0) | (c_q != 0) | (c_p != 0) | (c_y != 0)
-    any_active = tl.max(active.to(tl.int32), 0) > 0
-    any_teacher = tl.max(((c_kl != 0) | (c_p != 0)).to(tl.int32), 0) > 0
+    if JSD:
+        # One coefficient per row; every active row needs the teacher tile (the mixture m).
+        c_jsd = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
+        active = c_jsd != 0
+        any_active = tl.max(active.to(tl.int32), 0) > 0
+    else:
+        coef = coef_ptr + rows64 * NUM_COEFS
+        c_kl = tl.load(coef + 0, mask=row_ok, other=0.0)
+        c_q = tl.load(coef + 1, mask=row_ok, other=0.0)
+        c_p = tl.load(coef + 2, mask=row_ok, other=0.0)
+        c_y = tl.load(coef + 3, mask=row_ok, other=0.0)
+        active = (c_kl != 0) | (c_q != 0) | (c_p != 0) | (c_y != 0)
+        any_active = tl.max(active.to(tl.int32), 0) > 0
+        any_teacher = tl.max(((c_kl != 0) | (c_p != 0)).to(tl.int32), 0) > 0
     if any_active:
         stats = stats_ptr + rows64 * NUM_STATS
         m_q = finite_or_zero(tl.load(stats + 0, mask=row_ok, other=0.0))
         log_s_q = tl.load(stats + 1, mask=row_ok, other=0.0)
         m_p = finite_or_zero(tl.load(stats + 2, mask=row_ok, other=0.0))
         log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)
-        eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
-        if HAS_TOKENS:
-            tok = tl.load(tok_ptr + rows64 * stride_tok, mask=row_ok, other=-1).to(tl.int64)
-        else:
-            tok = tl.full([BLOCK_N], -1, tl.int64)
 
         z, th_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
                             scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
                             BLOCK_N, BLOCK_V, BLOCK_K)
         x = z * inv_temp
-        q = tl.exp((x - m_q[:, None]) - log_s_q[:, None])
-        g = c_q[:, None] * q
-        if any_teacher:
+        if JSD:
+            eq_g = tl.load(jsd_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
             u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
                              scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                              BLOCK_N, BLOCK_V, BLOCK_K)
-            y = u * inv_temp
-            centred = tl.where(q > 0, q * (((x - m_q[:, None]) - (y - m_p[:, None])) - eq_d[:, None]), 0.0)
-            g = tl.where(c_kl[:, None] != 0, g + c_kl[:, None] * centred, g)
-            p = tl.exp((y - m_p[:, None]) - log_s_p[:, None])
-            g = tl.where(c_p[:, None] != 0, g + c_p[:, None] * p, g)
-        g += tl.where(cols[None, :].to(tl.int64) == tok[:, None], c_y[:, None], 0.0)
-        # Columns >= V and rows whose coefficients are all 0 (an empty row's q is NaN) get exactly 0.
+            q, g, _, _ = jsd_terms(x, u * inv_temp, m_q[:, None], log_s_q[:, None], m_p[:, None],
+                                   log_s_p[:, None], log_beta, log_1m_beta)
+            g = (c_jsd[:, None] * q) * (g - eq_g[:, None])
+        else:
+            eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
+            if HAS_TOKENS:
+                tok = tl.load(tok_ptr + rows64 * stride_tok, mask=row_ok, other=-1).to(tl.int64)
+            else:
+                tok = tl.full([BLOCK_N], -1, tl.int64)
+            q = tl.exp((x - m_q[:, None]) - log_s_q[:, None])
+            g = c_q[:, None] * q
+            if any_teacher:
+                u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
+                                 scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
+                y = u * inv_temp
+                centred = tl.where(q > 0, q * (((x - m_q[:, None]) - (y - m_p[:, None])) - eq_d[:, None]), 0.0)
+                g = tl.where(c_kl[:, None] != 0, g + c_kl[:, None] * centred, g)
+                p = tl.exp((y - m_p[:, None]) - log_s_p[:, None])
+                g = tl.where(c_p[:, None] != 0, g + c_p[:, None] * p, g)
+            g += tl.where(cols[None, :].to(tl.int64) == tok[:, None], c_y[:, None], 0.0)
+        # Columns >= V and rows whose coefficients are all 0 (an empty row's q is NaN; the statistics of such a row
+        # are never used, they may be anything) get exactly 0.
         g = tl.where(col_ok[None, :] & active[:, None], g, 0.0)
         # Through the soft-cap, d softcap tanh(t / softcap) / dt = 1 - tanh^2, and the scale.
         if HAS_SOFTCAP_S:

@@ -11,18 +11,9 @@ With log q_v = (z'_v - M_Q) - LOGS_Q, log p_v = (u'_v - M_P) - LOGS_P and the mi
 import triton
 import triton.language as tl
 
-from .online_softmax import load_scaled, log_add_exp, log_prob
+from .online_softmax import jsd_terms, load_scaled
 
 NUM_STATS = tl.constexpr(10)
-
-
-@triton.jit
-def _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta):
-    """(log q, log p, log m) for one block."""
-    log_q = log_prob(load_scaled(z_row, cols, in_v, inv_temp), m_q, log_s_q)
-    log_p = log_prob(load_scaled(u_row, cols, in_v, inv_temp), m_p, log_s_p)
-    log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta)
-    return log_q, log_p, log_m
 
 
 @triton.jit
@@ -43,12 +34,10 @@ def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv
     for start in range(0, V, BLOCK):
         cols = start + lanes
         in_v = cols < V
-        log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p, log_s_p,
-                                         log_beta, log_1m_beta)
-        q = tl.exp(log_q)
-        p = tl.exp(log_p)
-        acc_q += q * tl.where(q > 0, log_q - log_m, 0.0)
-        acc_p += p * tl.where(p > 0, log_p - log_m, 0.0)
+        q, g, p, h = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp), load_scaled(u_row, cols, in_v, inv_temp),
+                               m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta)
+        acc_q += q * g
+        acc_p += p * h
     kl_q = tl.sum(acc_q, 0)
     tl.store(out_ptr + row * 2, beta * tl.sum(acc_p, 0) + one_m_beta * kl_q)
     tl.store(out_ptr + row * 2 + 1, kl_q)
@@ -73,10 +62,10 @@ def jsd_grad_kernel(z_ptr, u_ptr, stats_ptr, jsd_ptr, coef_ptr, dz_ptr, stride_z
         for start in range(0, Vs, BLOCK):
             cols = start + lanes
             in_v = cols < V
-            log_q, log_p, log_m = _log_probs(z_row, u_row, cols, in_v, inv_temp, m_q, log_s_q, m_p,
-                                             log_s_p, log_beta, log_1m_beta)
-            q = tl.exp(log_q)
-            g = (coef * q) * (tl.where(q > 0, log_q - log_m, 0.0) - eq_g)
+            q, g, _, _ = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp),
+                                   load_scaled(u_row, cols, in_v, inv_temp), m_q, log_s_q, m_p, log_s_p, log_beta,
+                                   log_1m_beta)
+            g = (coef * q) * (g - eq_g)
             g = tl.where(in_v, g, 0.0)
             tl.store(dz_row + cols, g.to(dz_row.dtype.element_ty), mask=cols < Vs)
     else:

@@ -198,3 +198,20 @@ def merge_state_pairs(m_q1, s_q1, a_q1, b_q1, m_p1, s_p1, a_p1, b_p1,
     b_q = (b_q1 - delta_q1 * s_q1) * alpha_q1 + (b_q2 - delta_q2 * s_q2) * alpha_q2
     b_p = (b_p1 - delta_p1 * s_p1) * alpha_p1 + (b_p2 - delta_p2 * s_p2) * alpha_p2
     return m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p
+
+
+@triton.jit
+def jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta):
+    """Element terms of the generalised JSD for scaled student (x) and teacher (y) logits and their row statistics
+    (scalars for a 1-D block, [R, 1] columns for an [R, C] tile): (q, g, p, h) with q, p the probabilities,
+    log m = logaddexp(log beta + log p, log(1 - beta) + log q) (never the log of a rounded sum) and
+    g = log q - log m, h = log p - log m where q (resp. p) > 0, else 0 (0 * inf = 0: an entry of zero probability
+    contributes nothing, also where both are 0 and log m = -inf)."""
+    log_q = log_prob(x, m_q, log_s_q)
+    log_p = log_prob(y, m_p, log_s_p)
+    log_m = log_add_exp(log_p + log_beta, log_q + log_1m_beta)
+    q = tl.exp(log_q)
+    p = tl.exp(log_p)
+    g = tl.where(q > 0, log_q - log_m, 0.0)
+    h = tl.where(p > 0, log_p - log_m, 0.0)
+    return q, g, p, h

@@ -423,3 +423,172 @@ def test_tanh_f32():
     want = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps / 2 * want.abs().clamp(min=torch.finfo(torch.float32).tiny)
     assert ((out.double() - want).abs() <= 8 * ulp).all(), (out.double() - want).abs().div(ulp).max()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generalised JSD (0 < beta < 1): jsd_rows and jsd_grad_pullback
+# ----------------------------------------------------------------------------------------------------------
+
+def ref_jsd(student: Head, teacher: Head, weights, beta, inv_temp):
+    """float64 (rows [N, 2] = (JSD_beta, E_q[g]), (d hidden, d weight, d bias)) by definition, the gradients by
+    autograd through the student's lm_head of sum over rows of w JSD_beta (``weights`` float64 [N]):
+    JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, g = log q - log m. Its logit
+    gradient is w (1 - beta) inv_temp q (g - E_q[g]): the kernel gets coef = w (1 - beta) inv_temp."""
+    leaves = [student.hidden.double().requires_grad_(), student.weight.double().requires_grad_(),
+              None if student.bias is None else surrogate_bias(student.bias).requires_grad_()]
+    vocab = min(student.weight.shape[0], teacher.weight.shape[0])
+    x = logits64(student, *leaves, surrogate=True)[:, :vocab] * inv_temp
+    y = logits64(teacher, surrogate=True)[:, :vocab] * inv_temp
+    log_q, log_p = torch.log_softmax(x, 1), torch.log_softmax(y, 1)
+    q, p = log_q.exp(), log_p.exp()
+    log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
+    kl_q = (q * torch.where(q > 0, log_q - log_m, 0.0)).sum(1)
+    kl_p = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(1)
+    jsd = beta * kl_p + (1 - beta) * kl_q
+    (weights * jsd).sum().backward()
+    grads = [None if t is None else t.grad for t in leaves]
+    assert all(g is None or torch.isfinite(g).all() for g in grads), "reference gradient not finite (test bug)"
+    return torch.stack([jsd, kl_q], 1).detach(), grads
+
+
+def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, grad_tol_=None,
+                      needs=(True, True, True)):
+    """Kernel jsd_rows and jsd_grad_pullback against the float64 oracle, from the oracle's statistics (float32)
+    unless ``stats`` is given; the pull-back gets the kernel's jsd rows, with the statistics and jsd rows of
+    the rows whose weight is 0 poisoned with NaN. Returns (jsd rows, grads)."""
+    n = student.hidden.shape[0]
+    dtypes = (student.hidden.dtype, teacher.hidden.dtype)
+    if stats is None:
+        stats = ref_stats(student, teacher, None, inv_temp).to(torch.float32)
+    want_rows, ref = ref_jsd(student, teacher, weights, beta, inv_temp)
+    rows = tfl.jsd_rows(on_device(student), on_device(teacher), on_device(stats), beta, inv_temp).cpu()
+    assert rows.dtype == torch.float32 and rows.shape == (n, 2)
+    assert_close_rel(rows[:, 0], want_rows[:, 0], loss_tol(*dtypes), abs_slack=1e-6, what="JSD_beta")
+    assert_close_rel(rows[:, 1], want_rows[:, 1], loss_tol(*dtypes), abs_slack=1e-6, what="E_q[g]")
+
+    coef = (weights * ((1.0 - beta) * inv_temp)).to(torch.float32)
+    off = coef == 0
+    poisoned_stats, poisoned_rows = stats.clone(), rows.clone()
+    poisoned_stats[off], poisoned_rows[off] = math.nan, math.nan  # must not be read (or must not matter)
+    grads = cpu(tfl.jsd_grad_pullback(on_device(student), on_device(teacher), on_device(poisoned_stats),
+                                      on_device(poisoned_rows), on_device(coef), beta, inv_temp, needs=needs))
+    gtol = grad_tol(student.hidden.dtype) if grad_tol_ is None else grad_tol_
+    for name, got, exp, need in zip(("hidden", "weight", "bias"), grads, ref, needs):
+        if exp is None or not need:
+            assert got is None, f"d {name}: expected None"
+            continue
+        want_dtype = student.weight.dtype if name == "weight" else torch.float32
+        assert got.dtype == want_dtype and got.shape == exp.shape, f"d {name}: {got.dtype} {tuple(got.shape)}"
+        assert_close_rel(got, exp, gtol, what=f"d {name}")
+    if grads[0] is not None:
+        assert (grads[0][off] == 0).all(), "rows whose coefficient is 0 must get exactly zero"
+    return rows, grads
+
+
+JSD_ZERO_ROWS = (0, 5, 20, 32, 33, 34, 35, 36)  # scattered, and the whole last row block (its tiles are skipped)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+@pytest.mark.parametrize("name", list(CASES))
+def test_jsd_matches_float64(name, beta, gen, monkeypatch):
+    """JSD rows and the three gradients against float64, for the cases of ``test_matches_float64`` (dtypes,
+    bias / scale / soft-cap per model, temperature, H_s != H_t, V_s < V_t and V_s > V_t, several row blocks,
+    vocabulary tiles, K chunks and splits, 16-bit weight-gradient chunks) and two betas; rows with coef 0 (and
+    NaN statistics), a whole row block of them."""
+    case = CASES[name]
+    monkeypatch.setattr(tfl, "SPLIT_V", case.split)
+    s, t, _ = make_case(gen, case)
+    weights = torch.randn(case.n, generator=gen, dtype=torch.float64)
+    weights[list(JSD_ZERO_ROWS)] = 0.0
+    _, (dh, dw, db) = run_and_check_jsd(s, t, weights, beta, 1.0 / case.temperature)
+    vocab = min(case.vs, case.vt)
+    assert (dw[vocab:] == 0).all() and (db is None or (db[vocab:] == 0).all())
+
+
+@pytest.mark.parametrize("split", [1, 7])
+def test_jsd_neg_inf_bias(split, gen, monkeypatch):
+    """-inf bias entries: a whole vocabulary tile of -inf in both models (a split with no mass at all when there is
+    one split per tile), scattered -inf columns in both (g = h = 0 there, log m = -inf), student-only (q = 0,
+    h = -log beta) and teacher-only (p = 0, g = -log(1 - beta)) -inf columns; then a soft-capped teacher (its -inf
+    entries become -softcap: finite, with mass). Exactly zero gradient where both models are -inf."""
+    monkeypatch.setattr(tfl, "SPLIT_V", split)
+    n, v = 37, 97
+    s = make_head(gen, n, 24, v, F32, bias=True, scale=1.3)
+    t = make_head(gen, n, 40, v, F32, bias=True)
+    both = torch.zeros(v, dtype=torch.bool)
+    both[16:32] = True
+    both[[0, 40, 41, 96]] = True
+    s.bias[both], t.bias[both] = NEG_INF, NEG_INF
+    s.bias[[50, 51, 70]] = NEG_INF
+    t.bias[[60, 61, 80]] = NEG_INF
+    weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    weights[[9, 16]] = 0.0
+    _, (dh, dw, db) = run_and_check_jsd(s, t, weights, 0.3, 1.0 / 1.3)
+    assert (dw[both] == 0).all() and (db[both] == 0).all()
+    assert (dw[[50, 51, 70]] == 0).all() and (db[[50, 51, 70]] == 0).all()  # q = 0: no gradient either
+
+    t.softcap = 3.0
+    run_and_check_jsd(s, t, weights, 0.8, 1.0)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True)])
+def test_jsd_after_row_stats(needs, gen, monkeypatch):
+    """The chain the loss runs: the kernels' statistics, then jsd rows, then the requested gradients (None for the
+    others); bf16 with 16-bit weight-gradient chunks."""
+    monkeypatch.setattr(tfl, "SPLIT_V", 2)
+    s, t, _ = make_case(gen, Case(BF16, n=20, vs=50, vt=45, hs=16, ht=32, bias=(True, False)))
+    stats = tfl.row_stats(on_device(s), on_device(t), None, 1.0 / 0.7).cpu()
+    weights = torch.randn(20, generator=gen, dtype=torch.float64)
+    weights[3] = 0.0
+    run_and_check_jsd(s, t, weights, 0.4, 1.0 / 0.7, stats=stats, needs=needs)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_jsd_default_tiles(dtype, gen, monkeypatch):
+    """The configured (H100) tiles, larger than the problem in every dimension, and the automatic split."""
+    monkeypatch.setattr(tfl, "CONFIG", DEFAULT_CONFIG)
+    monkeypatch.setattr(tfl, "SPLIT_V", None)
+    monkeypatch.setattr(tfl, "MERGE_BLOCK", 128)
+    s, t, _ = make_case(gen, Case(dtype, n=21, vs=45, vt=50, hs=20, ht=36))
+    weights = torch.randn(21, generator=gen, dtype=torch.float64)
+    weights[4] = 0.0
+    run_and_check_jsd(s, t, weights, 0.5, 1.0 / 0.7)
+
+
+def test_jsd_beta_and_shapes(gen):
+    """beta outside (0, 1) is refused (the endpoints are KLs: their own kernels); wrong shapes of coef / jsd rows
+    are refused; no rows gives empty rows and zero gradients."""
+    s, t, _ = make_case(gen, Case(F32, n=20, vs=50, vt=50, hs=16, ht=16, tokens=False))
+    s, t = on_device(s), on_device(t)
+    stats = on_device(torch.zeros(20, NUM_STATS))
+    rows = on_device(torch.zeros(20, 2))
+    for beta in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            tfl.jsd_rows(s, t, stats, beta, 1.0)
+        with pytest.raises(ValueError, match="beta"):
+            tfl.jsd_grad_pullback(s, t, stats, rows, on_device(torch.ones(20)), beta, 1.0)
+    with pytest.raises(ValueError, match="coef"):
+        tfl.jsd_grad_pullback(s, t, stats, rows, on_device(torch.ones(20, 4)), 0.5, 1.0)
+    with pytest.raises(ValueError, match="jsd rows"):
+        tfl.jsd_grad_pullback(s, t, stats, on_device(torch.zeros(20)), on_device(torch.ones(20)), 0.5, 1.0)
+
+    s0, t0, _ = make_case(gen, Case(F32, n=0, tokens=False))
+    s0, t0 = on_device(s0), on_device(t0)
+    assert tfl.jsd_rows(s0, t0, on_device(torch.zeros(0, NUM_STATS)), 0.5, 1.0).shape == (0, 2)
+    dh, dw, db = cpu(tfl.jsd_grad_pullback(s0, t0, on_device(torch.zeros(0, NUM_STATS)),
+                                           on_device(torch.zeros(0, 2)), on_device(torch.zeros(0)), 0.5, 1.0))
+    assert dh.shape == (0, 24) and (dw == 0).all() and dw.shape == (97, 24) and (db == 0).all()
+
+
+def test_jsd_shifted_logits(gen, monkeypatch):
+    """Rows far from 0 (student logits ~ -200 / tau, teacher's ~ +150 / tau): the tiles are centred by the row
+    maxima, and the columns past V of a tile (whose logits read 0, where exp(0 - M_Q) overflows) get nothing."""
+    monkeypatch.setattr(tfl, "SPLIT_V", 2)
+    n, v = 20, 45
+    s = make_head(gen, n, 16, v, F32, bias=True)
+    t = make_head(gen, n, 32, v + 6, F32, bias=True, softcap=400.0)
+    s.bias -= 200.0
+    t.bias += 150.0
+    weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    weights[7] = 0.0
+    run_and_check_jsd(s, t, weights, 0.6, 1.0 / 0.5)

@@ -1,8 +1,9 @@
 """Launchers of the fused-linear Triton kernels (``kernels/fused_linear.py``, installed as
-``minillm_fast.kernels.fused_linear``): row statistics and the pulled-back logit gradient computed straight from
-hidden states and lm_head weights, the logits existing only as on-chip tiles. The math and its docstrings live with
-the kernels; this module allocates outputs, picks tiles and grids and launches. Runs on CUDA tensors, or on CPU
-tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI tests it.
+``minillm_fast.kernels.fused_linear``): row statistics, the generalised JSD's rows and the pulled-back logit
+gradients computed straight from hidden states and lm_head weights, the logits existing only as on-chip tiles.
+The math and its docstrings live with the kernels; this module allocates outputs, picks tiles and grids and
+launches. Runs on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported), which is how CI tests it.
 
 A *head* is any object with the attributes of ``minillm_fast.fused_linear._Head``: ``hidden`` [N, H] (2-D),
 ``weight`` [V, H] (same dtype as ``hidden``: float32, bfloat16 or float16), ``bias`` [V] or None, ``logit_scale``
@@ -19,6 +20,13 @@ the temperature (``inv_temp`` = 1/tau) exactly as the row primitives of ``minill
     dtype: float32 sums over vocabulary chunks of ``WEIGHT_GRAD_CHUNK_BYTES``, each rounded once): the gradients of sum(dz * logits_s) through the student
     head, where dz is ``backends.logits_grad(z, u, tokens, stats, coef, inv_temp)``. Columns >= V = min(V_s, V_t)
     of d weight and d bias are 0. Accumulated with float32 atomics: the last bits vary from run to run.
+``jsd_rows(student, teacher, stats, beta, inv_temp) -> float32 [N, 2]``
+    ``backends.jsd_rows`` of the two heads' logits (0 < beta < 1): (JSD_beta, E_q[g]) per row, from the final
+    ``row_stats``; a second pass over the tiles, vocabulary-split like the statistics. Deterministic.
+``jsd_grad_pullback(student, teacher, stats, jsd, coef, beta, inv_temp, needs=(True, True, True))``
+    As ``logits_grad_pullback`` (same returns, chunks and atomics) for dz = ``backends.jsd_grad(z, u, stats, jsd,
+    coef, beta, inv_temp)``: coef float32 [N] ((1 - beta) / tau folded in; rows with coef 0 get exactly 0 and their
+    statistics and jsd rows are never used), jsd the ``jsd_rows`` output (its E_q[g] column).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import torch
 import triton
 
 from . import NUM_COEFS, NUM_STATS
-from .triton_backend import _device, _load_kernels
+from .triton_backend import _beta_args, _device, _load_kernels
 
 _load_kernels()  # registers minillm_fast.kernels (installed, or the source checkout's kernels/ folder)
 _k = importlib.import_module("minillm_fast.kernels.fused_linear")
@@ -60,6 +68,12 @@ CONFIG = {
     "stats_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
     "grad_16bit": TileConfig(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
     "grad_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
+    # The JSD rows pass holds the same two logit tiles as the statistics pass (its per-row state is 2 sums, not 10,
+    # its element math a logaddexp more): the statistics' tiles. Seen on an H100 (Triton 3.6, H and strides
+    # multiples of 16): 186 registers (16-bit) and 154 (float32), no spills; the gradient kernel's JSD mode 201 and
+    # 190, no spills.
+    "jsd_rows_16bit": TileConfig(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    "jsd_rows_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
 }
 # Rows per program of the merge of the split statistics (10 floats per row and split: negligible work).
 MERGE_BLOCK = 128
@@ -140,6 +154,14 @@ def _split_count(n_rows: int, num_tiles: int, device: torch.device, block_n: int
     return max(1, min(num_tiles, triton.cdiv(PROGRAMS_PER_SM * sms, row_blocks)))
 
 
+def _splits(n_rows: int, vocab: int, device: torch.device, cfg: TileConfig):
+    """(splits, tiles_per_split) of a vocabulary-split pass (statistics, JSD rows)."""
+    num_tiles = triton.cdiv(vocab, cfg.block_v)
+    splits = _split_count(n_rows, num_tiles, device, cfg.block_n)
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    return triton.cdiv(num_tiles, tiles_per_split), tiles_per_split  # no split left without a tile
+
+
 def _tokens(tokens, like: torch.Tensor):
     """(pointer, stride, HAS_TOKENS)."""
     if tokens is None:
@@ -160,10 +182,7 @@ def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
         return out
     vocab = min(s.vocab, t.vocab)
     cfg = _tiles("stats", s, t)
-    num_tiles = triton.cdiv(vocab, cfg.block_v)
-    splits = _split_count(n_rows, num_tiles, device, cfg.block_n)
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)  # no split left without a tile
+    splits, tiles_per_split = _splits(n_rows, vocab, device, cfg)
     partial = torch.empty(n_rows, splits, 10, dtype=torch.float32, device=device)
     tok, stride_tok, has_tokens = _tokens(tokens, s.hidden)
     with _device(s.hidden):
@@ -180,6 +199,47 @@ def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
 
 
 def logits_grad_pullback(student, teacher, tokens, stats, coef, inv_temp, needs=(True, True, True)):
+    return _pullback(student, teacher, tokens, stats, coef, None, inv_temp, needs)
+
+
+def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
+    log_beta, log_1m_beta = _beta_args(beta)
+    s, t = _HeadArgs(student), _HeadArgs(teacher)
+    n_rows = s.hidden.shape[0]
+    if t.hidden.shape[0] != n_rows:
+        raise ValueError(f"teacher hidden has {t.hidden.shape[0]} rows, student hidden {n_rows}")
+    device = s.hidden.device
+    out = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return out
+    if tuple(stats.shape) != (n_rows, NUM_STATS):
+        raise ValueError(f"stats: expected ({n_rows}, {NUM_STATS}), got {tuple(stats.shape)}")
+    stats = stats.to(torch.float32).contiguous()
+    vocab = min(s.vocab, t.vocab)
+    cfg = _tiles("jsd_rows", s, t)
+    splits, tiles_per_split = _splits(n_rows, vocab, device, cfg)
+    partial = torch.empty(n_rows, splits, 2, dtype=torch.float32, device=device)
+    with _device(s.hidden):
+        _k.fused_linear_jsd_rows_kernel[(triton.cdiv(n_rows, cfg.block_n), splits)](
+            *s.pointers(), *t.pointers(), stats, partial,
+            n_rows, vocab, s.size, t.size, *s.strides(), *t.strides(),
+            *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta, tiles_per_split,
+            *s.flags(), *t.flags(), _bf16_upcast(s.hidden),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _k.fused_linear_jsd_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
+            partial, out, n_rows, splits, float(beta), 1.0 - float(beta), BLOCK_R=MERGE_BLOCK, num_warps=4)
+    return out
+
+
+def jsd_grad_pullback(student, teacher, stats, jsd, coef, beta, inv_temp, needs=(True, True, True)):
+    log_beta, log_1m_beta = _beta_args(beta)
+    return _pullback(student, teacher, None, stats, coef, (jsd, log_beta, log_1m_beta), inv_temp, needs)
+
+
+def _pullback(student, teacher, tokens, stats, coef, jsd, inv_temp, needs):
+    """``logits_grad_pullback`` (jsd None; coef [N, 4]) or ``jsd_grad_pullback`` (jsd = (jsd rows [N, 2],
+    log beta, log(1 - beta)); coef [N]): the gradient buffers, then one gradient launch per vocabulary chunk."""
     s, t = _HeadArgs(student), _HeadArgs(teacher)
     n_rows = s.hidden.shape[0]
     device = s.hidden.device
@@ -192,9 +252,14 @@ def logits_grad_pullback(student, teacher, tokens, stats, coef, inv_temp, needs=
     d_bias = torch.zeros(s.vocab, dtype=torch.float32, device=device) if need_db else None
     if n_rows == 0 or not (need_dh or need_dw or need_db):
         return d_hidden, d_weight, d_bias
-    if tuple(stats.shape) != (n_rows, NUM_STATS) or tuple(coef.shape) != (n_rows, NUM_COEFS):
-        raise ValueError(f"stats / coef: expected ({n_rows}, {NUM_STATS}) and ({n_rows}, {NUM_COEFS}), got "
+    coef_shape = (n_rows, NUM_COEFS) if jsd is None else (n_rows,)
+    if tuple(stats.shape) != (n_rows, NUM_STATS) or tuple(coef.shape) != coef_shape:
+        raise ValueError(f"stats / coef: expected ({n_rows}, {NUM_STATS}) and {coef_shape}, got "
                          f"{tuple(stats.shape)} and {tuple(coef.shape)}")
+    if jsd is not None:
+        if tuple(jsd[0].shape) != (n_rows, 2):
+            raise ValueError(f"jsd rows: expected ({n_rows}, 2), got {tuple(jsd[0].shape)}")
+        jsd = (jsd[0].to(torch.float32).contiguous(), *jsd[1:])
     stats = stats.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
     vocab = min(s.vocab, t.vocab)
@@ -209,29 +274,31 @@ def logits_grad_pullback(student, teacher, tokens, stats, coef, inv_temp, needs=
             scratch = d_weight[c0:c1] if dw_dtype == torch.float32 else torch.zeros(
                 c1 - c0, s.size, dtype=torch.float32, device=device)
         _launch_grad(s.columns(c0, c1), t.columns(c0, c1), None if tokens is None else tokens - c0, stats, coef,
-                     inv_temp, d_hidden, scratch, None if d_bias is None else d_bias[c0:c1])
+                     jsd, inv_temp, d_hidden, scratch, None if d_bias is None else d_bias[c0:c1])
         if scratch is not None and scratch.dtype != dw_dtype:
             d_weight[c0:c1].copy_(scratch)
     return d_hidden, d_weight, d_bias
 
 
-def _launch_grad(s: "_HeadArgs", t: "_HeadArgs", tokens, stats, coef, inv_temp, d_hidden, d_weight, d_bias):
+def _launch_grad(s: "_HeadArgs", t: "_HeadArgs", tokens, stats, coef, jsd, inv_temp, d_hidden, d_weight, d_bias):
     """One gradient-kernel launch over all rows and the heads' (common) columns, adding into the float32 buffers
-    (None: not needed; d_weight / d_bias cover exactly those columns, with unit column stride)."""
+    (None: not needed; d_weight / d_bias cover exactly those columns, with unit column stride). ``jsd`` None: the
+    ``logits_grad`` combination (coef [N, 4]); else (jsd rows, log beta, log(1 - beta)): ``jsd_grad``'s (coef [N])."""
     n_rows = s.hidden.shape[0]
     vocab = min(s.vocab, t.vocab)
     cfg = _tiles("grad", s, t)
     tok, stride_tok, has_tokens = _tokens(tokens, s.hidden)
     dummy = stats  # never dereferenced where a gradient is not needed
+    jsd_rows_, log_beta, log_1m_beta = (dummy, 0.0, 0.0) if jsd is None else jsd
     need_dh, need_dw, need_db = d_hidden is not None, d_weight is not None, d_bias is not None
     grid = (triton.cdiv(n_rows, cfg.block_n) * triton.cdiv(vocab, cfg.block_v),)
     with _device(s.hidden):
         _k.fused_linear_grad_kernel[grid](
-            *s.pointers(), *t.pointers(), tok, stats, coef,
+            *s.pointers(), *t.pointers(), tok, stats, coef, jsd_rows_,
             d_hidden if need_dh else dummy, d_weight if need_dw else dummy, d_bias if need_db else dummy,
             n_rows, vocab, s.size, t.size, *s.strides(), *t.strides(), stride_tok,
             d_hidden.stride(0) if need_dh else 0, d_weight.stride(0) if need_dw else 0,
-            *s.scalars(), *t.scalars(), float(inv_temp),
-            *s.flags(), *t.flags(), has_tokens, need_dh, need_dw, need_db, _bf16_upcast(s.hidden),
+            *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta,
+            *s.flags(), *t.flags(), has_tokens, jsd is not None, need_dh, need_dw, need_db, _bf16_upcast(s.hidden),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=GROUP_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)

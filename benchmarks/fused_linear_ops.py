@@ -310,14 +310,23 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on a CPU")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shapes", default=None, help="comma-separated NxHxV, e.g. 8192x4096x128256 (default: the "
+                                                       "device's list)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {', '.join(OPS)}")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    ops = tuple(args.ops.split(","))
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; expected some of {', '.join(OPS)}")
     start = time.perf_counter()
     rows = []
     for shape in shapes:  # the table so far after each shape: a run cut short keeps what it measured
-        rows += run(device, dtype, [shape])
+        rows += run(device, dtype, [shape], ops=ops)
         print(markdown(rows), flush=True)
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
 

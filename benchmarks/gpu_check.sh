@@ -10,8 +10,12 @@
 # WHEEL_DIR (default .whl/) if present, never fetched.
 # Budget: about 8 minutes on an H100; each step has its own timeout (about 14 minutes at worst in all: pass a
 # shorter list of steps' work, e.g. skip the sanitizers, when the device window is shorter).
+#
+# GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first, in about 8 minutes at worst:
+# build, the fused-linear target (one shape, blocked vs on-chip), the logits target (reverse_kl and minillm_loss
+# at [8192, 128256] vs torch.compile), the fused-linear GPU tests, racecheck and synccheck.
 set -uo pipefail
-OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR [WHEEL_DIR]}
+OUT_DIR=${1:?usage: [GPU_CHECK_PLAN=targets] gpu_check.sh OUT_DIR [WHEEL_DIR]}
 WHEELS=${2:-.whl}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR"
@@ -38,11 +42,21 @@ fi
   > "$OUT_DIR/device.txt" 2>&1
 cat "$OUT_DIR/device.txt" | head -20
 
-step build 180 $PY -c "
+step build 90 $PY -c "
 import time; t = time.time()
 from minillm_fast import _extension, available_backends
 assert _extension.load('cuda') is not None, 'CUDA extension failed to build'
 print('built in %.0f s; backends:' % (time.time() - t), available_backends())"
+
+if [ "${GPU_CHECK_PLAN:-all}" = targets ]; then
+  step fused_linear_target 130 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256
+  step logits_target 150 $PY -m benchmarks.run --device cuda --ops reverse_kl,minillm_loss --shapes 8192x128256 \
+    --modes fwd+bwd --backends cuda,triton --alts compile --time-limit 130 --no-plots --out "$OUT_DIR/bench"
+  step fused_linear_gpu_tests 110 $PY -m pytest -q -x -rf --tb=short tests/test_gpu_fused_linear.py -p no:cacheprovider
+  step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
+  step synccheck 30 compute-sanitizer --tool synccheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
+  exit $status
+fi
 
 step gpu_tests 180 $PY -m pytest -q -rf --tb=short tests/test_gpu_ops.py tests/test_cuda_backend.py tests/test_triton_smoke.py tests/test_gpu_fused_linear.py tests/test_triton_fused_linear.py tests/test_compile.py::test_gpu_backends_compile -p no:cacheprovider
 

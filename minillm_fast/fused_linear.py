@@ -14,7 +14,7 @@ the teacher under ``torch.no_grad()`` and pass ``lm_head.weight.detach()``).
 
 How: rows are processed in blocks of n tokens. For a block, the two models' logits exist only as float32 [n, V]
 (computed from the inputs' dtype with float32 accumulation and output), with n chosen so that a block's
-temporaries stay below 1/6 of one [N, V] float32 buffer and below ``MAX_BLOCK_BYTES``. The backend's one-pass row
+temporaries stay below 1/BLOCK_SHARE (1/5) of one [N, V] float32 buffer and below ``MAX_BLOCK_BYTES``. The backend's one-pass row
 kernel gives the block's row statistics and, when a student input requires grad, the block's logit gradient dz is
 formed at once and pulled back through the lm_head::
 
@@ -33,8 +33,8 @@ No block of logits exists in any memory: a statistics kernel forms logit tiles i
 model) and folds them into the per-row online-softmax state; a gradient kernel recomputes the tiles from those
 statistics, forms dz in registers and pulls it back into float32 gradient buffers (d hidden, d W, d b). Extra memory
 is those buffers and [N, 10] statistics; the price is recomputing both models' logits (6 matmuls in all, also for
-``reduction="none"``, whose backward runs the gradient kernel with the saved statistics). JSD (0 < beta < 1), which needs a second pass over the logits, takes the blocked path with
-the Triton row kernels. Other backends ("cuda", "cpu", "torch"; "auto") take the blocked path.
+``reduction="none"``, whose backward runs the gradient kernel with the saved statistics; JSD with 0 < beta < 1
+adds a second statistics pass: 8). Other backends ("cuda", "cpu", "torch"; "auto") take the blocked path.
 
 ``process_group`` (every op): vocabulary-parallel lm_heads, as tensor parallelism shards them. Each rank passes all
 hidden states and its rows ``[V_local, H]`` of both weights (and biases), covering the same global columns; the
@@ -243,16 +243,44 @@ class _Block:
     def has_in_place_grad(self) -> bool:
         return hasattr(self.backend, "logits_grad_") and self.z.dtype == torch.float32
 
+    def jsd_rows(self, beta: float) -> torch.Tensor:
+        """float32 [n, 2] (JSD_beta, E_q[g]) of the block's rows (the backend's second pass over the logits)."""
+        return self.backend.jsd_rows(self.z, self.u, self.stats, beta, self.inv_temp)
+
+
+@dataclass
+class _OnChipBlock(_Block):
+    """All rows, with no logits anywhere: the on-chip kernels (``backends/triton_fused_linear.py``) recompute logit
+    tiles from the two heads for every pass, and pull gradients back through the student's head as they go."""
+
+    student: _Head = None
+    teacher: _Head = None
+
+    def jsd_rows(self, beta):
+        from .backends import triton_fused_linear
+        return triton_fused_linear.jsd_rows(self.student, self.teacher, self.stats, beta, self.inv_temp)
+
+    def pull_back(self, coef: torch.Tensor, needs: tuple) -> tuple:
+        """(d hidden, d weight, d bias) of sum(dz * logits) with dz = logits_grad(..., coef)."""
+        from .backends import triton_fused_linear
+        return triton_fused_linear.logits_grad_pullback(self.student, self.teacher, self.tokens, self.stats, coef,
+                                                        self.inv_temp, needs=needs)
+
+    def pull_back_jsd(self, jsd: torch.Tensor, coef: torch.Tensor, beta: float, needs: tuple) -> tuple:
+        """The same with dz = jsd_grad(..., jsd, coef)."""
+        from .backends import triton_fused_linear
+        return triton_fused_linear.jsd_grad_pullback(self.student, self.teacher, self.stats, jsd, coef, beta,
+                                                     self.inv_temp, needs=needs)
+
 
 class _Loss:
     """A loss as a sum over rows: ``rows`` gives a block's per-row values (a dict of float32 [n] tensors), and
     ``grad(block, values, weight, into_z)`` the logit gradient dz of sum_r weight_r * (the loss's row value r),
     written over the block's student logits when ``into_z`` (only asked of losses with ``in_place = True``).
     Most losses' dz is a ``logits_grad`` combination: ``grad_columns(values)`` names its columns, which is also
-    what the on-chip kernels (they never hold dz) take."""
+    what the on-chip kernels (they never hold dz) take; ``on_chip_grads`` pulls it back through those kernels."""
 
     in_place = True
-    on_chip = True  # its gradient is a logits_grad combination (grad_columns)
 
     def rows(self, block: _Block) -> dict:
         raise NotImplementedError
@@ -262,6 +290,10 @@ class _Loss:
 
     def grad(self, block: _Block, values: dict, weight: torch.Tensor, into_z: bool = False) -> torch.Tensor:
         return block.logits_grad(weight, self.grad_columns(values), into_z)
+
+    def on_chip_grads(self, block: "_OnChipBlock", values: dict, weight: torch.Tensor, needs: tuple) -> tuple:
+        """(d hidden, d weight, d bias) of sum_r weight_r (row value r), from the on-chip gradient kernel."""
+        return block.pull_back(block.coefs(weight, self.grad_columns(values)), needs)
 
 
 class _Divergence(_Loss):
@@ -276,22 +308,29 @@ class _Divergence(_Loss):
 
 
 class _JSD(_Loss):
+    """0 < beta < 1: a second pass over the logits (``jsd_rows``) and its own gradient primitive (``jsd_grad``,
+    dz = coef q (g - E_q[g]) with coef = weight (1 - beta) / tau)."""
+
     in_place = False  # jsd_grad has no in-place form
-    on_chip = False  # a second pass over the logits (jsd_rows) and its own gradient primitive
 
     def __init__(self, beta: float):
         self.beta = beta
 
     def rows(self, block):
-        jsd = block.backend.jsd_rows(block.z, block.u, block.stats, self.beta, block.inv_temp)
+        jsd = block.jsd_rows(self.beta)
         if block.group is not None:  # sums over columns: add the shards'
             jsd = distributed.all_reduce_sum(jsd, block.group)
         return {"value": jsd[:, 0], "jsd_rows": jsd}
 
+    def _coef(self, block, weight):
+        return (weight * ((1.0 - self.beta) * block.inv_temp)).contiguous()
+
     def grad(self, block, values, weight, into_z=False):
-        coef = (weight * ((1.0 - self.beta) * block.inv_temp)).contiguous()
-        return block.backend.jsd_grad(block.z, block.u, block.stats, values["jsd_rows"], coef, self.beta,
-                                      block.inv_temp)
+        return block.backend.jsd_grad(block.z, block.u, block.stats, values["jsd_rows"], self._coef(block, weight),
+                                      self.beta, block.inv_temp)
+
+    def on_chip_grads(self, block, values, weight, needs):
+        return block.pull_back_jsd(values["jsd_rows"], self._coef(block, weight), self.beta, needs)
 
 
 class _MiniLLM(_Loss):
@@ -438,14 +477,13 @@ def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
 # On-chip (backend="triton"): logit tiles never leave the GPU's registers and shared memory
 # ----------------------------------------------------------------------------------------------------------
 
-def _on_chip(problem: _Problem, loss: _Loss) -> bool:
-    """Whether the on-chip kernels (``backends/triton_fused_linear.py``) run this call: backend "triton" and a loss
-    whose gradient is a logits_grad combination (JSD needs a second pass over the logits: it takes the blocked
-    path with the Triton row kernels)."""
-    return getattr(problem.backend, "name", None) == "triton" and loss.on_chip and problem.n_rows > 0
+def _on_chip(problem: _Problem) -> bool:
+    """Whether the on-chip kernels (``backends/triton_fused_linear.py``) run this call: backend "triton" (N = 0
+    takes the blocked path, which returns 0.0 with zero gradients)."""
+    return getattr(problem.backend, "name", None) == "triton" and problem.n_rows > 0
 
 
-def _on_chip_block(problem: _Problem, tokens, stats=None) -> _Block:
+def _on_chip_block(problem: _Problem, tokens, stats=None) -> _OnChipBlock:
     """All rows as one block without logits: the row statistics from the stats kernel (merged across ranks)."""
     from .backends import triton_fused_linear
     owned = problem.owned
@@ -454,18 +492,15 @@ def _on_chip_block(problem: _Problem, tokens, stats=None) -> _Block:
         if problem.group is not None:
             stats = distributed.all_reduce_row_stats(stats, problem.group, owned=owned, with_tokens=tokens is not None)
     valid = _valid_rows(problem.mask, stats)
-    return _Block(0, problem.n_rows, None, None, tokens, stats, valid, problem.backend, problem.inv_temp,
-                  problem.group, owned)
+    return _OnChipBlock(0, problem.n_rows, None, None, tokens, stats, valid, problem.backend, problem.inv_temp,
+                        problem.group, owned, problem.student, problem.teacher)
 
 
-def _pull_back_on_chip(problem: _Problem, loss: _Loss, block: _Block, values: dict, weight: torch.Tensor,
+def _pull_back_on_chip(problem: _Problem, loss: _Loss, block: _OnChipBlock, values: dict, weight: torch.Tensor,
                        needs: tuple) -> _Grads:
     """The gradients of sum_r weight_r * (row value r), from the gradient kernel (it recomputes the logit tiles
     and pulls dz back through the lm_head as it goes), summed over ranks where the vocabulary is sharded."""
-    from .backends import triton_fused_linear
-    coef = block.coefs(weight, loss.grad_columns(values))
-    grads = _Grads(*triton_fused_linear.logits_grad_pullback(problem.student, problem.teacher, block.tokens,
-                                                             block.stats, coef, problem.inv_temp, needs=needs))
+    grads = _Grads(*loss.on_chip_grads(block, values, weight, needs))
     problem.hidden_grad_over_ranks(grads)
     return grads
 
@@ -483,7 +518,7 @@ def _sweep_on_chip(problem: _Problem, loss: _Loss, tokens, needs):
 def _forward(problem: _Problem, loss: _Loss, tokens, needs):
     """(per-row values, row stats, validity, and with ``needs`` the gradients of the "sum" form): from the on-chip
     kernels where they run this call, else from the blocks."""
-    if _on_chip(problem, loss):
+    if _on_chip(problem):
         return _sweep_on_chip(problem, loss, tokens, needs)
     grads = None if needs is None else _Grads.zeros_for(problem.student, needs)
     values, stats, valid = _sweep(problem, loss, tokens, grads)
@@ -499,7 +534,7 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
     With backend="triton" the on-chip kernels replace the blocks (one stats pass; one gradient pass)."""
     needs = problem.needs_grad()
     scalar_output = finish.scalar
-    on_chip = _on_chip(problem, loss)
+    on_chip = _on_chip(problem)
     with torch.no_grad():
         values, stats, valid, grads = _forward(problem, loss, tokens, needs if any(needs) and scalar_output else None)
         outputs, value, inv_denominator = finish(values, valid)
@@ -514,8 +549,8 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
             row_weight = valid.to(torch.float32) * upstream.to(torch.float32).reshape(-1)
             if on_chip:
                 with torch.no_grad():
-                    block = _on_chip_block(problem, tokens, stats)
-                    deferred = _pull_back_on_chip(problem, loss, block, loss.rows(block), row_weight, needs)
+                    block = _on_chip_block(problem, tokens, stats)  # the forward's rows: nothing recomputed
+                    deferred = _pull_back_on_chip(problem, loss, block, values, row_weight, needs)
                 return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
             deferred = _Grads.zeros_for(problem.student, needs)
             with torch.no_grad():

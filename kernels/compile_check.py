@@ -6,7 +6,7 @@ rejects (and the reverse), so a kernel can pass every interpreted test and still
 machine. This check closes that gap the way ``csrc/cuda/compile_check.sh`` does for the CUDA sources: each launcher
 of ``minillm_fast.backends.triton_backend`` and ``triton_fused_linear`` runs once on small CPU tensors with its
 kernels replaced by recorders (nothing executes), and every distinct launch (kernel, argument types, constexprs,
-num_warps, num_stages) is compiled to a cubin. Pointers are declared 16-byte aligned (as PyTorch allocates them);
+num_warps, num_stages) is compiled to a cubin, whose shared memory must fit the GPU's. Pointers are declared 16-byte aligned (as PyTorch allocates them);
 integers are left unspecialised (odd sizes and strides). Must run without ``TRITON_INTERPRET=1``.
 
     python kernels/compile_check.py [--arch 80,90]        # exit 1 on the first kernel that fails to compile
@@ -30,6 +30,9 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from minillm_fast.backends import triton_backend, triton_fused_linear  # noqa: E402
 
+# Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB. A launch above it
+# fails on the GPU with OutOfResources although it compiles.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.uint8: "*u8", torch.float64: "*fp64"}
 
@@ -156,6 +159,11 @@ def main(argv=None) -> int:
                 return 1
             if not compiled.asm.get("cubin"):
                 print(f"FAILED sm_{arch} {fn.__name__}: no cubin", file=sys.stderr)
+                return 1
+            shared = compiled.metadata.shared
+            if shared > SHARED_MEMORY_LIMIT.get(arch, shared):
+                print(f"FAILED sm_{arch} {fn.__name__} {options}: needs {shared} bytes of shared memory, the GPU has "
+                      f"{SHARED_MEMORY_LIMIT[arch]}", file=sys.stderr)
                 return 1
         print(f"sm_{arch}: {len(specs)} launches compiled ({time.perf_counter() - start:.0f} s so far)", flush=True)
     return 0

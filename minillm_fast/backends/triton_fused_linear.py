@@ -55,24 +55,25 @@ class TileConfig:
     num_stages: int
 
 
-# Chosen for Hopper (H100: 228 KB shared memory, 64K registers per SM), not yet timed on one. Checked by compiling
-# for sm_90a offline (Triton 3.9, ptxas; H and strides multiples of 16, as real models have them, which lets the K
-# loops pipeline with 3 stages): 16-bit inputs (wgmma) at 64 x 128 x 64 with 8 warps take 178 registers per thread
-# (statistics) and ~230 (gradient), no spills; float32 inputs (IEEE dots run on the FMA units and hold their
-# operands in registers) at 64 x 64 x 32 with 8 warps take 180 (statistics) and 255 with 64 bytes of spills
-# (gradient), where 64 x 128 spills hundreds of bytes. Shared memory: at most ~140 KB (16-bit gradient pass).
-# The float32 tiles apply when either head is float32. Tests shrink everything (tl.dot's minimum, 16, in the
-# interpreter) to exercise many tiles, row blocks, chunks and splits.
+# Chosen for Hopper (H100: 228 KB shared memory, 64K registers per SM). 16-bit inputs (wgmma): 128 x 128 x 64 with
+# 8 warps and 4 stages, the fastest of a sweep on an H100 (benchmarks/fused_linear_tiles.py, N=8192 H=4096 V=128256
+# bf16, 2026-11-28: statistics 46 ms = 372 TFLOP/s, gradient 133 ms = 259 TFLOP/s, against 78 / 197 ms at
+# 64 x 128 x 64 x 8 x 3; 128 x 256 and 64 x 256 exceed the shared memory; results in
+# benchmarks/results/nvidia-h100-2026-11-28/onchip_tile_sweep.log). float32 inputs (IEEE dots run on the FMA units
+# and hold their operands in registers): 64 x 64 x 32 with 8 warps, checked by compiling for sm_90a offline (180
+# registers per thread for the statistics, 255 with 64 bytes of spills for the gradient; 64 x 128 spills hundreds
+# of bytes), not tuned on a GPU. The float32 tiles apply when either head is float32. Tests shrink everything
+# (tl.dot's minimum, 16, in the interpreter) to exercise many tiles, row blocks, chunks and splits.
 CONFIG = {
-    "stats_16bit": TileConfig(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    "stats_16bit": TileConfig(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=4),
     "stats_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
-    "grad_16bit": TileConfig(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    "grad_16bit": TileConfig(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=4),
     "grad_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
     # The JSD rows pass holds the same two logit tiles as the statistics pass (its per-row state is 2 sums, not 10,
     # its element math a logaddexp more): the statistics' tiles. Seen on an H100 (Triton 3.6, H and strides
     # multiples of 16): 186 registers (16-bit) and 154 (float32), no spills; the gradient kernel's JSD mode 201 and
     # 190, no spills.
-    "jsd_rows_16bit": TileConfig(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    "jsd_rows_16bit": TileConfig(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=4),
     "jsd_rows_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
 }
 # Rows per program of the merge of the split statistics (10 floats per row and split: negligible work).

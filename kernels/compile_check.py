@@ -6,8 +6,9 @@ rejects (and the reverse), so a kernel can pass every interpreted test and still
 machine. This check closes that gap the way ``csrc/cuda/compile_check.sh`` does for the CUDA sources: each launcher
 of ``minillm_fast.backends.triton_backend`` and ``triton_fused_linear`` runs once on small CPU tensors with its
 kernels replaced by recorders (nothing executes), and every distinct launch (kernel, argument types, constexprs,
-num_warps, num_stages) is compiled to a cubin, whose shared memory must fit the GPU's. Pointers are declared 16-byte aligned (as PyTorch allocates them);
-integers are left unspecialised (odd sizes and strides). Must run without ``TRITON_INTERPRET=1``.
+num_warps, num_stages) is compiled to a cubin, whose shared memory must fit the GPU's. Pointers are declared
+16-byte aligned (as PyTorch allocates them); integers are left unspecialised (odd sizes and strides). Must run
+without ``TRITON_INTERPRET=1``.
 
     python kernels/compile_check.py [--arch 80,90]        # exit 1 on the first kernel that fails to compile
 """
@@ -101,7 +102,8 @@ def record_launches() -> list:
     try:
         n, v = 9, 70
         tokens = torch.randint(0, 64, (n,))
-        for zd, ud in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
+        dtype_pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32))
+        for zd, ud in dtype_pairs:
             z, u = torch.randn(n, v).to(zd), torch.randn(n, v - 3).to(ud)
             stats, coef = torch.zeros(n, 10), torch.ones(n, 4)
             for tok in (tokens, None):

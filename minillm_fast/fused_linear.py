@@ -12,11 +12,11 @@ applied" (e.g. Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale``, 
 Gradients reach the student's hidden states, weight and bias; every teacher tensor must not require grad (compute
 the teacher under ``torch.no_grad()`` and pass ``lm_head.weight.detach()``).
 
-How: rows are processed in blocks of n tokens. For a block, the two models' logits exist only as float32 [n, V]
-(computed from the inputs' dtype with float32 accumulation and output), with n chosen so that a block's
-temporaries stay below 1/BLOCK_SHARE (1/5) of one [N, V] float32 buffer and below ``MAX_BLOCK_BYTES``. The backend's one-pass row
-kernel gives the block's row statistics and, when a student input requires grad, the block's logit gradient dz is
-formed at once and pulled back through the lm_head::
+How (the blocked path): rows are processed in blocks of n tokens. For a block, the two models' logits exist only
+as float32 [n, V] (computed from the inputs' dtype with float32 accumulation and output), with n chosen so that a
+block's temporaries stay below 1/BLOCK_SHARE (1/5) of one [N, V] float32 buffer and below ``MAX_BLOCK_BYTES``. The
+backend's one-pass row kernel gives the block's row statistics and, when a student input requires grad, the
+block's logit gradient dz is formed at once and pulled back through the lm_head::
 
     d hidden[block] = dz @ W        d W += dz^T @ hidden[block]        d b += sum_rows dz
 

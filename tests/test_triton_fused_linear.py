@@ -202,7 +202,13 @@ def run_and_check(student, teacher, tokens, weights, inv_temp, *, stats_tol=None
     poisoned[(coef == 0).all(1)] = math.nan
     grads = cpu(tfl.logits_grad_pullback(on_device(student), on_device(teacher), on_device(tokens),
                                          on_device(poisoned), on_device(coef), inv_temp, needs=needs))
-    ref = ref_grads(student, teacher, tokens, weights, inv_temp)
+    check_pulled_back(grads, ref_grads(student, teacher, tokens, weights, inv_temp), student, needs, grad_tol_)
+    return stats, grads
+
+
+def check_pulled_back(grads, ref, student, needs, grad_tol_=None):
+    """A launcher's (d hidden, d weight, d bias) against the float64 ones: None where not needed, dtypes, shapes,
+    values within the gradient tolerance."""
     gtol = grad_tol(student.hidden.dtype) if grad_tol_ is None else grad_tol_
     for name, got, exp, need in zip(("hidden", "weight", "bias"), grads, ref, needs):
         if exp is None or not need:
@@ -212,7 +218,6 @@ def run_and_check(student, teacher, tokens, weights, inv_temp, *, stats_tol=None
         want_dtype = student.weight.dtype if name == "weight" else torch.float32
         assert got.dtype == want_dtype and got.shape == exp.shape, f"d {name}: {got.dtype} {tuple(got.shape)}"
         assert_close_rel(got, exp, gtol, what=f"d {name}")
-    return stats, grads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,14 +477,7 @@ def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, 
     poisoned_stats[off], poisoned_rows[off] = math.nan, math.nan  # must not be read (or must not matter)
     grads = cpu(tfl.jsd_grad_pullback(on_device(student), on_device(teacher), on_device(poisoned_stats),
                                       on_device(poisoned_rows), on_device(coef), beta, inv_temp, needs=needs))
-    gtol = grad_tol(student.hidden.dtype) if grad_tol_ is None else grad_tol_
-    for name, got, exp, need in zip(("hidden", "weight", "bias"), grads, ref, needs):
-        if exp is None or not need:
-            assert got is None, f"d {name}: expected None"
-            continue
-        want_dtype = student.weight.dtype if name == "weight" else torch.float32
-        assert got.dtype == want_dtype and got.shape == exp.shape, f"d {name}: {got.dtype} {tuple(got.shape)}"
-        assert_close_rel(got, exp, gtol, what=f"d {name}")
+    check_pulled_back(grads, ref, student, needs, grad_tol_)
     if grads[0] is not None:
         assert (grads[0][off] == 0).all(), "rows whose coefficient is 0 must get exactly zero"
     return rows, grads

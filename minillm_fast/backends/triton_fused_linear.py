@@ -17,9 +17,10 @@ the temperature (``inv_temp`` = 1/tau) exactly as the row primitives of ``minill
 ``logits_grad_pullback(student, teacher, tokens, stats, coef, inv_temp, needs=(True, True, True))``
     ``(d hidden float32 [N, H_s], d weight [V_s, H_s], d bias float32 [V_s])`` (each None where ``needs`` says so,
     the bias's also when the student has none; d weight in float32 for a float32 weight, else in the weight's
-    dtype: float32 sums over vocabulary chunks of ``WEIGHT_GRAD_CHUNK_BYTES``, each rounded once): the gradients of sum(dz * logits_s) through the student
-    head, where dz is ``backends.logits_grad(z, u, tokens, stats, coef, inv_temp)``. Columns >= V = min(V_s, V_t)
-    of d weight and d bias are 0. Accumulated with float32 atomics: the last bits vary from run to run.
+    dtype: float32 sums over vocabulary chunks of ``WEIGHT_GRAD_CHUNK_BYTES``, each rounded once): the gradients
+    of sum(dz * logits_s) through the student head, where dz is ``backends.logits_grad(z, u, tokens, stats, coef,
+    inv_temp)``. Columns >= V = min(V_s, V_t) of d weight and d bias are 0. Accumulated with float32 atomics: the
+    last bits vary from run to run.
 ``jsd_rows(student, teacher, stats, beta, inv_temp) -> float32 [N, 2]``
     ``backends.jsd_rows`` of the two heads' logits (0 < beta < 1): (JSD_beta, E_q[g]) per row, from the final
     ``row_stats``; a second pass over the tiles, vocabulary-split like the statistics. Deterministic.

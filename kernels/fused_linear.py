@@ -146,6 +146,36 @@ def head_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_h, stride_
 
 
 @triton.jit
+def empty_pair_states(ROWS: tl.constexpr):
+    """Per-row online states of both distributions before any column: (m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p) with
+    maxima -inf and sums 0, [ROWS] each."""
+    m_q = tl.full([ROWS], float("-inf"), tl.float32)
+    m_p = tl.full([ROWS], float("-inf"), tl.float32)
+    s_q = tl.zeros([ROWS], tl.float32)
+    return m_q, s_q, s_q, s_q, m_p, s_q, s_q, s_q
+
+
+@triton.jit
+def scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                     stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t, inv_temp,
+                     HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr,
+                     PRECISION_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr,
+                     HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr, BF16_UPCAST: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x, y) = the student's and the teacher's logit tiles divided by the temperature, -inf in columns >= V (outside
+    ``col_ok``): what the statistics and JSD-rows passes fold into their per-row sums."""
+    z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
+                     scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
+    u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
+                     scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
+                     BLOCK_N, BLOCK_V, BLOCK_K)
+    x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
+    y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+    return x, y
+
+
+@triton.jit
 def fused_linear_stats_kernel(
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tok_ptr, part_ptr,
         N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt, stride_tok,
@@ -164,14 +194,7 @@ def fused_linear_stats_kernel(
     else:
         tok = tl.full([BLOCK_N], -1, tl.int64)
 
-    m_q = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    m_p = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s_q = tl.zeros([BLOCK_N], tl.float32)
-    a_q = tl.zeros([BLOCK_N], tl.float32)
-    b_q = tl.zeros([BLOCK_N], tl.float32)
-    s_p = tl.zeros([BLOCK_N], tl.float32)
-    a_p = tl.zeros([BLOCK_N], tl.float32)
-    b_p = tl.zeros([BLOCK_N], tl.float32)
+    m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_N)
     zy = tl.zeros([BLOCK_N], tl.float32)
     uy = tl.zeros([BLOCK_N], tl.float32)
 
@@ -181,14 +204,10 @@ def fused_linear_stats_kernel(
     for tile in range(first, last):
         cols = tile * BLOCK_V + lanes
         col_ok = cols < V
-        z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
-                         scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
-                         BLOCK_N, BLOCK_V, BLOCK_K)
-        u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
-                         scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
-                         BLOCK_N, BLOCK_V, BLOCK_K)
-        x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
-        y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+        x, y = scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                                stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
+                                inv_temp, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T,
+                                HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         if HAS_TOKENS:
             # Exactly one tile of one split holds a row's token (none when y is -1 or >= V): the merge sums these.
             hit = (cols[None, :].to(tl.int64) == tok[:, None]) & col_ok[None, :]
@@ -215,14 +234,7 @@ def fused_linear_stats_kernel(
 def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
-    m_q = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    m_p = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s_q = tl.zeros([BLOCK_R], tl.float32)
-    a_q = tl.zeros([BLOCK_R], tl.float32)
-    b_q = tl.zeros([BLOCK_R], tl.float32)
-    s_p = tl.zeros([BLOCK_R], tl.float32)
-    a_p = tl.zeros([BLOCK_R], tl.float32)
-    b_p = tl.zeros([BLOCK_R], tl.float32)
+    m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_R)
     zy = tl.zeros([BLOCK_R], tl.float32)
     uy = tl.zeros([BLOCK_R], tl.float32)
     for split in range(0, num_splits):
@@ -277,14 +289,10 @@ def fused_linear_jsd_rows_kernel(
     for tile in range(first, last):
         cols = tile * BLOCK_V + lanes
         col_ok = cols < V
-        z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
-                         scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
-                         BLOCK_N, BLOCK_V, BLOCK_K)
-        u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
-                         scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
-                         BLOCK_N, BLOCK_V, BLOCK_K)
-        x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
-        y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+        x, y = scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                                stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
+                                inv_temp, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T,
+                                HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         q, g, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta)
         sum_q += tl.sum(q * g, 1)
         sum_p += tl.sum(p * h, 1)

@@ -149,16 +149,24 @@ def surrogate_bias(b: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(b), torch.full_like(b, -1e300), b)
 
 
-def ref_grads(student: Head, teacher: Head, tokens, weights, inv_temp):
-    """float64 (d hidden, d weight, d bias) of sum over rows of A KL(q||p) + C lse(z') + P sg(p).z' + Y z'_y, by
-    autograd through the student's lm_head; ``weights`` = float64 [N, 4] rows (A, C, P, Y)."""
-    # A -inf bias entry enters as a leaf of -1e300, not as a constant: its gradient is the limit one (e.g. -p_v
-    # for forward KL where only the student is -inf), which is what the logit-gradient formula gives.
+def student_leaves_and_logits(student: Head, teacher: Head, inv_temp):
+    """float64 leaves (hidden, weight, bias) of the student's head and both models' logits / tau over the shared
+    vocabulary, x from those leaves (autograd reaches them), y constant."""
     leaves = [student.hidden.double().requires_grad_(), student.weight.double().requires_grad_(),
               None if student.bias is None else surrogate_bias(student.bias).requires_grad_()]
     vocab = min(student.weight.shape[0], teacher.weight.shape[0])
     x = logits64(student, *leaves, surrogate=True)[:, :vocab] * inv_temp
     y = logits64(teacher, surrogate=True)[:, :vocab] * inv_temp
+    return leaves, x, y
+
+
+def ref_grads(student: Head, teacher: Head, tokens, weights, inv_temp):
+    """float64 (d hidden, d weight, d bias) of sum over rows of A KL(q||p) + C lse(z') + P sg(p).z' + Y z'_y, by
+    autograd through the student's lm_head; ``weights`` = float64 [N, 4] rows (A, C, P, Y)."""
+    # A -inf bias entry enters as a leaf of -1e300, not as a constant: its gradient is the limit one (e.g. -p_v
+    # for forward KL where only the student is -inf), which is what the logit-gradient formula gives.
+    leaves, x, y = student_leaves_and_logits(student, teacher, inv_temp)
+    vocab = x.shape[1]
     log_q, log_p = torch.log_softmax(x, 1), torch.log_softmax(y, 1)
     q, p = log_q.exp(), log_p.exp()
     a, c, pw, yw = weights.unbind(1)
@@ -439,11 +447,7 @@ def ref_jsd(student: Head, teacher: Head, weights, beta, inv_temp):
     autograd through the student's lm_head of sum over rows of w JSD_beta (``weights`` float64 [N]):
     JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, g = log q - log m. Its logit
     gradient is w (1 - beta) inv_temp q (g - E_q[g]): the kernel gets coef = w (1 - beta) inv_temp."""
-    leaves = [student.hidden.double().requires_grad_(), student.weight.double().requires_grad_(),
-              None if student.bias is None else surrogate_bias(student.bias).requires_grad_()]
-    vocab = min(student.weight.shape[0], teacher.weight.shape[0])
-    x = logits64(student, *leaves, surrogate=True)[:, :vocab] * inv_temp
-    y = logits64(teacher, surrogate=True)[:, :vocab] * inv_temp
+    leaves, x, y = student_leaves_and_logits(student, teacher, inv_temp)
     log_q, log_p = torch.log_softmax(x, 1), torch.log_softmax(y, 1)
     q, p = log_q.exp(), log_p.exp()
     log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)

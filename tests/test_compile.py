@@ -268,3 +268,32 @@ def test_second_backward(op, fast_backend, gen):
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="second time"):
         torch.autograd.grad(value, x.hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused-linear ops: not traced (graph breaks), but correct inside a compiled function
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["reverse_kl", "minillm"])
+def test_fused_linear_inside_compiled_function(op, fast_backend, gen):
+    """torch.compile of a function that calls a fused-linear op: dynamo breaks the graph around the op (its Python
+    sweep over row blocks is not traced), and values and gradients equal eager."""
+    x = Inputs(gen, torch.float32)
+    teacher_hidden = torch.randn(LEAD + (HIDDEN + 3,), generator=gen)
+    teacher_weight = torch.randn(V_T, HIDDEN + 3, generator=gen)
+
+    def fn():
+        hidden = x.hidden * 1.5  # traced code on both sides of the op
+        if op == "reverse_kl":
+            return loss.fused_linear_reverse_kl(hidden, x.head.weight, teacher_hidden, teacher_weight,
+                                                student_bias=x.head.bias, mask=x.mask, backend=fast_backend) * 2.0
+        return loss.fused_linear_minillm_loss(hidden, x.head.weight, teacher_hidden, teacher_weight, x.tokens,
+                                              x.advantages, x.old_logprobs, x.weights, mask=x.mask,
+                                              student_bias=x.head.bias, backend=fast_backend).loss * 2.0
+
+    eager_out, eager_grads = _run(fn, x)
+    out, grads = _run(torch.compile(fn, backend=Recorder().backend), x)
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert b.abs().max() > 0

@@ -642,12 +642,23 @@ def check_fused_linear(ctx):
     """The fused-linear twins with lm_head weights (and biases) sharded along the vocabulary: values, this rank's
     weight and bias gradient rows, and the hidden states' gradient (all-reduced: every rank holds all of them),
     with blocks of a few rows so that every block's merge runs."""
+    _check_fused_linear(ctx, "auto", ("reverse_kl", "jsd", "minillm_loss", "pt_loss", "token_stats"))
+
+
+def check_fused_linear_on_chip(ctx):
+    """The same on the on-chip kernels (backend="triton", interpreted): their statistics merged across ranks, the
+    token terms of the rows whose token another rank holds dropped (skipped where Triton cannot run)."""
+    if backend_unavailable_reason("triton") is None:
+        _check_fused_linear(ctx, "triton", ("reverse_kl", "jsd", "minillm_loss", "token_stats"))
+
+
+def _check_fused_linear(ctx, backend, names):
     from minillm_fast import fused_linear
     saved = fused_linear.MAX_BLOCK_BYTES
     fused_linear.MAX_BLOCK_BYTES = 6 * VOCAB * fused_linear.BYTES_PER_LOGIT  # 6-row blocks (uneven last one)
+    options = {"reverse_kl": {}, "jsd": {"beta": 0.4}, "minillm_loss": {}, "pt_loss": {}, "token_stats": {}}
     try:
-        for case, (name, extra) in enumerate((("reverse_kl", {}), ("jsd", {"beta": 0.4}), ("minillm_loss", {}),
-                                              ("pt_loss", {}), ("token_stats", {}))):
+        for case, (name, extra) in enumerate((name, options[name]) for name in names):
             sizes = SPLITS[ctx.world][case % 2]
             b = bounds_of(sizes)
             lo, hi = b[ctx.rank], b[ctx.rank + 1]
@@ -656,7 +667,7 @@ def check_fused_linear(ctx):
             ws, wt = torch.randn(VOCAB, 12, generator=gen) * 0.4, torch.randn(VOCAB, 9, generator=gen) * 0.4
             bias = torch.randn(VOCAB, generator=gen)
             tokens = torch.randint(0, VOCAB, LEAD, generator=gen)
-            args, kwargs = [], {"softcap": (8.0, None), "temperature": 1.3, **extra}
+            args, kwargs = [], {"softcap": (8.0, None), "temperature": 1.3, "backend": backend, **extra}
             if name == "minillm_loss":
                 z, u = hs @ ws.T + bias, ht @ wt.T
                 args = [tokens, *(_minillm_args(case, (8.0 * torch.tanh(z / 8.0)), u, tokens)[k]
@@ -675,7 +686,7 @@ def check_fused_linear(ctx):
             ref = _fields(fn(full[0], full[1], ht, wt, *args, student_bias=full[2], **kwargs))
             out = _fields(fn(mine[0], mine[1], ht, wt[lo:hi].contiguous(), *args, student_bias=mine[2],
                              process_group=ctx.group, **kwargs))
-            what = f"fused_linear_{name} shards={sizes}"
+            what = f"fused_linear_{name} backend={backend} shards={sizes}"
             for key, value in ref.items():
                 ctx.close(f"{what} [{key}]", out[key], value, VALUE_TOL)
                 ctx.same_on_every_rank(f"{what} [{key}]", out[key])
@@ -694,7 +705,7 @@ def check_fused_linear(ctx):
 CHECKS = {f.__name__[len("check_"):]: f for f in (
     check_divergences, check_infinite_rows, check_token_stats, check_minillm_loss, check_pt_loss,
     check_empty_and_nan_rows, check_large_logits, check_validation, check_sample_mixture, check_communication,
-    check_fused_linear)}
+    check_fused_linear, check_fused_linear_on_chip)}
 
 
 def run_checks(group) -> dict:
@@ -763,6 +774,8 @@ def reports(tmp_path_factory):
 @pytest.mark.parametrize("check", list(CHECKS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_sharded_op_equals_unsharded(reports, world, check):
+    if check == "fused_linear_on_chip" and backend_unavailable_reason("triton"):
+        pytest.skip(backend_unavailable_reason("triton"))
     ranks = reports[world]
     assert not isinstance(ranks, str), f"the launch failed:\n{ranks}"
     for rank, report in enumerate(ranks):

@@ -249,19 +249,26 @@ def test_minillm_lowers_the_held_out_reverse_kl(data_dir, tmp_path):
     assert len(kl) == 2 and kl[1] < 0.92 * kl[0], kl
 
 
-@pytest.mark.parametrize("method", ["minillm", "sft", "kd", "gkd"])
-def test_fused_linear_trains_like_the_logits_path(data_dir, tmp_path, method):
+@pytest.mark.parametrize("method,backend", [("minillm", "fast"), ("sft", "fast"), ("kd", "fast"), ("gkd", "fast"),
+                                            ("minillm", "triton")])
+def test_fused_linear_trains_like_the_logits_path(data_dir, tmp_path, method, backend):
     """fused_linear=True (losses from hidden states and lm_heads, PT loss included for MiniLLM) takes the same
     steps as the logits path: same losses, same weights after two steps (float32 rounding). Padded vocabularies
-    that differ, and a tied student embedding, exercise the head handling."""
+    that differ, and a tied student embedding, exercise the head handling. backend="triton" (interpreted): the
+    fused-linear losses run on the on-chip kernels."""
+    if backend == "triton":
+        from _helpers import backend_unavailable_reason
+        if backend_unavailable_reason("triton"):
+            pytest.skip(backend_unavailable_reason("triton"))
+    else:
+        backend = "cpu" if minillm_fast.available_backends().count("cpu") else "torch"
     runs = []
     for fused in (False, True):
         student = synthetic.tiny_llama(97, hidden=32, seed=2)
         teacher = synthetic.tiny_llama(101, hidden=64, seed=1)
         student.lm_head.weight = student.model.embed_tokens.weight  # tied
         cfg = config(data_dir, tmp_path / str(fused), method=method, fused_linear=fused, eval_data="",
-                     pt_data=str(data_dir / "pt.txt") if method == "minillm" else "", backend="cpu"
-                     if minillm_fast.available_backends().count("cpu") else "torch")
+                     pt_data=str(data_dir / "pt.txt") if method == "minillm" else "", backend=backend)
         train(cfg, student=student, teacher=teacher, tokenizer=TOK)
         runs.append(([m["loss"] for m in read_metrics(tmp_path / str(fused)) if "loss" in m], weights(student)))
     (losses, plain), (fused_losses, fused_weights) = runs

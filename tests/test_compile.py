@@ -13,7 +13,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from _helpers import backend_unavailable_reason, make_logits, seeded_mask, upstream_weight
-from minillm_fast import _dispatch, loss
+from minillm_fast import _dispatch, loss, sampling
 
 LEAD, HIDDEN, V_S, V_T = (3, 5), 8, 37, 35  # padded vocabularies: the student has two extra columns
 
@@ -297,3 +297,19 @@ def test_fused_linear_inside_compiled_function(op, fast_backend, gen):
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert b.abs().max() > 0
+
+
+def test_sample_mixture_inside_compiled_function(fast_backend, gen):
+    """torch.compile of a function that samples with an explicit torch.Generator: dynamo breaks the graph around
+    the generator (it cannot be traced), and the draws equal eager's, token for token."""
+    z, u = make_logits(gen, LEAD + (V_S,)), make_logits(gen, LEAD + (V_T,))
+
+    def fn(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sampling.sample_mixture(z * 1.0, u, alpha=0.3, temperature=0.9, generator=generator,
+                                       backend=fast_backend)
+
+    compiled = torch.compile(fn, backend=Recorder().backend)
+    for seed in (3, 4):
+        eager = fn(seed)
+        assert torch.equal(compiled(seed), eager) and eager.dtype == torch.int64 and eager.shape == LEAD

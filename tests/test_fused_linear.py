@@ -11,7 +11,8 @@ Oracles:
 Then every option (biases, soft-capping, logit scale, temperature, masks, reductions, padded vocabularies,
 H_s != H_t, leading shapes, odd sizes, many blocks, -inf, extreme logits, frozen tensors, num_tokens, single_step,
 ignore_index, gradient accumulation, no_grad, double backward), argument validation, and the memory claim
-(measured in a child process from its peak RSS).
+(measured in a child process from its peak RSS). The option tests run on every backend (``fused_backend``): the
+blocked path on torch and cpu, the on-chip kernels on triton (interpreted).
 """
 from __future__ import annotations
 
@@ -29,10 +30,22 @@ import pytest
 import torch
 
 from minillm_fast import fused_linear, loss, reference
-from _helpers import NEG_INF, assert_close_rel, grad_tol, loss_tol, seeded_mask, upstream_weight
+from _helpers import (NEG_INF, assert_close_rel, backend_unavailable_reason, grad_tol, loss_tol, seeded_mask,
+                      upstream_weight)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name), id=name)
+                        for name in ("torch", "cpu", "triton")])
+def fused_backend(request):
+    """Every backend a fused-linear op runs on here: the blocked path on ``torch`` and ``cpu``, the on-chip kernels
+    on ``triton`` (interpreted; tiny shapes, so the whole matrix stays cheap). Unavailable ones are skipped."""
+    reason = backend_unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -338,14 +351,14 @@ def test_token_stats_matches_reference(backend, dtypes, gen):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("op", DIV_OPS)
-def test_reductions(fast_backend, op, reduction, gen):
+def test_reductions(fused_backend, op, reduction, gen):
     lead = (9,)
     s, t = make_head(gen, lead, 12, 100, bias=True), make_head(gen, lead, 12, 100, bias=True)
     mask = seeded_mask(gen, lead, 0.6)
-    res = check_fused(op, fast_backend, s, t, gen=gen, mask=mask, reduction=reduction, compare_logits_op=True)
+    res = check_fused(op, fused_backend, s, t, gen=gen, mask=mask, reduction=reduction, compare_logits_op=True)
     masked_rows_get_zero_grad(res, mask)
     per_row = run_fused(op, s, t, (), needs=(False, False, False), mask=mask, reduction="none",
-                        backend=fast_backend).value
+                        backend=fused_backend).value
     assert per_row.shape == lead and (per_row[~mask] == 0).all()
     if reduction == "mean":
         torch.testing.assert_close(res.value, per_row.sum() / mask.sum(), rtol=1e-6, atol=1e-7)
@@ -359,7 +372,6 @@ def test_reductions(fast_backend, op, reduction, gen):
 def test_triton_reduction_none(op, gen, monkeypatch):
     """reduction="none" on the triton backend (interpreter: tiny cases): the on-chip kernels run the gradient pass
     in backward with the saved statistics."""
-    from _helpers import backend_unavailable_reason
     reason = backend_unavailable_reason("triton")
     if reason is not None:
         pytest.skip(reason)
@@ -396,14 +408,14 @@ HEAD_OPTIONS = {
 
 @pytest.mark.parametrize("option", list(HEAD_OPTIONS))
 @pytest.mark.parametrize("op", ["reverse_kl", "jsd_0.3", "minillm", "pt"])
-def test_bias_softcap_logit_scale(fast_backend, op, option, gen):
+def test_bias_softcap_logit_scale(fused_backend, op, option, gen):
     cfg = dict(HEAD_OPTIONS[option])
     bias = cfg.pop("bias")
     lead = (2, 4)
     s = make_head(gen, lead, 10, 90, bias=bias[0], scale=3.0)
     t = make_head(gen, lead, 14, 90, bias=bias[1], scale=3.0)
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
-    check_fused(op, fast_backend, s, t, gen=gen, compare_logits_op=True, **cfg, **kw)
+    check_fused(op, fused_backend, s, t, gen=gen, compare_logits_op=True, **cfg, **kw)
 
 
 def test_softcap_and_scale_change_the_result(gen):
@@ -421,27 +433,27 @@ def test_softcap_and_scale_change_the_result(gen):
 
 @pytest.mark.parametrize("temperature", [0.5, 2.3])
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "jsd_0.5", "minillm", "pt", "token_stats"])
-def test_temperature(fast_backend, op, temperature, gen):
+def test_temperature(fused_backend, op, temperature, gen):
     lead = (7,)
     s, t = make_head(gen, lead, 8, 64, bias=True, scale=3.0), make_head(gen, lead, 8, 64, scale=3.0)
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
-    check_fused(op, fast_backend, s, t, gen=gen, temperature=temperature, softcap=5.0, **kw)
+    check_fused(op, fused_backend, s, t, gen=gen, temperature=temperature, softcap=5.0, **kw)
 
 
 @pytest.mark.parametrize("mask_kind", ["bool", "long", "float"])
 @pytest.mark.parametrize("op", ["reverse_kl", "minillm", "token_stats"])
-def test_mask_dtypes(fast_backend, op, mask_kind, gen):
+def test_mask_dtypes(fused_backend, op, mask_kind, gen):
     lead = (3, 4)
     s, t = make_head(gen, lead, 8, 50, bias=True), make_head(gen, lead, 8, 50)
     mask = seeded_mask(gen, lead, 0.5)
     typed = {"bool": mask, "long": mask.long(), "float": mask.float()}[mask_kind]
-    res = check_fused(op, fast_backend, s, t, gen=gen, mask=typed)
+    res = check_fused(op, fused_backend, s, t, gen=gen, mask=typed)
     masked_rows_get_zero_grad(res, mask)
 
 
 @pytest.mark.parametrize("op,reduction", [(op, r) for op in ("reverse_kl", "jsd_0.3") for r in ("mean", "sum", "none")]
                          + [("minillm", "mean"), ("pt", "mean")])
-def test_everything_masked(fast_backend, op, reduction, gen):
+def test_everything_masked(fused_backend, op, reduction, gen):
     """Nothing valid: 0.0 (not NaN), and backward() still works and gives exactly zero gradients."""
     lead = (2, 3)
     s, t = make_head(gen, lead, 8, 40, bias=True), make_head(gen, lead, 8, 40)
@@ -452,7 +464,7 @@ def test_everything_masked(fast_backend, op, reduction, gen):
     aux = {"div": (), "minillm": (tokens, torch.ones(lead), torch.zeros(lead), torch.ones(lead)),
            "pt": (torch.full(lead, -100),)}[op_.kind]
     kw = dict(mask=mask, reduction=reduction) if op_.kind == "div" else (dict(mask=mask) if op == "minillm" else {})
-    value, out = call_fused(op_, student, Head(t.hidden, t.weight), aux, backend=fast_backend, **kw)
+    value, out = call_fused(op_, student, Head(t.hidden, t.weight), aux, backend=fused_backend, **kw)
     for name, x in out.items():
         assert not torch.isnan(x).any() and (x == 0).all(), f"{name}: {x}"
     value.backward(torch.ones_like(value))
@@ -462,54 +474,54 @@ def test_everything_masked(fast_backend, op, reduction, gen):
 
 @pytest.mark.parametrize("vs,vt", [(257, 250), (250, 257), (1, 9), (33, 32)])
 @pytest.mark.parametrize("op", ["reverse_kl", "jsd_0.3", "minillm", "pt", "token_stats"])
-def test_padded_vocabulary(fast_backend, op, vs, vt, gen):
+def test_padded_vocabulary(fused_backend, op, vs, vt, gen):
     """V_s != V_t: both distributions over the first min(V_s, V_t) entries; the student's weight rows and bias
     entries beyond it get exactly zero gradient, whatever sits there."""
     lead = (2, 3)
     s, t = make_head(gen, lead, 8, vs, bias=True), make_head(gen, lead, 12, vt, bias=True)
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
-    res = check_fused(op, fast_backend, s, t, gen=gen, softcap=(3.0, None), compare_logits_op=True, **kw)
+    res = check_fused(op, fused_backend, s, t, gen=gen, softcap=(3.0, None), compare_logits_op=True, **kw)
     v = min(vs, vt)
     if op != "token_stats":
         assert (res.student.weight.grad[v:] == 0).all() and (res.student.bias.grad[v:] == 0).all()
     # whatever sits beyond the shared vocabulary is ignored
     s2, t2 = Head(s.hidden, s.weight.clone(), s.bias.clone()), Head(t.hidden, t.weight.clone(), t.bias.clone())
     s2.weight[v:], s2.bias[v:], t2.weight[v:], t2.bias[v:] = 50.0, 1e4, -50.0, -1e4
-    again = run_fused(op, s2, t2, res.aux, softcap=(3.0, None), backend=fast_backend, **kw)
+    again = run_fused(op, s2, t2, res.aux, softcap=(3.0, None), backend=fused_backend, **kw)
     for name in res.out:
         torch.testing.assert_close(again.out[name], res.out[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("hs,ht", [(5, 33), (33, 5), (1, 1)])
-def test_hidden_sizes_differ(fast_backend, hs, ht, gen):
+def test_hidden_sizes_differ(fused_backend, hs, ht, gen):
     s, t = make_head(gen, (6,), hs, 70, bias=True), make_head(gen, (6,), ht, 70, bias=True)
-    check_fused("reverse_kl", fast_backend, s, t, gen=gen)
-    check_fused("minillm", fast_backend, s, t, gen=gen, mask=None)
+    check_fused("reverse_kl", fused_backend, s, t, gen=gen)
+    check_fused("minillm", fused_backend, s, t, gen=gen, mask=None)
 
 
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 3), (1,)], ids=str)
 @pytest.mark.parametrize("op", ["reverse_kl", "minillm", "pt", "token_stats"])
-def test_leading_shapes(fast_backend, op, lead, gen):
+def test_leading_shapes(fused_backend, op, lead, gen):
     s, t = make_head(gen, lead, 8, 30, bias=True), make_head(gen, lead, 8, 30)
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
-    res = check_fused(op, fast_backend, s, t, gen=gen, **kw)
+    res = check_fused(op, fused_backend, s, t, gen=gen, **kw)
     if op == "token_stats":
         assert all(x.shape == lead for x in res.out.values())
     else:
         assert res.student.hidden.grad.shape == lead + (8,)
     if op == "reverse_kl":
-        res = check_fused(op, fast_backend, s, t, gen=gen, reduction="none", **kw)
+        res = check_fused(op, fused_backend, s, t, gen=gen, reduction="none", **kw)
         assert res.value.shape == lead
 
 
-def test_non_contiguous_inputs(fast_backend, gen):
+def test_non_contiguous_inputs(fused_backend, gen):
     """Strided hidden states ([T, B, H] transposed to [B, T, H]) and a transposed weight storage."""
     big = make_head(gen, (4, 3), 10, 60, bias=True)
     s = Head(big.hidden.transpose(0, 1), big.weight.T.contiguous().T, big.bias)
     assert not s.hidden.is_contiguous() and not s.weight.is_contiguous()
     t = make_head(gen, (3, 4), 6, 60)
-    res = run_fused("reverse_kl", s, t, (), backend=fast_backend)
-    ref = run_fused("reverse_kl", Head(*(x.contiguous() for x in s.tensors())), t, (), backend=fast_backend)
+    res = run_fused("reverse_kl", s, t, (), backend=fused_backend)
+    ref = run_fused("reverse_kl", Head(*(x.contiguous() for x in s.tensors())), t, (), backend=fused_backend)
     torch.testing.assert_close(res.value, ref.value, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads_of(res.student), grads_of(ref.student)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -517,15 +529,15 @@ def test_non_contiguous_inputs(fast_backend, gen):
 
 @pytest.mark.parametrize("op,lead", [("reverse_kl", (0,)), ("reverse_kl", (2, 0)), ("minillm", (2, 0)),
                                      ("pt", (2, 0)), ("token_stats", (0,))], ids=str)
-def test_no_rows(fast_backend, op, lead, gen):
+def test_no_rows(fused_backend, op, lead, gen):
     """No positions at all: like the logits ops (0.0 with a zero gradient), not an exception."""
     s, t = make_head(gen, lead, 8, 30, bias=True), make_head(gen, lead, 8, 30)
     z = torch.zeros(lead + (30,), requires_grad=True)
     op_ = OPS[op]
     aux = make_aux(op_, gen, lead, 30, z.detach().double())
-    _, logits_out = outputs(op_, op_.logits(z, torch.zeros(lead + (30,)), *aux, backend=fast_backend,
+    _, logits_out = outputs(op_, op_.logits(z, torch.zeros(lead + (30,)), *aux, backend=fused_backend,
                                             **({"mask": None} if op == "minillm" else {})))
-    res = run_fused(op, s, t, aux, backend=fast_backend, **({"mask": None} if op == "minillm" else {}))
+    res = run_fused(op, s, t, aux, backend=fused_backend, **({"mask": None} if op == "minillm" else {}))
     for name in logits_out:
         torch.testing.assert_close(res.out[name], logits_out[name])
     if res.value is not None:
@@ -536,10 +548,10 @@ def test_no_rows(fast_backend, op, lead, gen):
 @pytest.mark.parametrize("v", [1, 3, 257, 1001])
 @pytest.mark.parametrize("n", [1, 7, 37])
 @pytest.mark.parametrize("op", ["reverse_kl", "minillm"])
-def test_odd_sizes(fast_backend, op, n, v, gen):
+def test_odd_sizes(fused_backend, op, n, v, gen):
     s, t = make_head(gen, (n,), 7, v, bias=True), make_head(gen, (n,), 5, v, bias=True)
     kw = dict(mask=seeded_mask(gen, (n,), 0.8))
-    res = check_fused(op, fast_backend, s, t, gen=gen, **kw)
+    res = check_fused(op, fused_backend, s, t, gen=gen, **kw)
     if v == 1:  # one entry: q = p = 1, the divergence and its gradient vanish
         assert res.out["reg_loss" if op == "minillm" else "value"].abs() <= 1e-6
 
@@ -609,7 +621,7 @@ def test_many_blocks_equal_one_block(fast_backend, op, rows, gen, monkeypatch):
 
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "jsd_0.5", "pt"])
-def test_neg_inf_bias(fast_backend, op, softcap, gen):
+def test_neg_inf_bias(fused_backend, op, softcap, gen):
     """-inf bias entries (masked vocabulary entries) carry no mass (unless soft-capped, which maps -inf to
     -softcap, as the model itself would): 0 log 0 = 0 and zero gradient there."""
     lead, v = (2, 3), 80
@@ -621,29 +633,29 @@ def test_neg_inf_bias(fast_backend, op, softcap, gen):
         s.bias[[20, 21]] = NEG_INF  # the student only: reverse KL and JSD stay finite
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
     live = (s.bias != NEG_INF).nonzero().squeeze(-1)  # labels on a -inf entry would make the LM loss infinite
-    res = check_fused(op, fast_backend, s, t, gen=gen, softcap=softcap, compare_logits_op=True, token_pool=live,
+    res = check_fused(op, fused_backend, s, t, gen=gen, softcap=softcap, compare_logits_op=True, token_pool=live,
                       **kw)
     assert torch.isfinite(res.value)
     assert (res.student.weight.grad[s.bias == NEG_INF] == 0).all()
     assert (res.student.bias.grad[s.bias == NEG_INF] == 0).all()
 
 
-def test_teacher_only_neg_inf_gives_inf_reverse_kl(fast_backend, gen):
+def test_teacher_only_neg_inf_gives_inf_reverse_kl(fused_backend, gen):
     """-inf in the teacher where the student has mass: +inf reverse KL on those rows, never NaN."""
     s, t = make_head(gen, (4,), 8, 40), make_head(gen, (4,), 8, 40, bias=True)
     t.bias[3] = NEG_INF
     out = loss.fused_linear_reverse_kl(s.hidden, s.weight, t.hidden, t.weight, teacher_bias=t.bias,
-                                       reduction="none", backend=fast_backend)
+                                       reduction="none", backend=fused_backend)
     ref = reference.reverse_kl(s.hidden.double() @ s.weight.double().T,
                                t.hidden.double() @ t.weight.double().T + t.bias.double(), reduction="none")
     assert torch.isposinf(out).all() and torch.isposinf(ref).all()
     fwd = loss.fused_linear_forward_kl(s.hidden, s.weight, t.hidden, t.weight, teacher_bias=t.bias,
-                                       backend=fast_backend)
+                                       backend=fused_backend)
     assert torch.isfinite(fwd)
 
 
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "jsd_0.5", "minillm", "pt"])
-def test_extreme_logits(fast_backend, op, gen):
+def test_extreme_logits(fused_backend, op, gen):
     """Logits ~1e3-1e4 (nearly one-hot rows): the loss within 2e-5, the gradient finite and within 2e-2.
 
     Except MiniLLM's policy-gradient term: its ratio exp(log q(y) - old_logprob) inherits the absolute error of
@@ -654,7 +666,7 @@ def test_extreme_logits(fast_backend, op, gen):
     assert (s.hidden @ s.weight.T).abs().max() > 5e3
     kw = dict(mask=None) if op == "minillm" else {}
     tol = dict(pg_loss=2e-3, loss=2e-3) if op == "minillm" else {}
-    res = check_fused(op, fast_backend, s, t, gen=gen, tol_loss=dict(dict.fromkeys(("value", "reg_loss", "lm_loss",
+    res = check_fused(op, fused_backend, s, t, gen=gen, tol_loss=dict(dict.fromkeys(("value", "reg_loss", "lm_loss",
                       "kd_loss", "clip_fraction"), 2e-5), **tol), tol_grad=2e-2, **kw)
     for x in grads_of(res.student):
         assert torch.isfinite(x).all()
@@ -670,7 +682,7 @@ NEEDS = {"hidden_only": (True, False, False), "weight_only": (False, True, False
 
 @pytest.mark.parametrize("needs", list(NEEDS))
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "jsd_0.3", "minillm", "pt"])
-def test_frozen_tensors(fast_backend, op, needs, gen):
+def test_frozen_tensors(fused_backend, op, needs, gen):
     """Frozen lm_head (only the hidden states train, as with LoRA below it), frozen trunk (only the head trains),
     and nothing trainable (no graph at all)."""
     op, _, reduction = op.partition("/")
@@ -679,14 +691,14 @@ def test_frozen_tensors(fast_backend, op, needs, gen):
     kw = dict(mask=seeded_mask(gen, lead)) if op != "pt" else {}
     if reduction:
         kw["reduction"] = reduction
-    res = check_fused(op, fast_backend, s, t, gen=gen, needs=NEEDS[needs], **kw)
+    res = check_fused(op, fused_backend, s, t, gen=gen, needs=NEEDS[needs], **kw)
     if needs == "nothing":
         assert not res.value.requires_grad
 
 
 @pytest.mark.parametrize("num_tokens", [50, 11.5, "tensor"])
 @pytest.mark.parametrize("op", ["minillm", "minillm/multi_step", "pt"])
-def test_num_tokens_and_single_step(fast_backend, op, num_tokens, gen):
+def test_num_tokens_and_single_step(fused_backend, op, num_tokens, gen):
     op, _, multi = op.partition("/")
     lead = (3, 4)
     s, t = make_head(gen, lead, 8, 40, bias=True), make_head(gen, lead, 8, 40)
@@ -694,7 +706,7 @@ def test_num_tokens_and_single_step(fast_backend, op, num_tokens, gen):
     if multi:
         kw["single_step"] = False
     n = torch.tensor(13.0) if num_tokens == "tensor" else num_tokens
-    res = check_fused(op, fast_backend, s, t, gen=gen, num_tokens=n, **kw)
+    res = check_fused(op, fused_backend, s, t, gen=gen, num_tokens=n, **kw)
     if op == "minillm":
         torch.testing.assert_close(res.out["loss"].detach(),
                                    res.out["pg_loss"] + (0 if multi else res.out["reg_loss"]))
@@ -703,19 +715,19 @@ def test_num_tokens_and_single_step(fast_backend, op, num_tokens, gen):
 
 
 @pytest.mark.parametrize("clip_eps", [0.05, 0.5])
-def test_minillm_clip_eps(fast_backend, clip_eps, gen):
+def test_minillm_clip_eps(fused_backend, clip_eps, gen):
     lead = (4, 5)
     s, t = make_head(gen, lead, 8, 40, bias=True), make_head(gen, lead, 8, 40)
-    res = check_fused("minillm", fast_backend, s, t, gen=gen, clip_eps=clip_eps, mask=seeded_mask(gen, lead))
+    res = check_fused("minillm", fused_backend, s, t, gen=gen, clip_eps=clip_eps, mask=seeded_mask(gen, lead))
     assert 0 <= res.out["clip_fraction"] <= 1 + 1e-6
 
 
 @pytest.mark.parametrize("ignore_index", [-100, -1, 3])
-def test_pt_ignore_index(fast_backend, ignore_index, gen):
+def test_pt_ignore_index(fused_backend, ignore_index, gen):
     lead = (3, 5)
     s, t = make_head(gen, lead, 8, 20, bias=True), make_head(gen, lead, 8, 20)
     mask = seeded_mask(gen, lead, 0.6)
-    res = check_fused("pt", fast_backend, s, t, gen=gen, mask=mask, ignore_index=ignore_index, kd_ratio=0.3)
+    res = check_fused("pt", fused_backend, s, t, gen=gen, mask=mask, ignore_index=ignore_index, kd_ratio=0.3)
     labels = res.aux[0]
     masked_rows_get_zero_grad(res, labels != ignore_index)
 
@@ -732,7 +744,7 @@ def _call_simple(op, s: Head, t: Head, aux, backend, reduction="mean"):
 
 
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "minillm", "pt"])
-def test_gradient_accumulation(fast_backend, op, gen):
+def test_gradient_accumulation(fused_backend, op, gen):
     """backward() on two separate losses accumulates into .grad: two micro-batches through one lm_head, and the
     same loss computed twice."""
     op, _, reduction = op.partition("/")
@@ -744,14 +756,14 @@ def test_gradient_accumulation(fast_backend, op, gen):
 
     def separately(hidden):
         head = leaves(Head(hidden, s1.weight, s1.bias), (True, True, True))
-        _call_simple(op, head, t, aux, fast_backend, reduction or "mean").backward(up)
+        _call_simple(op, head, t, aux, fused_backend, reduction or "mean").backward(up)
         return grads_of(head)
 
     g1, g2 = separately(s1.hidden), separately(s2.hidden)
     w = leaves(s1, (True, True, True))
     h2 = s2.hidden.clone().requires_grad_(True)
-    _call_simple(op, w, t, aux, fast_backend, reduction or "mean").backward(up)
-    _call_simple(op, Head(h2, w.weight, w.bias), t, aux, fast_backend, reduction or "mean").backward(up)
+    _call_simple(op, w, t, aux, fused_backend, reduction or "mean").backward(up)
+    _call_simple(op, Head(h2, w.weight, w.bias), t, aux, fused_backend, reduction or "mean").backward(up)
     torch.testing.assert_close(w.weight.grad, g1[1] + g2[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.bias.grad, g1[2] + g2[2], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.hidden.grad, g1[0], rtol=1e-6, atol=1e-8)
@@ -759,13 +771,13 @@ def test_gradient_accumulation(fast_backend, op, gen):
 
     twice = leaves(s1, (True, True, True))
     for _ in range(2):
-        _call_simple(op, twice, t, aux, fast_backend, reduction or "mean").backward(up)
+        _call_simple(op, twice, t, aux, fused_backend, reduction or "mean").backward(up)
     for x, y in zip(grads_of(twice), g1):
         torch.testing.assert_close(x, 2 * y, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "jsd_0.3", "minillm", "pt", "token_stats"])
-def test_no_grad(fast_backend, op, gen):
+def test_no_grad(fused_backend, op, gen):
     """Under torch.no_grad(): the same value, no graph, no gradients."""
     op, _, reduction = op.partition("/")
     lead, v = (2, 3), 40
@@ -774,10 +786,10 @@ def test_no_grad(fast_backend, op, gen):
     kw = dict(reduction=reduction) if reduction else {}
     if op == "minillm":
         kw["mask"] = None
-    with_grad = call_fused(OPS[op], leaves(s, (True, True, True)), t, aux, backend=fast_backend, **kw)[1]
+    with_grad = call_fused(OPS[op], leaves(s, (True, True, True)), t, aux, backend=fused_backend, **kw)[1]
     student = leaves(s, (True, True, True))
     with torch.no_grad():
-        without = call_fused(OPS[op], student, t, aux, backend=fast_backend, **kw)[1]
+        without = call_fused(OPS[op], student, t, aux, backend=fused_backend, **kw)[1]
     for name in with_grad:
         assert not without[name].requires_grad
         torch.testing.assert_close(without[name], with_grad[name].detach(), rtol=0, atol=0)
@@ -785,20 +797,20 @@ def test_no_grad(fast_backend, op, gen):
 
 
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "minillm", "pt"])
-def test_second_backward_raises(fast_backend, op, gen):
+def test_second_backward_raises(fused_backend, op, gen):
     op, _, reduction = op.partition("/")
     lead, v = (4,), 30
     s, t = make_head(gen, lead, 8, v, bias=True), make_head(gen, lead, 8, v)
     aux = make_aux(OPS[op], gen, lead, v, torch.zeros(lead + (v,), dtype=torch.float64))
     up = torch.ones(lead) if reduction else None
     for retain in (False, True):
-        value = _call_simple(op, leaves(s, (True, True, True)), t, aux, fast_backend, reduction or "mean")
+        value = _call_simple(op, leaves(s, (True, True, True)), t, aux, fused_backend, reduction or "mean")
         value.backward(up, retain_graph=retain)
         with pytest.raises(RuntimeError):
             value.backward(up)
 
 
-def test_auto_backend_is_a_fast_backend(gen):
+def test_auto_backend_is_a_fused_backend(gen):
     s, t = make_head(gen, (5,), 8, 30, bias=True), make_head(gen, (5,), 8, 30)
     auto = loss.fused_linear_reverse_kl(s.hidden, s.weight, t.hidden, t.weight, student_bias=s.bias)
     torch_ = loss.fused_linear_reverse_kl(s.hidden, s.weight, t.hidden, t.weight, student_bias=s.bias,

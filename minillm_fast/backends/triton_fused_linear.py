@@ -173,11 +173,17 @@ def _tokens(tokens, like: torch.Tensor):
     return tokens, tokens.stride(0), True
 
 
-def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
+def _head_pair(student, teacher) -> tuple:
+    """(student, teacher) as the kernels take them, and their common number of rows."""
     s, t = _HeadArgs(student), _HeadArgs(teacher)
     n_rows = s.hidden.shape[0]
     if t.hidden.shape[0] != n_rows:
         raise ValueError(f"teacher hidden has {t.hidden.shape[0]} rows, student hidden {n_rows}")
+    return s, t, n_rows
+
+
+def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
+    s, t, n_rows = _head_pair(student, teacher)
     device = s.hidden.device
     out = torch.empty(n_rows, NUM_STATS, dtype=torch.float32, device=device)
     if n_rows == 0:
@@ -206,10 +212,7 @@ def logits_grad_pullback(student, teacher, tokens, stats, coef, inv_temp, needs=
 
 def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
     log_beta, log_1m_beta = _beta_args(beta)
-    s, t = _HeadArgs(student), _HeadArgs(teacher)
-    n_rows = s.hidden.shape[0]
-    if t.hidden.shape[0] != n_rows:
-        raise ValueError(f"teacher hidden has {t.hidden.shape[0]} rows, student hidden {n_rows}")
+    s, t, n_rows = _head_pair(student, teacher)
     device = s.hidden.device
     out = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
     if n_rows == 0:
@@ -242,8 +245,7 @@ def jsd_grad_pullback(student, teacher, stats, jsd, coef, beta, inv_temp, needs=
 def _pullback(student, teacher, tokens, stats, coef, jsd, inv_temp, needs):
     """``logits_grad_pullback`` (jsd None; coef [N, 4]) or ``jsd_grad_pullback`` (jsd = (jsd rows [N, 2],
     log beta, log(1 - beta)); coef [N]): the gradient buffers, then one gradient launch per vocabulary chunk."""
-    s, t = _HeadArgs(student), _HeadArgs(teacher)
-    n_rows = s.hidden.shape[0]
+    s, t, n_rows = _head_pair(student, teacher)
     device = s.hidden.device
     need_dh, need_dw, need_db = (bool(x) for x in needs)
     need_db = need_db and s.bias is not None

@@ -515,10 +515,10 @@ def _sweep_on_chip(problem: _Problem, loss: _Loss, tokens, needs):
     return values, block.stats, block.valid, grads
 
 
-def _forward(problem: _Problem, loss: _Loss, tokens, needs):
+def _forward(problem: _Problem, loss: _Loss, tokens, needs, on_chip: bool):
     """(per-row values, row stats, validity, and with ``needs`` the gradients of the "sum" form): from the on-chip
-    kernels where they run this call, else from the blocks."""
-    if _on_chip(problem):
+    kernels (``on_chip``), else from the blocks."""
+    if on_chip:
         return _sweep_on_chip(problem, loss, tokens, needs)
     grads = None if needs is None else _Grads.zeros_for(problem.student, needs)
     values, stats, valid = _sweep(problem, loss, tokens, grads)
@@ -536,7 +536,8 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
     scalar_output = finish.scalar
     on_chip = _on_chip(problem)
     with torch.no_grad():
-        values, stats, valid, grads = _forward(problem, loss, tokens, needs if any(needs) and scalar_output else None)
+        values, stats, valid, grads = _forward(problem, loss, tokens, needs if any(needs) and scalar_output else None,
+                                               on_chip)
         outputs, value, inv_denominator = finish(values, valid)
     if not any(needs):
         return outputs
@@ -547,21 +548,27 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
     else:
         def grad_fn(upstream):
             row_weight = valid.to(torch.float32) * upstream.to(torch.float32).reshape(-1)
-            if on_chip:
-                with torch.no_grad():
-                    block = _on_chip_block(problem, tokens, stats)  # the forward's rows: nothing recomputed
-                    deferred = _pull_back_on_chip(problem, loss, block, values, row_weight, needs)
-                return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
-            deferred = _Grads.zeros_for(problem.student, needs)
             with torch.no_grad():
-                for a, b in problem.blocks():
-                    block = problem.block(a, b, tokens, stats[a:b])
-                    _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], deferred)
-                    del block
-                problem.hidden_grad_over_ranks(deferred)
+                if on_chip:  # the forward's statistics and rows: only the gradient pass runs
+                    deferred = _pull_back_on_chip(problem, loss, _on_chip_block(problem, tokens, stats), values,
+                                                  row_weight, needs)
+                else:
+                    deferred = _recompute_blocks(problem, loss, tokens, stats, row_weight, needs)
             return deferred.scaled(torch.ones((), device=valid.device), problem.student, problem.hidden_shape)
 
     return finish.attach(outputs, _attach_grad(value, grad_fn, *problem.student_inputs))
+
+
+def _recompute_blocks(problem: _Problem, loss: _Loss, tokens, stats, row_weight, needs) -> _Grads:
+    """reduction="none" on the blocked path: the gradients of sum_r row_weight_r * (row value r), each block's
+    logits recomputed (with the forward's statistics)."""
+    grads = _Grads.zeros_for(problem.student, needs)
+    for a, b in problem.blocks():
+        block = problem.block(a, b, tokens, stats[a:b])
+        _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], grads)
+        del block
+    problem.hidden_grad_over_ranks(grads)
+    return grads
 
 
 class _Finish:
@@ -727,7 +734,7 @@ def fused_linear_token_stats(student_hidden, student_weight, teacher_hidden, tea
                        mask=mask, backend=backend, process_group=process_group)
     flat_tokens = _token_ids("tokens", tokens, problem)
     with torch.no_grad():
-        values, stats, valid, _ = _forward(problem, _Stats(), flat_tokens, None)
+        values, stats, valid, _ = _forward(problem, _Stats(), flat_tokens, None, _on_chip(problem))
         return _TokenStatsFinish(alpha, problem.lead_shape)(values, valid)[0]
 
 

@@ -18,15 +18,20 @@ block's temporaries stay below 1/BLOCK_SHARE (1/5) of one [N, V] float32 buffer 
 backend's one-pass row kernel gives the block's row statistics and, when a student input requires grad, the
 block's logit gradient dz is formed at once and pulled back through the lm_head::
 
-    d hidden[block] = dz @ W        d W += dz^T @ hidden[block]        d b += sum_rows dz
+    d hidden[rows] = dz @ W        d W += dz^T @ hidden[rows]        d b += sum_rows dz
 
-(dz first through the soft-cap and scale: d logits / d x = logit_scale * (1 - (logits / softcap)^2)). Each logit
-is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's). A scalar loss's gradient is linear in the
-upstream gradient g, so backward only multiplies the saved gradients by g / (number of valid tokens). Computing
-them in the forward pass costs the two backward matmuls even if backward never runs; under ``torch.no_grad()`` or
-with no student tensor requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row)
-cannot be applied to a weight gradient after the fact: it recomputes the logits block by block in backward instead
-(6 matmuls in all).
+(dz first through the soft-cap and scale: d logits / d x = logit_scale * (1 - (logits / softcap)^2)). Where the
+matmuls run in float32 (CPU, float32 weights), dz replaces the block's student logits and is pulled back block by
+block. Where they run in bf16/fp16 (CUDA), each pull-back reads and writes the whole 16-bit [V, H] weight gradient,
+so dz is gathered, in 16 bits, over GROUP_BLOCKS consecutive blocks into one buffer of G = GROUP_BLOCKS n rows (a
+group) and pulled back once per group; a block's temporaries and the group's buffer together stay below the same
+share and ``MAX_GROUPED_BYTES`` (``rows_per_block_and_group``; N = 8192, V = 128256: blocks of 256 rows, groups of
+2048, 4 weight-gradient matmuls). Each logit is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's).
+A scalar loss's gradient is linear in the upstream gradient g, so backward only multiplies the saved gradients by
+g / (number of valid tokens). Computing them in the forward pass costs the two backward matmuls even if backward never
+runs; under ``torch.no_grad()`` or with no student tensor requiring grad they are skipped. ``reduction="none"`` (an
+upstream gradient per row) cannot be applied to a weight gradient after the fact: it recomputes the logits block by
+block in backward instead (6 matmuls in all).
 
 ``backend="triton"``: the on-chip path (``backends/triton_fused_linear.py``, kernels in ``kernels/fused_linear.py``).
 No block of logits exists in any memory: a statistics kernel forms logit tiles in registers (one tile matmul per
@@ -58,26 +63,49 @@ __all__ = ["fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_j
            "fused_linear_minillm_loss", "fused_linear_pt_loss"]
 
 # A block's temporaries per logit: the student's and teacher's float32 logits (the student's buffer then receives
-# the logit gradient, formed a quarter of the block at a time: 1 more byte per logit) ...
+# the logit gradient, formed a quarter of the block at a time: 1 more byte per logit).
 BYTES_PER_LOGIT = 9
-# ... and where the matmuls run in bf16/fp16 (CUDA), a 16-bit copy of the logit gradient for them.
-BYTES_PER_LOGIT_16BIT_MATMULS = 11
-# At most 1/BLOCK_SHARE of one [N, V] float32 logits buffer, and at most MAX_BLOCK_BYTES, per block.
+# Where the matmuls run in bf16/fp16 (CUDA) and a gradient is formed, the pull-back matmuls read the logit gradient
+# in 16 bits, gathered over GROUP_BLOCKS consecutive blocks (a group: 2 bytes per logit of its rows), so that the
+# weight gradient, read and written whole by each pull-back, is accumulated once per group instead of once per block.
+GROUP_BLOCKS = 8
+# At most 1/BLOCK_SHARE of one [N, V] float32 logits buffer per block (16-bit matmuls forming a gradient: per block
+# and its group's buffer), and at most MAX_BLOCK_BYTES (with the group's buffer: MAX_GROUPED_BYTES).
 BLOCK_SHARE = 5
 MAX_BLOCK_BYTES = 512 << 20
+MAX_GROUPED_BYTES = 800 << 20  # N = 8192, V = 128256: blocks of 256 rows and groups of 2048 (4 of them)
 # ... but at least this much (unless that is all N rows): tiny blocks cost more in per-call overhead than they save.
 MIN_BLOCK_BYTES = 1 << 20
 GRAD_SLICES = 4
 
 
-def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int = BYTES_PER_LOGIT) -> int:
-    """Tokens per block: the temporaries (``bytes_per_logit``) within max(N V 4 / BLOCK_SHARE, MIN_BLOCK_BYTES),
-    capped at MAX_BLOCK_BYTES; a multiple of 8 when >= 16 (matmul-friendly); at least 1."""
-    budget = min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE)))
+def rows_per_block(n_rows: int, vocab: int, bytes_per_logit: int = BYTES_PER_LOGIT,
+                   max_bytes: int | None = None) -> int:
+    """Tokens per block: the temporaries (``bytes_per_logit`` per logit of the block) within max(N V 4 / BLOCK_SHARE,
+    MIN_BLOCK_BYTES), capped at ``max_bytes`` (default MAX_BLOCK_BYTES); a multiple of 8 when >= 16
+    (matmul-friendly); at least 1."""
+    cap = MAX_BLOCK_BYTES if max_bytes is None else max_bytes
+    budget = min(cap, max(MIN_BLOCK_BYTES, int(n_rows * vocab * 4 / BLOCK_SHARE)))
     rows = int(budget // (vocab * bytes_per_logit))
     if rows >= 16:
         rows -= rows % 8
     return max(1, min(n_rows, rows))
+
+
+def rows_per_block_and_group(n_rows: int, vocab: int) -> tuple[int, int]:
+    """16-bit matmuls forming a gradient: (n, G), tokens per block and per group, G = GROUP_BLOCKS n. A block's
+    temporaries take BYTES_PER_LOGIT n V bytes and the group's 16-bit logit gradient 2 min(G, N) V bytes, together
+    at most::
+
+        (BYTES_PER_LOGIT + 2 GROUP_BLOCKS) n V = 25 n V  <=  min(MAX_GROUPED_BYTES, max(N V 4 / BLOCK_SHARE,
+                                                                                    MIN_BLOCK_BYTES))
+
+    (``rows_per_block`` with 25 bytes per logit of a block). N = 8192, V = 128256: n = 256 (float32 logits 2 x 125.2
+    MiB, gradient slices 31.3 MiB), G = 2048 (a 501.0 MiB buffer): 782.8 MiB in all, and 4 weight-gradient matmuls.
+    Soft-capping's second gradient slice, or the transient 16-bit product where torch lacks ``mm(out_dtype=)``,
+    adds 1 byte per logit of a block (31.3 MiB)."""
+    rows = rows_per_block(n_rows, vocab, BYTES_PER_LOGIT + 2 * GROUP_BLOCKS, MAX_GROUPED_BYTES)
+    return rows, GROUP_BLOCKS * rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,7 +184,7 @@ class _Head:
 
     def pull_back(self, dx: torch.Tensor, a: int, b: int, grads: "_Grads") -> None:
         """Accumulate into ``grads`` the gradients of sum(dx * (h W^T + b)[a:b]) (dx [b - a, V]: float32, or the
-        16-bit matmul dtype)."""
+        16-bit matmul dtype; the bias gradient summed in float32)."""
         weight = self._fp32_weight if self._fp32_weight is not None else self.weight.detach()
         dx_mm = dx.to(weight.dtype)
         if grads.hidden is not None and dx_mm.dtype == torch.float32:
@@ -166,7 +194,7 @@ class _Head:
         if grads.weight is not None:
             grads.weight.addmm_(dx_mm.t(), self.hidden[a:b].detach().to(weight.dtype))
         if grads.bias is not None:
-            grads.bias += dx.sum(0)
+            grads.bias += dx.sum(0, dtype=torch.float32)
 
 
 @dataclass
@@ -180,7 +208,7 @@ class _Grads:
     @classmethod
     def zeros_for(cls, head: _Head, needs: tuple[bool, bool, bool]) -> "_Grads":
         # The weight gradient accumulates over blocks: in float32 where the matmuls run in float32, else (CUDA
-        # bf16/fp16) in its own dtype, rounded once per block.
+        # bf16/fp16) in its own dtype, rounded once per group of blocks.
         acc = head.matmul_dtype
         return cls(
             hidden=torch.empty(head.hidden.shape, dtype=torch.float32, device=head.hidden.device) if needs[0] else None,
@@ -385,10 +413,11 @@ class _Problem:
     group: object = None  # vocabulary-parallel: the process group (weights are this rank's vocabulary shard)
     shard: distributed.VocabShard | None = None  # and this rank's columns of the global vocabulary
     owned: torch.Tensor | None = None  # set with the token ids: whether this rank's shard holds each row's token
-    # While blocks() runs: the float32 logit buffers (per head, None where a 16-bit matmul makes its own) and the
-    # 16-bit logit-gradient buffer of 16-bit matmuls.
+    # While blocks() runs: the float32 logit buffers (per head, None where a 16-bit matmul makes its own) and, where
+    # 16-bit matmuls form a gradient, the 16-bit logit gradient of a group of group_rows rows.
     _buffers = None
     grad_buffer = None
+    group_rows = None
 
     @property
     def n_rows(self) -> int:
@@ -398,25 +427,32 @@ class _Problem:
         enabled = torch.is_grad_enabled()
         return tuple(enabled and x is not None and x.requires_grad for x in self.student_inputs)
 
-    def blocks(self):
-        """Row ranges (a, b), and logit buffers reused by every block."""
+    def blocks(self, with_grad: bool):
+        """Row ranges (a, b), and the buffers every block reuses: sized by ``rows_per_block``, or where 16-bit
+        matmuls form a gradient (``with_grad``) by ``rows_per_block_and_group``, with the group's buffer."""
         # Sharded: sized by the global vocabulary, so that every rank runs the same blocks (and collectives).
         vocab = self.shard.vocab if self.shard is not None else max(head.weight.shape[0]
                                                                     for head in (self.student, self.teacher))
-        sixteen_bit = self.student.matmul_dtype != torch.float32
-        step = rows_per_block(self.n_rows, vocab, BYTES_PER_LOGIT_16BIT_MATMULS if sixteen_bit else BYTES_PER_LOGIT)
-        rows = min(step, self.n_rows)
+        grouped = with_grad and self.student.matmul_dtype != torch.float32
+        step, self.group_rows = (rows_per_block_and_group(self.n_rows, vocab) if grouped
+                                 else (rows_per_block(self.n_rows, vocab), None))
 
-        def buffer(head, dtype):
-            return torch.empty(rows, head.weight.shape[0], dtype=dtype, device=head.weight.device)
-        self._buffers = [buffer(head, torch.float32) if head.matmul_dtype == torch.float32 else None
+        def buffer(head, dtype, rows):
+            return torch.empty(min(rows, self.n_rows), head.weight.shape[0], dtype=dtype, device=head.weight.device)
+        self._buffers = [buffer(head, torch.float32, step) if head.matmul_dtype == torch.float32 else None
                          for head in (self.student, self.teacher)]
-        self.grad_buffer = buffer(self.student, self.student.matmul_dtype) if sixteen_bit else None
+        self.grad_buffer = buffer(self.student, self.student.matmul_dtype, self.group_rows) if grouped else None
         try:
             for a in range(0, max(self.n_rows, 1), step):  # N = 0: one empty block (0.0 with zero gradients)
                 yield a, min(self.n_rows, a + step)
         finally:
-            self._buffers = self.grad_buffer = None
+            self._buffers = self.grad_buffer = self.group_rows = None
+
+    def group_of(self, a: int) -> tuple[int, int]:
+        """Rows (start, end) of the group holding the block that starts at row a: groups of ``group_rows`` rows (a
+        multiple of the block's) from row 0, the last one partial."""
+        start = a - a % self.group_rows
+        return start, min(self.n_rows, start + self.group_rows)
 
     def block(self, a, b, tokens, stats=None) -> _Block:
         z, u = (head.logits(a, b, buf) for head, buf in zip((self.student, self.teacher), self._buffers))
@@ -440,27 +476,36 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
                      grads: _Grads) -> None:
     """Add the gradient of sum_r weight_r * (row value r) over the block to ``grads``. The logit gradient replaces
     the block's student logits (by the backend's in-place primitive where it has one and the soft-cap's derivative
-    does not need the logits; else formed a slice of rows at a time and copied, into a 16-bit buffer where the
-    matmuls are 16-bit), and then feeds both matmuls whole."""
+    does not need the logits; else formed a slice of rows at a time and copied) and feeds both matmuls whole. Where
+    the matmuls are 16-bit it goes to the block's rows of the group's 16-bit buffer instead, and the matmuls run
+    once per group, with its last block (so the sweep's last block pulls back the last group)."""
     head, n = problem.student, block.b - block.a
-    if loss.in_place and block.has_in_place_grad and head.softcap is None:
-        target = head.chain(loss.grad(block, values, weight, into_z=True), block.z)
+    if problem.grad_buffer is None:
+        start, end, gathered = block.a, block.b, block.z
     else:
-        target = block.z if problem.grad_buffer is None else problem.grad_buffer[:n]
+        start, end = problem.group_of(block.a)
+        gathered = problem.grad_buffer[: end - start]
+    target = gathered[block.a - start: block.b - start]
+    if loss.in_place and block.has_in_place_grad and head.softcap is None:
+        dz = head.chain(loss.grad(block, values, weight, into_z=True), block.z)
+        if problem.grad_buffer is not None:
+            target.copy_(dz)
+    else:
         step = max(1, -(-n // GRAD_SLICES))
         for i in range(0, n, step):
             j = min(n, i + step)
             part = block.rows(i, j)
             dz = loss.grad(part, {key: v[i:j] for key, v in values.items()}, weight[i:j])
             target[i:j].copy_(head.chain(dz.float(), part.z))
-    head.pull_back(target, block.a, block.b, grads)
+    if block.b == end:
+        head.pull_back(gathered, start, end, grads)
 
 
 def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
     """One pass over the row blocks: (per-row values concatenated, row stats [N, 10], validity [N]). With
     ``grads``, also accumulates the gradient of sum over valid rows of the loss's row value (the "sum" form)."""
     values, stats, valid = [], [], []
-    for a, b in problem.blocks():
+    for a, b in problem.blocks(with_grad=grads is not None):
         block = problem.block(a, b, tokens)
         row_values = loss.rows(block)
         if grads is not None:
@@ -563,7 +608,7 @@ def _recompute_blocks(problem: _Problem, loss: _Loss, tokens, stats, row_weight,
     """reduction="none" on the blocked path: the gradients of sum_r row_weight_r * (row value r), each block's
     logits recomputed (with the forward's statistics)."""
     grads = _Grads.zeros_for(problem.student, needs)
-    for a, b in problem.blocks():
+    for a, b in problem.blocks(with_grad=True):
         block = problem.block(a, b, tokens, stats[a:b])
         _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], grads)
         del block

@@ -12,7 +12,8 @@ Then every option (biases, soft-capping, logit scale, temperature, masks, reduct
 H_s != H_t, leading shapes, odd sizes, many blocks, -inf, extreme logits, frozen tensors, num_tokens, single_step,
 ignore_index, gradient accumulation, no_grad, double backward), argument validation, and the memory claim
 (measured in a child process from its peak RSS). The option tests run on every backend (``fused_backend``): the
-blocked path on torch and cpu, the on-chip kernels on triton (interpreted).
+blocked path on torch and cpu, the on-chip kernels on triton (interpreted). Last, the blocked path's CUDA variant
+for bf16/fp16 weights (16-bit matmuls, the logit gradient pulled back once per group of blocks), run on the CPU.
 """
 from __future__ import annotations
 
@@ -573,6 +574,27 @@ def test_rows_per_block():
     assert rows * 128256 * fused_linear.BYTES_PER_LOGIT <= fused_linear.MAX_BLOCK_BYTES
 
 
+def test_rows_per_block_and_group():
+    """16-bit matmuls forming a gradient: a block's temporaries (BYTES_PER_LOGIT per logit) and its group's 16-bit
+    logit gradient (2 bytes per logit of min(G, N) rows) together within the block budget with MAX_GROUPED_BYTES;
+    G = GROUP_BLOCKS blocks. At N = 8192, V = 128256 (bf16 Llama 3): blocks of 256 rows, groups of 2048, so the
+    [V, H] weight gradient is read and written by 4 pull-backs (32 with one per block)."""
+    for n in (1, 2, 7, 37, 100, 1000, 8192, 65536):
+        for v in (1, 7, 1000, 32000, 128256, 152064):
+            r, g = fused_linear.rows_per_block_and_group(n, v)
+            assert 1 <= r <= n and g == fused_linear.GROUP_BLOCKS * r
+            assert r < 16 or r % 8 == 0 or r == n
+            budget = min(fused_linear.MAX_GROUPED_BYTES,
+                         max(fused_linear.MIN_BLOCK_BYTES, n * v * 4 / fused_linear.BLOCK_SHARE))
+            assert r == 1 or (fused_linear.BYTES_PER_LOGIT * r + 2 * min(g, n)) * v <= budget
+    n, v = 8192, 128256
+    r, g = fused_linear.rows_per_block_and_group(n, v)
+    assert (r, g) == (256, 2048) and -(-n // g) == 4
+    block_bytes, group_bytes = fused_linear.BYTES_PER_LOGIT * r * v, 2 * g * v
+    assert (block_bytes, group_bytes) == (295501824, 525336576)  # 281.8 MiB + 501.0 MiB
+    assert block_bytes + group_bytes <= fused_linear.MAX_GROUPED_BYTES
+
+
 def _count_blocks(monkeypatch):
     calls = []
     original = fused_linear._Problem.block
@@ -1098,15 +1120,36 @@ def test_memory_claim(memory_results, key):
                                            f"(limit 0.25): {report}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 16-bit matmuls (the CUDA path for bf16/fp16 weights), run on the CPU
+# ----------------------------------------------------------------------------------------------------------
+
+def sixteen_bit_matmuls(monkeypatch, rows, blocks_per_group, vocab):
+    """The CUDA path for bf16/fp16 weights (16-bit matmuls with float32 output, the logit gradient gathered in a
+    16-bit group buffer), run on the CPU: the weight is not upcast and the float32-output matmul is emulated exactly
+    (products of 16-bit numbers are exact in float32). Blocks of ``rows`` rows, groups of ``blocks_per_group``
+    blocks; returns the list that records each pull-back's (a, b, dtype of dz, rows of dz)."""
+    monkeypatch.setattr(fused_linear._Head, "__post_init__", lambda self: setattr(self, "_fp32_weight", None))
+    monkeypatch.setattr(fused_linear, "_mm_float32_out", lambda x, w_t: x.float() @ w_t.float())
+    monkeypatch.setattr(fused_linear, "GROUP_BLOCKS", blocks_per_group)
+    monkeypatch.setattr(fused_linear, "MAX_GROUPED_BYTES",
+                        rows * vocab * (fused_linear.BYTES_PER_LOGIT + 2 * blocks_per_group))
+    pulled = []
+    original = fused_linear._Head.pull_back
+
+    def pull_back(self, dx, a, b, grads):
+        pulled.append((a, b, dx.dtype, dx.shape[0]))
+        return original(self, dx, a, b, grads)
+    monkeypatch.setattr(fused_linear._Head, "pull_back", pull_back)
+    return pulled
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["reverse_kl", "jsd", "minillm"])
 def test_sixteen_bit_matmul_path(monkeypatch, dtype, op):
-    """The CUDA path for bf16/fp16 weights (16-bit matmuls with float32 output, a 16-bit logit-gradient buffer),
-    run on the CPU: the weight is not upcast and the float32-output matmul is emulated exactly (products of 16-bit
-    numbers are exact in float32). Values and gradients against the float64 reference, several blocks."""
-    monkeypatch.setattr(fused_linear._Head, "__post_init__", lambda self: setattr(self, "_fp32_weight", None))
-    monkeypatch.setattr(fused_linear, "_mm_float32_out", lambda x, w_t: x.float() @ w_t.float())
-    monkeypatch.setattr(fused_linear, "MAX_BLOCK_BYTES", 8 * 1003 * fused_linear.BYTES_PER_LOGIT_16BIT_MATMULS)
+    """The CUDA path for bf16/fp16 weights run on the CPU (``sixteen_bit_matmuls``): values and gradients against
+    the float64 reference, blocks of 8 rows in groups of 16 (N = 37)."""
+    pulled = sixteen_bit_matmuls(monkeypatch, 8, 2, 1003)
     gen = torch.Generator().manual_seed(5)
     n, h_dim, v = 37, 16, 1003
     h = torch.randn(n, h_dim, generator=gen).to(dtype).requires_grad_()
@@ -1131,3 +1174,76 @@ def test_sixteen_bit_matmul_path(monkeypatch, dtype, op):
     for x, y in zip(got, wanted):
         assert x.dtype == dtype
         assert_close_rel(x, y, grad_tol(dtype))
+    assert [p[:2] for p in pulled] == [(0, 16), (16, 32), (32, 37)]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/sum", "reverse_kl/none", "jsd_0.3", "jsd_0.3/none",
+                                "minillm", "pt"])
+def test_sixteen_bit_groups(fast_backend, op, softcap, gen, monkeypatch):
+    """16-bit matmuls (``sixteen_bit_matmuls``) pull the logit gradient back once per group of blocks: N = 41 in
+    blocks of 3 rows and groups of 4 blocks (12 rows), the last group partial (36:41, two blocks, the last one of 2
+    rows). Each group is pulled back once (reduction="none": in backward), over its rows, in 16 bits; values and the
+    gradients of the student's hidden states, weight and bias match the float64 reference and the logits op on
+    materialised logits. Soft-capping forms dz a slice at a time; without it reverse KL takes the backend's in-place
+    primitive where it has one (cpu)."""
+    op, _, reduction = op.partition("/")
+    n, vs, vt = 41, 61, 64
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, vt)
+    assert fused_linear.rows_per_block_and_group(n, vt) == (3, 12)
+    calls = _count_blocks(monkeypatch)
+    s, t = make_head(gen, (n,), 8, vs, BF16, bias=True), make_head(gen, (n,), 6, vt, BF16, bias=True)
+    kw = dict(mask=seeded_mask(gen, (n,))) if op != "pt" else {}
+    if reduction:
+        kw["reduction"] = reduction
+    check_fused(op, fast_backend, s, t, gen=gen, softcap=(softcap, None), compare_logits_op=True, **kw)
+    groups = [(0, 12), (12, 24), (24, 36), (36, 41)]
+    assert pulled == [(a, b, BF16, b - a) for a, b in groups]
+    # The gradient's sweep (reduction="none": backward's; the forward's, with no gradient to form, is in blocks of
+    # rows_per_block rows).
+    blocks = [(a, min(n, a + 3)) for a in range(0, n, 3)]
+    assert calls[-len(blocks):] == blocks
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-process gloo group in this process (an in-memory store), destroyed afterwards."""
+    import torch.distributed as dist
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not yet initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "minillm"])
+def test_sixteen_bit_groups_vocabulary_parallel(op, gen, monkeypatch, one_rank_group):
+    """The vocabulary-parallel path (``process_group``; one rank here, tests/test_distributed_ops.py runs 2 and 4 in
+    float32) on 16-bit matmuls: the groups are pulled back as without a group, and the results are the same."""
+    op, _, reduction = op.partition("/")
+    n, v = 41, 64
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, v)
+    s, t = make_head(gen, (n,), 8, v, BF16, bias=True), make_head(gen, (n,), 6, v, BF16)
+    aux = make_aux(OPS[op], gen, (n,), v, (s.hidden.double() @ s.weight.double().T).detach())
+    kw = dict(softcap=(5.0, None), backend="torch", mask=seeded_mask(gen, (n,)),
+              **({"reduction": reduction} if reduction else {}))
+    upstream = upstream_weight(gen, (n,)) if reduction else None
+    alone = run_fused(op, s, t, aux, upstream=upstream, **kw)
+    sharded = run_fused(op, s, t, aux, upstream=upstream, process_group=one_rank_group, **kw)
+    groups = [(0, 12), (12, 24), (24, 36), (36, 41)]
+    assert pulled == 2 * [(a, b, BF16, b - a) for a, b in groups]
+    for name in alone.out:  # the same up to the order of float32 sums (the statistics are merged over ranks)
+        assert_close_rel(sharded.out[name], alone.out[name], 1e-6, what=name)
+    for name, x, y in zip(("hidden", "weight", "bias"), grads_of(sharded.student), grads_of(alone.student)):
+        assert_close_rel(x, y, 1e-3, what=f"d/d {name}")  # and a few 16-bit roundings of dz
+
+
+def test_sixteen_bit_no_rows(monkeypatch, gen):
+    """N = 0 on the 16-bit path: 0.0 with zero gradients (one empty block closes one empty group)."""
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, 30)
+    s, t = make_head(gen, (0,), 8, 30, BF16, bias=True), make_head(gen, (0,), 8, 30, BF16)
+    res = run_fused("reverse_kl", s, t, (), backend="torch")
+    assert res.value == 0 and pulled == [(0, 0, BF16, 0)]
+    assert (res.student.weight.grad == 0).all() and (res.student.bias.grad == 0).all()

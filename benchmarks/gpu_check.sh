@@ -11,9 +11,10 @@
 # Budget: about 8 minutes on an H100; each step has its own timeout (about 14 minutes at worst in all: pass a
 # shorter list of steps' work, e.g. skip the sanitizers, when the device window is shorter).
 #
-# GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first, in about 8 minutes at worst:
-# build, the fused-linear target (one shape, blocked vs on-chip), the logits target (reverse_kl and minillm_loss
-# at [8192, 128256] vs torch.compile), the fused-linear GPU tests, racecheck and synccheck.
+# GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first: build, the CUDA kernel and
+# op tests, the one-pass kernel's plan sweep (benchmarks/logits_fused_plans.py), the logits target (reverse_kl and
+# minillm_loss at [8192, 128256] vs torch.compile), the fused-linear target (one shape, blocked vs on-chip), the
+# fused-linear GPU tests, racecheck and synccheck.
 set -uo pipefail
 OUT_DIR=${1:?usage: [GPU_CHECK_PLAN=targets] gpu_check.sh OUT_DIR [WHEEL_DIR]}
 WHEELS=${2:-.whl}
@@ -42,16 +43,19 @@ fi
   > "$OUT_DIR/device.txt" 2>&1
 cat "$OUT_DIR/device.txt" | head -20
 
-step build 90 $PY -c "
+step build 150 $PY -c "
 import time; t = time.time()
 from minillm_fast import _extension, available_backends
 assert _extension.load('cuda') is not None, 'CUDA extension failed to build'
 print('built in %.0f s; backends:' % (time.time() - t), available_backends())"
 
 if [ "${GPU_CHECK_PLAN:-all}" = targets ]; then
-  step fused_linear_target 130 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256
+  step cuda_kernel_tests 150 $PY -m pytest -q -rf --tb=short tests/test_cuda_backend.py tests/test_gpu_ops.py \
+    tests/test_grad_in_pass.py -p no:cacheprovider
+  step fused_plans 90 $PY -m benchmarks.logits_fused_plans
   step logits_target 150 $PY -m benchmarks.run --device cuda --ops reverse_kl,minillm_loss --shapes 8192x128256 \
     --modes fwd+bwd --backends cuda,triton --alts compile --time-limit 130 --no-plots --out "$OUT_DIR/bench"
+  step fused_linear_target 130 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256
   step fused_linear_gpu_tests 110 $PY -m pytest -q -x -rf --tb=short tests/test_gpu_fused_linear.py -p no:cacheprovider
   step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
   step synccheck 30 compute-sanitizer --tool synccheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda

@@ -1,11 +1,12 @@
 """A small CUDA workload for compute-sanitizer (``benchmarks/gpu_check.sh`` runs it under memcheck, racecheck and
 synccheck): every CUDA kernel of the ``cuda`` backend, forward and backward, on odd vocabularies (a scalar tail,
-vector loads, split rows), -inf entries and a padded teacher; and the fused-linear ops on the ``cuda`` (blocked)
-and ``triton`` (on-chip) paths. Tiny shapes: the sanitizers slow kernels down by 10-100x.
+vector loads, split rows, rows split across a cluster), -inf entries and a padded teacher; and the fused-linear ops
+on the ``cuda`` (blocked) and ``triton`` (on-chip) paths. Tiny shapes: the sanitizers slow kernels down by 10-100x.
 
     compute-sanitizer --tool racecheck --error-exitcode 9 python -m benchmarks.sanitizer_workload
 """
 import math
+import os
 import sys
 
 import torch
@@ -14,9 +15,13 @@ from minillm_fast import loss, sampling
 
 
 def logits_ops(backend: str) -> None:
-    for v in (7, 1003, 40000):
+    # (V, teacher padding): padded teachers have odd row strides (the two-pass kernels, scalar and vector paths);
+    # 40000 unpadded, opted in, takes the one-pass statistics-and-gradient kernel (rows split across 10-block
+    # clusters).
+    for v, pad in ((7, 3), (1003, 3), (40000, 3), (40000, 0)):
+        os.environ[loss.GRAD_IN_PASS_ENV] = "1" if pad == 0 else "0"
         z = torch.randn(5, v, device="cuda", dtype=torch.bfloat16).requires_grad_()
-        u = torch.randn(5, v + 3, device="cuda")
+        u = torch.randn(5, v + pad, device="cuda")
         u[:, ::5] = -math.inf
         loss.reverse_kl(z, u, backend=backend).backward()
         loss.jsd(z, u, beta=0.4, backend=backend).backward()
@@ -24,6 +29,7 @@ def logits_ops(backend: str) -> None:
         loss.minillm_loss(z, u, t, torch.randn(5, device="cuda"), torch.zeros(5, device="cuda"),
                           torch.ones(5, device="cuda"), mask=None, backend=backend).loss.backward()
         sampling.sample_mixture(z, u, backend=backend)
+    os.environ.pop(loss.GRAD_IN_PASS_ENV)
 
 
 def fused_linear_ops(backend: str) -> None:

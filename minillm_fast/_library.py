@@ -25,10 +25,15 @@ SCHEMAS = {
     "sample_rows": "(Tensor z, Tensor u, Tensor use_teacher, Tensor uniform, float inv_temp) -> Tensor",
 }
 
-# Optional primitives: a backend may implement them (the CPU extension does); callers fall back without them.
-# logits_grad_: logits_grad written into z itself (z is a scratch buffer the caller owns).
+# Optional primitives: a backend may implement them; callers fall back without them (semantics:
+# minillm_fast.backends). logits_grad_ (the CPU extension): logits_grad written into z itself (z is a scratch buffer
+# the caller owns). row_stats_grad and scale_unless_one_ (the CUDA extension): row_stats and logits_grad in one pass
+# over the rows, and the in-place scaling of its gradient in backward.
 OPTIONAL_SCHEMAS = {
     "logits_grad_": "(Tensor(a!) z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp) -> ()",
+    "row_stats_grad": "(Tensor z, Tensor u, Tensor? tokens, Tensor coef, Tensor? policy, float clip_eps, "
+                      "float inv_temp, ScalarType? grad_dtype) -> (Tensor, Tensor)",
+    "scale_unless_one_": "(Tensor(a!) x, Tensor factor) -> ()",
 }
 
 _LIB = torch.library.Library("minillm_fast", "DEF")
@@ -48,6 +53,18 @@ def _logits_grad_fake(z, u, tokens, stats, coef, inv_temp):
 
 @torch.library.register_fake("minillm_fast::logits_grad_")
 def _logits_grad_inplace_fake(z, u, tokens, stats, coef, inv_temp):
+    return None
+
+
+@torch.library.register_fake("minillm_fast::row_stats_grad")
+def _row_stats_grad_fake(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype):
+    # The CUDA kernel returns an empty gradient where it has no plan for the rows; a trace assumes it has one.
+    stats = z.new_empty((z.shape[0], NUM_STATS), dtype=torch.float32)
+    return stats, torch.empty(z.shape, dtype=grad_dtype or z.dtype, device=z.device)
+
+
+@torch.library.register_fake("minillm_fast::scale_unless_one_")
+def _scale_unless_one_fake(x, factor):
     return None
 
 

@@ -50,15 +50,28 @@ How it works: one pass over both rows computes a few float32 statistics per row 
 every loss above is an O(rows) expression of them, and every gradient is one more pass
 (``backends.logits_grad``) writing ``dz = c_kl q (d - E_q[d]) + c_q q + c_p p + c_y e_y`` with per-row
 coefficients. Only [N, 10] statistics are saved for backward.
+
+Gradient in the forward pass (opt-in: ``MINILLM_FAST_GRAD_IN_PASS=1``; backend "cuda", eager): for
+``reverse_kl``, ``forward_kl``, ``minillm_loss`` and ``pt_loss`` with a scalar reduction, when the student's logits
+require grad and no process group is given, the coefficients are known before the statistics (up to minillm_loss's
+per-row policy-gradient factor, which the kernel computes), so one kernel (``row_stats_grad``, rows split across a
+thread-block cluster) can read each row once and write the statistics *and* dz: 6 bytes per bf16 element instead
+of 10. dz is then held from the forward pass to backward (the memory logits_grad would allocate in backward anyway)
+and backward only scales it by the upstream gradient, on the device and not at all when that is 1.0. It is off by
+default because it is slower today: on an H100, reverse_kl forward+backward at [8192, 128256] bf16 takes 6.9-7.2 ms
+with it against 3.8 ms with the two passes (``python -m benchmarks.logits_fused_plans``; the per-block latencies of
+the cluster kernel dominate, see the README). Under ``torch.compile``, with ``reduction="none"``, for ``jsd``, on
+other backends and by default, the two passes run as above.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, NamedTuple
 
 import torch
 
-from . import _library, _validate, distributed
+from . import _dispatch, _library, _validate, distributed
 from .backends import C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, ZY, UY
 
 __all__ = ["reverse_kl", "forward_kl", "jsd", "token_stats", "minillm_loss", "pt_loss",
@@ -277,6 +290,84 @@ def _attach_grad(value: torch.Tensor, grad_fn: Callable[[torch.Tensor], tuple], 
     return value
 
 
+class _RowPass(NamedTuple):
+    """The row pass's results: statistics, and where it formed it, the student's gradient."""
+
+    stats: torch.Tensor
+    dz: torch.Tensor | None = None  # d loss / d logits per unit of upstream gradient, if formed in the pass
+    denominator: object = 1.0  # what dz's coefficients were divided by (``_denominator`` of the mask)
+
+
+GRAD_IN_PASS_ENV = "MINILLM_FAST_GRAD_IN_PASS"
+
+
+def _grad_in_pass_backend(rows: _validate.Rows, reduction: str):
+    """The backend that forms the gradient in the row pass (``row_stats_grad``), or None: needs the opt-in
+    (``MINILLM_FAST_GRAD_IN_PASS=1``, read on each call), a scalar reduction (a per-row upstream gradient would need
+    a second pass anyway), no process group, a student that requires grad, eager mode (the compiled graph keeps the
+    two passes, whose custom ops it traces), and a backend with the primitive."""
+    if reduction == "none" or rows.group is not None or not _needs_grad(rows.student):
+        return None
+    if torch.compiler.is_compiling() or os.environ.get(GRAD_IN_PASS_ENV) != "1":
+        return None
+    backend = _dispatch.get_backend(rows.backend_name, rows.student.device)
+    return backend if hasattr(backend, "row_stats_grad") else None
+
+
+def _row_pass(rows: _validate.Rows, reduction: str, grad_columns: dict, tokens=None, owned=None, num_tokens=None,
+              policy=None, clip_eps: float = 0.0) -> _RowPass:
+    """The rows' statistics (as ``_row_stats``), and where the backend can, the student's gradient from the same
+    pass. Its coefficients are those of ``_reduce``'s weights with the *mask* in place of the valid rows (rows
+    found empty are dropped by the kernel; ``_with_grad_from_pass`` corrects the denominator) times
+    ``grad_columns``; ``policy`` ([N, 3] advantage, old log-prob, importance weight) makes the kernel multiply
+    the q and y columns by each row's policy-gradient factor (minillm_loss)."""
+    backend = _grad_in_pass_backend(rows, reduction)
+    if backend is None:
+        return _RowPass(_row_stats(rows, tokens, owned))
+    n_rows, device = rows.student.shape[0], rows.student.device
+    planned = rows.mask if rows.mask is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
+    denominator = _denominator(planned, reduction, num_tokens)
+    coef = _coefs(n_rows, device, planned.to(torch.float32) / denominator * rows.inv_temp, grad_columns)
+    stats, dz = backend.row_stats_grad(rows.student.detach(), rows.teacher, tokens, coef, policy, clip_eps,
+                                       rows.inv_temp, None)
+    return _RowPass(stats, dz if dz.numel() > 0 else None, denominator)
+
+
+def _with_grad_from_pass(value: torch.Tensor, rows: _validate.Rows, row_pass: _RowPass, valid: torch.Tensor,
+                         reduction: str, num_tokens=None) -> torch.Tensor:
+    """``value`` whose gradient is the pass's dz times upstream * (planned / actual denominator): the two differ
+    only for "mean" over the local valid rows when a row the mask allowed is empty (not counted). The product is
+    formed on the device and dz scaled in place, by nothing when it is 1 (``scale_unless_one_``)."""
+    correction = 1.0
+    if reduction == "mean" and num_tokens is None:
+        correction = row_pass.denominator / _denominator(valid, reduction)
+    dz = row_pass.dz
+    scale = getattr(rows.backend, "scale_unless_one_", None)
+
+    def grad_fn(upstream):
+        factor = (upstream.to(torch.float32) * correction).reshape(())
+        if scale is not None:
+            scale(dz, factor)
+        else:
+            dz.mul_(factor)
+        return (dz,)
+    return _attach_grad(value, grad_fn, rows.student)
+
+
+def row_stats_grad_composed(backend, z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None):
+    """What the optional primitive ``row_stats_grad`` returns (``minillm_fast.backends``), composed of
+    ``backend``'s row_stats and logits_grad: the reference its kernels are tested against."""
+    stats = backend.row_stats(z, u, tokens, inv_temp)
+    nonempty = _valid_rows(None, stats)
+    coef = torch.where(nonempty[:, None], coef, torch.zeros_like(coef))
+    if policy is not None:
+        _, factor, _ = _policy_gradient_rows(stats, nonempty, policy[:, 0], policy[:, 1], policy[:, 2], clip_eps)
+        coef[:, C_Q] *= factor
+        coef[:, C_Y] *= factor
+    dz = backend.logits_grad(z, u, tokens, stats, coef.contiguous(), inv_temp)
+    return stats, dz.to(grad_dtype or z.dtype)
+
+
 def _coefs(n_rows: int, device, scale, columns: dict) -> torch.Tensor:
     """float32 [N, 4] logits_grad coefficients: ``scale`` (per row or scalar) times each named column."""
     coef = torch.zeros(n_rows, NUM_COEFS, dtype=torch.float32, device=device)
@@ -329,9 +420,12 @@ def _divergence(student_logits, teacher_logits, per_row_fn, grad_columns, *, tem
     rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=mask, backend=backend,
                              process_group=process_group)
     reduction = _validate.check_reduction(reduction)
-    stats = _row_stats(rows)
+    row_pass = _row_pass(rows, reduction, grad_columns)
+    stats = row_pass.stats
     valid = _valid_rows(rows.mask, stats)
     value, weight = _reduce(per_row_fn(stats), valid, reduction, rows.lead_shape)
+    if row_pass.dz is not None:
+        return _with_grad_from_pass(value, rows, row_pass, valid, reduction)
     coef = _coefs(stats.shape[0], stats.device, weight * rows.inv_temp, grad_columns)
     return _with_logits_grad(value, rows, stats, None, coef)
 
@@ -459,13 +553,18 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
     adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
-    s = _row_stats(rows, flat_tokens, owned)
+    row_pass = _row_pass(rows, "mean", _minillm_grad_columns(1.0, single_step), flat_tokens, owned, num_tokens,
+                         policy=torch.stack((adv, old, w), 1), clip_eps=clip_eps)
+    s = row_pass.stats
     valid = _valid_rows(rows.mask, s)
     pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)
     pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
     reg_loss, _ = _reduce(_reverse_kl_rows(s), valid, "mean", lead, num_tokens)
     clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
     value = pg_loss + reg_loss if single_step else pg_loss.clone()
+    if row_pass.dz is not None:
+        loss = _with_grad_from_pass(value, rows, row_pass, valid, "mean", num_tokens)
+        return MiniLLMLoss(loss, pg_loss, reg_loss, clip_fraction)
     coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _minillm_grad_columns(d_pg_d_logq, single_step))
     coef = _own_token_terms(coef, owned)
     loss = _with_logits_grad(value, rows, s, flat_tokens, coef)
@@ -496,12 +595,15 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
     rows = _validate.prepare(student_logits, teacher_logits, temperature=temperature, mask=label_mask,
                              backend=backend, process_group=process_group)
     flat_tokens, owned = _token_ids("labels", labels, rows)
-    s = _row_stats(rows, flat_tokens, owned)
+    row_pass = _row_pass(rows, "mean", _pt_grad_columns(kd_ratio), flat_tokens, owned, num_tokens)
+    s = row_pass.stats
     valid = _valid_rows(rows.mask, s)
     lm, kd = _pt_rows(s)
     lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
     kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
     value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss
+    if row_pass.dz is not None:
+        return PTLoss(_with_grad_from_pass(value, rows, row_pass, valid, "mean", num_tokens), lm_loss, kd_loss)
     coef = _coefs(s.shape[0], device, weight * rows.inv_temp, _pt_grad_columns(kd_ratio))
     coef = _own_token_terms(coef, owned)
     loss = _with_logits_grad(value, rows, s, flat_tokens, coef)

@@ -4,7 +4,9 @@ plus one N*V > 2^31 case checked against float64 math. Skipped without a GPU or 
 
 Covers: the 9 (student, teacher) dtype pairs, odd vocabularies (1, 7, 33, 32003, 128256), padded vocabularies,
 -inf entries and empty rows, extreme logits, non-contiguous and misaligned rows (scalar path), rows split across
-blocks (small N, large V) and one block per row (large N), zero-coefficient rows, no host synchronisation.
+blocks (small N, large V) and one block per row (large N), zero-coefficient rows, no host synchronisation; and the
+optional row_stats_grad (rows split across a thread-block cluster; against row_stats + logits_grad composed by
+``loss.row_stats_grad_composed``) and scale_unless_one_.
 
 Without a GPU the same tests can run the kernels' logic through the CPU emulator (csrc/cuda/emulator/build.sh):
 ``MINILLM_FAST_CUDA_EMULATOR=/path/libminillm_cuda_emu.so pytest tests/test_cuda_backend.py`` (slow: minutes).
@@ -394,6 +396,135 @@ def test_sample_rows_distribution():
 # no host synchronisation, N * V > 2^31
 # ----------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------
+# row_stats_grad (statistics and gradient in one pass, row split across a cluster) and scale_unless_one_
+# ----------------------------------------------------------------------------------------------------------
+
+def _policy_near_ratio_one(z, u, tokens, inv_temp, seed):
+    """(advantage, old log-prob, weight) with old = log q(y) + noise, so that rho falls inside and outside the clip
+    band [0.8, 1.2] (both branches of the policy-gradient factor)."""
+    g = gen_for(seed)
+    n = z.shape[0]
+    st = torch_backend.row_stats(z, u, tokens, inv_temp)
+    logq = (st[:, ZY] - st[:, M_Q]) - st[:, LOGS_Q]
+    old = torch.nan_to_num(logq, neginf=0.0) + 0.3 * torch.randn(n, device=DEVICE, generator=g)
+    adv = torch.randn(n, device=DEVICE, generator=g)
+    w = 0.5 + torch.rand(n, device=DEVICE, generator=g)
+    return torch.stack((adv, old, w), 1)
+
+
+def check_row_stats_grad(z, u, tokens, coef, policy, inv_temp, what, grad_dtype=None, fused=True, **emu_kwargs):
+    """The op against loss.row_stats_grad_composed on torch_backend; ``fused``: whether a plan must exist (else dz
+    comes back empty and the statistics are row_stats')."""
+    from minillm_fast.loss import row_stats_grad_composed
+    out_stats, out_dz = ops.row_stats_grad(z, u, tokens, coef, policy, 0.2, inv_temp, grad_dtype, **emu_kwargs)
+    ref_stats, ref_dz = row_stats_grad_composed(torch_backend, z, u, tokens, coef.clone(), policy, 0.2, inv_temp,
+                                                grad_dtype)
+    names = ["M_Q", "LOGS_Q", "M_P", "LOGS_P", "EQ_D", "EQ_ZC", "EP_D", "EP_UC", "ZY", "UY"]
+    for col, name in enumerate(names):
+        assert_close(out_stats[:, col], ref_stats[:, col], STATS_RTOL, f"{what} row_stats_grad stats[{name}]")
+    out_type = grad_dtype or z.dtype
+    assert out_dz.dtype == out_type
+    if not fused:
+        assert out_dz.numel() == 0, f"{what}: expected no fused plan"
+        return
+    assert out_dz.shape == z.shape and out_dz.is_contiguous(), f"{what}: dz shape {tuple(out_dz.shape)}"
+    assert_close(out_dz, ref_dz, GRAD_RTOL[out_type], f"{what} row_stats_grad dz", atol=1e-7)
+    vocab = min(z.shape[1], u.shape[1])
+    assert bool((out_dz[:, vocab:] == 0).all()), f"{what}: columns >= V must be exactly 0"
+    empty = (ref_stats[:, M_Q] == -math.inf) | (ref_stats[:, M_P] == -math.inf)
+    zero_rows = (coef == 0).all(1) | empty
+    assert bool((out_dz[zero_rows] == 0).all()), f"{what}: zero-coefficient and empty rows must be exactly 0"
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+@pytest.mark.parametrize("n,v", [(5, 40), (4, 4096), (3, 32000), (2, 128256)])
+def test_row_stats_grad_matches_two_passes(pair, n, v):
+    zt, ut = pair
+    z = logits(n, v, zt, seed=v + 1)
+    u = logits(n, v, ut, seed=v + 2, scale=2.5)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v))
+    inv_temp = 1.0 / 1.3
+    coef = random_coef(n, seed=v + 3, zero_rows=(1,))
+    policy = _policy_near_ratio_one(z, u, tokens, inv_temp, seed=v + 4)
+    check_row_stats_grad(z, u, tokens, coef, policy, inv_temp, f"{pair_id(pair)} V={v}")
+    check_row_stats_grad(z, u, None, coef, None, inv_temp, f"{pair_id(pair)} V={v} no tokens, no policy")
+
+
+@pytest.mark.parametrize("vs,vt", [(1032, 1000), (152064, 151936)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+def test_row_stats_grad_padded_vocab(dtype, vs, vt):
+    n = 3
+    z, u = logits(n, vs, dtype, seed=vs), logits(n, vt, torch.bfloat16, seed=vt)
+    tokens = torch.randint(0, vt, (n,), device=DEVICE, generator=gen_for(3))
+    check_row_stats_grad(z, u, tokens, random_coef(n, 5), None, 1.0, f"padded {vs}/{vt}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+def test_row_stats_grad_neg_inf_empty_and_extreme_rows(dtype):
+    n, v = 8, 20000
+    g = gen_for(21)
+    z = torch.randn(n, v, device=DEVICE, generator=g) * 3
+    u = torch.randn(n, v, device=DEVICE, generator=g) * 3
+    z[0] = -math.inf  # empty student row
+    u[1] = -math.inf  # empty teacher row
+    z[2, ::3] = -math.inf  # scattered -inf in both
+    u[2, 1::5] = -math.inf
+    u[3, 17] = -math.inf  # teacher -inf where the student has mass: KL = +inf, non-finite gradient
+    z[4] = z[4] * 1e3 + 1e4  # extreme, nearly one-hot
+    u[5, :] = -1e4
+    z, u = z.to(dtype), u.to(dtype)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=g)
+    coef = random_coef(n, 22)
+    check_row_stats_grad(z, u, tokens, coef, _policy_near_ratio_one(z, u, tokens, 1.0, 23), 1.0,
+                         f"-inf {SHORT[dtype]}")
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16], ids=SHORT.get)
+@pytest.mark.parametrize("v", [1000, 50000])
+def test_row_stats_grad_16_bit_gradient_of_float32_rows(grad_dtype, v):
+    n = 4
+    z, u = logits(n, v, torch.float32, seed=31), logits(n, v, torch.float32, seed=32)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(33))
+    check_row_stats_grad(z, u, tokens, random_coef(n, 34), None, 0.8, f"f32 -> {SHORT[grad_dtype]}",
+                         grad_dtype=grad_dtype)
+
+
+def test_row_stats_grad_without_a_plan():
+    # rows not aligned for 16-byte loads, a vocabulary below one vector, or rows too long for any cluster: dz is
+    # empty (the loss then runs logits_grad) and the statistics are still right
+    n = 3
+    z, u = logits(n, 32003, torch.bfloat16, seed=41), logits(n, 32003, torch.bfloat16, seed=42)
+    coef = random_coef(n, 43)
+    check_row_stats_grad(z, u, None, coef, None, 1.0, "odd stride", fused=False)
+    check_row_stats_grad(z[:, :7], u[:, :7], None, coef, None, 1.0, "V < vector", fused=False)
+    z, u = logits(1, 300000, torch.float32, seed=44), logits(1, 300000, torch.float32, seed=45)
+    check_row_stats_grad(z, u, None, coef[:1], None, 1.0, "V too long", fused=False)
+
+
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's cluster limit stands in for a GPU below sm_90")
+def test_row_stats_grad_without_clusters():
+    # Below sm_90 only one-block plans exist: up to 512 * 8 * 8 bf16 columns, and no plan beyond.
+    n = 3
+    z, u = logits(n, 20000, torch.bfloat16, seed=51), logits(n, 20000, torch.bfloat16, seed=52)
+    tokens = torch.randint(0, 20000, (n,), device=DEVICE, generator=gen_for(53))
+    check_row_stats_grad(z, u, tokens, random_coef(n, 54), None, 1.0, "one block", max_cluster=1)
+    assert ops.LAST_PLAN["row_stats_grad"] == [8, 512, 8, 1]
+    z, u = logits(n, 40000, torch.bfloat16, seed=55), logits(n, 40000, torch.bfloat16, seed=56)
+    check_row_stats_grad(z, u, None, random_coef(n, 57), None, 1.0, "one block", fused=False, max_cluster=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
+@pytest.mark.parametrize("numel", [1, 13, 4096 * 3 + 5])
+def test_scale_unless_one(dtype, numel):
+    x = logits(1, numel, dtype, seed=numel).reshape(-1)
+    before = x.clone()
+    ops.scale_unless_one_(x, torch.ones((), device=DEVICE))
+    assert torch.equal(x, before)
+    ops.scale_unless_one_(x, torch.full((), -0.75, device=DEVICE))
+    assert torch.equal(x, (before.float() * -0.75).to(dtype))
+
+
 @pytest.mark.skipif(bool(EMULATOR), reason="GPU only")
 def test_no_host_sync():
     n, v = 8, 32003
@@ -412,6 +543,8 @@ def test_no_host_sync():
         j = ops.jsd_rows(z, u, stats, 0.5, 1.0)
         ops.jsd_grad(z, u, stats, j, jcoef, 0.5, 1.0)
         ops.sample_rows(z, u, use_teacher, uniform, 1.0)
+        _, dz = ops.row_stats_grad(z[:, :32000], u[:, :32000], tokens, coef, None, 0.2, 1.0, None)
+        ops.scale_unless_one_(dz, jcoef[0])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

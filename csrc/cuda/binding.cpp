@@ -14,7 +14,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 
 #include "launchers.h"
 
@@ -63,6 +66,22 @@ int num_sms() {
     cache[device].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// Clusters of more than one block need compute capability 9.0 (read once per device).
+int max_cluster() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int device = c10::cuda::current_device();
+  if (device < 0 || device >= kMaxDevices) return 1;
+  int k = cache[device].load(std::memory_order_relaxed);
+  if (k == 0) {
+    int major = 0;
+    check_cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "max_cluster");
+    k = major >= 9 ? kMaxCluster : 1;
+    cache[device].store(k, std::memory_order_relaxed);
+  }
+  return k;
 }
 
 // Logit rows: 2-D, on the same CUDA device, unit stride along the vocabulary (else a contiguous copy).
@@ -201,6 +220,92 @@ at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, cons
   return dz;
 }
 
+// row_stats and, where make_fused_plan finds a plan, dz in the same pass (else an empty dz: the caller runs
+// logits_grad later). dz's dtype: grad_dtype, by default z's; other than z's only for float32 rows.
+std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in,
+                                                       const std::optional<at::Tensor>& tokens,
+                                                       const at::Tensor& coef_in,
+                                                       const std::optional<at::Tensor>& policy_in, double clip_eps,
+                                                       double inv_temp, std::optional<at::ScalarType> grad_dtype) {
+  const Rows r = check_rows(z_in, u_in);
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const at::ScalarType out_type = grad_dtype.value_or(r.z.scalar_type());
+  TORCH_CHECK(out_type == r.z.scalar_type() ||
+                  (r.z.scalar_type() == at::kFloat && r.u.scalar_type() == at::kFloat &&
+                   (out_type == at::kBFloat16 || out_type == at::kHalf)),
+              "minillm_fast (cuda): row_stats_grad writes dz in the student's dtype, or in bfloat16/float16 from "
+              "float32 rows; got ", out_type, " for ", r.z.scalar_type(), " and ", r.u.scalar_type(), " rows");
+  const int64_t z_cols = r.z.size(1);
+  const FusedPlan plan =
+      make_fused_plan(z_cols, pair_vec(r, z_cols), max_cluster(), std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  const bool fused = plan.cluster > 0 && r.n_rows > 0 && r.n_rows * plan.cluster < (int64_t{1} << 31);
+  if (!fused) {
+    return {row_stats_cuda(z_in, u_in, tokens, inv_temp), at::empty({0}, r.z.options().dtype(out_type))};
+  }
+  const auto tok = tokens_i64(tokens, r.z);
+  const at::Tensor coef = side_f32(coef_in, r.z, kNumCoefs, "coef");
+  std::optional<at::Tensor> policy;
+  if (policy_in.has_value() && policy_in->defined()) policy = side_f32(*policy_in, r.z, 3, "policy");
+  at::Tensor stats = at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
+  at::Tensor dz = at::empty({r.n_rows, z_cols}, r.z.options().dtype(out_type));
+  at::Tensor workspace;
+
+  RowStatsGradArgs args;
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.tokens = tok ? tok->data_ptr<int64_t>() : nullptr;
+  args.coef = coef.data_ptr<float>();
+  args.policy = policy ? policy->data_ptr<float>() : nullptr;
+  args.clip_low = static_cast<float>(1.0 - clip_eps);
+  args.clip_high = static_cast<float>(1.0 + clip_eps);
+  args.stats = stats.data_ptr<float>();
+  args.dz = dz.data_ptr();
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.z_cols = static_cast<int>(z_cols);
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = plan;
+  if (plan.cluster > 1) {
+    workspace = at::empty({r.n_rows * plan.cluster * kRowStatsPartialFloats}, stats.options());
+    args.workspace = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    if constexpr (std::is_same_v<Tz, float> && std::is_same_v<Tu, float>) {
+      dispatch_one(out_type, "grad_dtype", [&](auto ot) {
+        using To = typename decltype(ot)::type;
+        check_cuda_ok(launch_row_stats_grad<Tz, Tu, To>(args, stream), "row_stats_grad");
+      });
+    } else {
+      check_cuda_ok(launch_row_stats_grad<Tz, Tu, Tz>(args, stream), "row_stats_grad");
+    }
+  });
+  return {stats, dz};
+}
+
+// x *= factor in place (factor: a float32 scalar on x's device), skipped on the device when factor is 1.
+void scale_unless_one_cuda(at::Tensor& x, const at::Tensor& factor_in) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "minillm_fast (cuda): scale_unless_one_ needs a contiguous CUDA x");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "minillm_fast (cuda): x must be 16-byte aligned");
+  TORCH_CHECK(factor_in.numel() == 1 && factor_in.device() == x.device(),
+              "minillm_fast (cuda): factor must be one value on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor factor = factor_in.to(at::kFloat).contiguous();
+  ScaleArgs args;
+  args.x = x.data_ptr();
+  args.n = x.numel();
+  args.factor = factor.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_one(x.scalar_type(), "x", [&](auto t) {
+    using T = typename decltype(t)::type;
+    check_cuda_ok(launch_scale_unless_one<T>(args, stream), "scale_unless_one_");
+  });
+}
+
 void fill_beta(JsdArgs& args, double beta) {
   TORCH_CHECK(beta > 0.0 && beta < 1.0, "minillm_fast (cuda): jsd needs 0 < beta < 1, got ", beta);
   args.beta = static_cast<float>(beta);
@@ -329,4 +434,6 @@ TORCH_LIBRARY_IMPL(minillm_fast, CUDA, m) {
   m.impl("jsd_rows", &minillm_fast::cuda::jsd_rows_cuda);
   m.impl("jsd_grad", &minillm_fast::cuda::jsd_grad_cuda);
   m.impl("sample_rows", &minillm_fast::cuda::sample_rows_cuda);
+  m.impl("row_stats_grad", &minillm_fast::cuda::row_stats_grad_cuda);
+  m.impl("scale_unless_one_", &minillm_fast::cuda::scale_unless_one_cuda);
 }

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -136,6 +138,79 @@ struct JsdArgs {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
+// row_stats_grad: row_stats and logits_grad in one kernel that reads each row once (row_stats_grad.cu), for
+// coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (contiguous, dtype To) as
+// logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight) the c_q and
+// c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
+// distribution get zeros. A row is split across a cluster of plan.cluster blocks of plan.threads threads, each
+// holding plan.vpt vectors of plan.vec elements per thread and tensor in registers; workspace [N, cluster, 8].
+// ---------------------------------------------------------------------------------------------------------------
+struct FusedPlan {
+  int vec = 1;
+  int threads = 256;
+  int vpt = 4;
+  int cluster = 0;  // 0: the rows do not fit (or are not aligned for vector loads); the caller runs two passes
+};
+
+constexpr int kMaxCluster = 16;  // sm_90's non-portable limit (8 is portable)
+
+// vec: the pair's vector width (1 when rows are not aligned for 16-byte loads: then no fused plan);
+// max_cluster: kMaxCluster on sm_90 and later, else 1. The first of (threads, vectors per thread) = (256, 4),
+// (512, 4), (256, 8), (512, 8) whose cluster of at most max_cluster blocks covers the z_cols columns: the fewest
+// registers per thread first, so that two blocks fit on an SM and one's loads overlap the other's math (bf16
+// [*, 128256] rows on sm_90: 16 blocks of (256, 4)). No plan above 512 * 8 * vec * 16 columns.
+// `forced` (MINILLM_FAST_FUSED_PLAN, for tuning: benchmarks/logits_fused_plans.py): "THREADS,VPT" tries that shape
+// alone; any other text ("off") gives no plan.
+inline FusedPlan make_fused_plan(int64_t z_cols, int vec, int max_cluster, const char* forced = nullptr) {
+  FusedPlan plan;
+  plan.vec = vec;
+  if (vec == 1 || z_cols <= 0) return plan;
+  constexpr int kShapes[4][2] = {{256, 4}, {512, 4}, {256, 8}, {512, 8}};
+  for (const auto& shape : kShapes) {
+    if (forced != nullptr) {
+      char text[16];
+      std::snprintf(text, sizeof(text), "%d,%d", shape[0], shape[1]);
+      if (std::strcmp(text, forced) != 0) continue;
+    }
+    const int64_t slice = static_cast<int64_t>(shape[0]) * vec * shape[1];
+    const int64_t k = (z_cols + slice - 1) / slice;
+    if (k <= max_cluster) {
+      plan.threads = shape[0];
+      plan.vpt = shape[1];
+      plan.cluster = static_cast<int>(k);
+      return plan;
+    }
+  }
+  return plan;
+}
+
+struct RowStatsGradArgs {
+  const void* z = nullptr;
+  const void* u = nullptr;
+  const int64_t* tokens = nullptr;  // [N] or null
+  const float* coef = nullptr;      // [N, 4] = (c_kl, c_q, c_p, c_y)
+  const float* policy = nullptr;    // [N, 3] or null
+  float clip_low = 0.8f, clip_high = 1.2f;  // (float)(1 - eps), (float)(1 + eps)
+  float* stats = nullptr;           // [N, 10]
+  float* workspace = nullptr;       // [N, cluster, 8] when plan.cluster > 1
+  void* dz = nullptr;               // [N, z_cols]
+  int64_t n_rows = 0;
+  int64_t z_stride = 0, u_stride = 0;
+  int vocab = 0;
+  int z_cols = 0;
+  float inv_temp = 1.0f;
+  FusedPlan plan;
+};
+
+// scale_unless_one: x[n] *= *factor, on the device, unless *factor == 1 (then nothing is read or written). No host
+// synchronisation: the test happens in the kernel.
+struct ScaleArgs {
+  void* x = nullptr;
+  int64_t n = 0;
+  const float* factor = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
 // sample_rows: out[N] int64, one block per row.
 // ---------------------------------------------------------------------------------------------------------------
 struct SampleArgs {
@@ -170,6 +245,11 @@ template <typename Tz, typename Tu>
 cudaError_t launch_jsd_grad(const JsdArgs& args, cudaStream_t stream);
 template <typename Tz, typename Tu>
 cudaError_t launch_sample_rows(const SampleArgs& args, cudaStream_t stream);
+// To: dz's dtype, Tz, or bfloat16 / float16 for float32 rows (MINILLM_FAST_INSTANTIATE_FUSED lists the combinations).
+template <typename Tz, typename Tu, typename To>
+cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_scale_unless_one(const ScaleArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace minillm_fast
@@ -185,3 +265,18 @@ cudaError_t launch_sample_rows(const SampleArgs& args, cudaStream_t stream);
   template cudaError_t LAUNCHER<__half, float>(const ARGS&, cudaStream_t);                            \
   template cudaError_t LAUNCHER<__half, __nv_bfloat16>(const ARGS&, cudaStream_t);                    \
   template cudaError_t LAUNCHER<__half, __half>(const ARGS&, cudaStream_t);
+
+// row_stats_grad's (student, teacher, dz) dtypes: dz in the student's dtype for the 9 pairs, and bfloat16 / float16
+// dz from float32 rows (fused-linear blocks whose matmuls run in 16 bits).
+#define MINILLM_FAST_INSTANTIATE_FUSED(LAUNCHER, ARGS)                                                            \
+  template cudaError_t LAUNCHER<float, float, float>(const ARGS&, cudaStream_t);                                \
+  template cudaError_t LAUNCHER<float, __nv_bfloat16, float>(const ARGS&, cudaStream_t);                        \
+  template cudaError_t LAUNCHER<float, __half, float>(const ARGS&, cudaStream_t);                               \
+  template cudaError_t LAUNCHER<__nv_bfloat16, float, __nv_bfloat16>(const ARGS&, cudaStream_t);                \
+  template cudaError_t LAUNCHER<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(const ARGS&, cudaStream_t);        \
+  template cudaError_t LAUNCHER<__nv_bfloat16, __half, __nv_bfloat16>(const ARGS&, cudaStream_t);               \
+  template cudaError_t LAUNCHER<__half, float, __half>(const ARGS&, cudaStream_t);                              \
+  template cudaError_t LAUNCHER<__half, __nv_bfloat16, __half>(const ARGS&, cudaStream_t);                      \
+  template cudaError_t LAUNCHER<__half, __half, __half>(const ARGS&, cudaStream_t);                             \
+  template cudaError_t LAUNCHER<float, float, __nv_bfloat16>(const ARGS&, cudaStream_t);                        \
+  template cudaError_t LAUNCHER<float, float, __half>(const ARGS&, cudaStream_t);

@@ -1,5 +1,6 @@
 // logits_grad: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], one pass, with the centred
-// difference d = (z' - m_q) - (u' - m_p) of row_stats (m: the row max where finite, else 0).
+// difference d = (z' - m_q) - (u' - m_p) of row_stats (m: the row max where finite, else 0); the formula is
+// GradRow (row_state.cuh).
 //
 // Elementwise given the row statistics, so any number of blocks may share a row (grid = (rows, column chunks)).
 // q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision. The teacher row is
@@ -13,23 +14,6 @@ namespace cuda {
 namespace {
 
 enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D };
-
-struct GradRow {
-  float shift_q, logs_q, shift_p, logs_p, eq_d;
-  float c_kl, c_q, c_p, c_y;
-  int64_t y;  // -1 without tokens
-
-  __device__ __forceinline__ float operator()(float x, float xu, int col) const {
-    const float q = fast_exp((x - shift_q) - logs_q);
-    float g = c_q * q;
-    // d = (z' - m_q) - (u' - m_p): each logit centred on its own row max first (exact), as in row_stats
-    if (c_kl != 0.0f) g += c_kl * (q > 0.0f ? q * (((x - shift_q) - (xu - shift_p)) - eq_d) : 0.0f);
-    if (c_p != 0.0f) g += c_p * fast_exp((xu - shift_p) - logs_p);
-    if (col == y) g += c_y;
-    return g;
-  }
-};
-
 
 template <bool kNeedU, typename Tz, typename Tu, int E>
 __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
@@ -65,26 +49,17 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
   Tz* __restrict__ out = static_cast<Tz*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
 
   const float* cf = args.coef + row * kNumCoefs;
-  GradRow g;
-  g.c_kl = cf[0];
-  g.c_q = cf[1];
-  g.c_p = cf[2];
-  g.c_y = cf[3];
-  if (g.c_kl == 0.0f && g.c_q == 0.0f && g.c_p == 0.0f && g.c_y == 0.0f) {
+  if (cf[0] == 0.0f && cf[1] == 0.0f && cf[2] == 0.0f && cf[3] == 0.0f) {
     store_zeros<Tz, E>(out, c0, c1);
     return;
   }
   const float* st = args.stats + row * kNumStats;
-  g.shift_q = finite_or_zero(st[M_Q]);
-  g.logs_q = st[LOGS_Q];
-  g.shift_p = finite_or_zero(st[M_P]);
-  g.logs_p = st[LOGS_P];
-  g.eq_d = st[EQ_D];
-  g.y = args.tokens != nullptr ? args.tokens[row] : -1;
+  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], cf,
+                                  args.tokens != nullptr ? args.tokens[row] : -1);
 
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-  if (g.c_kl != 0.0f || g.c_p != 0.0f) {
+  if (g.needs_teacher()) {
     grad_columns<true, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
   } else {
     grad_columns<false, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);

@@ -97,19 +97,33 @@ __device__ __forceinline__ void load_scaled(const T* __restrict__ p, float scale
   }
 }
 
+// The raw words of the E elements at columns [c, c + E) of a row of n columns; columns >= n read as -inf
+// (probability 0). One vector load when the whole vector is in bounds (row + c aligned as for load_scaled).
+template <typename T, int E>
+__device__ __forceinline__ BitsVec<T, E> load_bits_bounded(const T* __restrict__ row, int c, int n) {
+  using Bits = typename Elem<T>::Bits;
+  if (c + E <= n) return *reinterpret_cast<const BitsVec<T, E>*>(row + c);
+  BitsVec<T, E> w;
+  const Bits* r = reinterpret_cast<const Bits*>(row);
+  const Bits minus_inf = Elem<T>::from_float(neg_inf());  // -inf is exact in every element type
+#pragma unroll
+  for (int i = 0; i < E; ++i) w.v[i] = (c + i < n) ? r[c + i] : minus_inf;
+  return w;
+}
+
+// Raw words to float, times scale (1/tau): the same float operations as load_scaled.
+template <typename T, int E>
+__device__ __forceinline__ void to_scaled(const BitsVec<T, E>& w, float scale, float (&out)[E]) {
+#pragma unroll
+  for (int i = 0; i < E; ++i) out[i] = Elem<T>::to_float(w.v[i]) * scale;
+}
+
 // Like load_scaled for the E elements at columns [c, c + E) of a row of n columns; columns >= n read as -inf
 // (probability 0). Vector load when the whole vector is in bounds.
 template <typename T, int E>
 __device__ __forceinline__ void load_scaled_bounded(const T* __restrict__ row, int c, int n, float scale,
                                                     float (&out)[E]) {
-  if (c + E <= n) {
-    load_scaled<T, E>(row + c, scale, out);
-  } else {
-    using Bits = typename Elem<T>::Bits;
-    const Bits* r = reinterpret_cast<const Bits*>(row);
-#pragma unroll
-    for (int i = 0; i < E; ++i) out[i] = (c + i < n) ? Elem<T>::to_float(r[c + i]) * scale : neg_inf();
-  }
+  to_scaled<T, E>(load_bits_bounded<T, E>(row, c, n), scale, out);
 }
 
 template <typename T>
@@ -260,6 +274,75 @@ struct RowPairState {
   }
   __device__ __forceinline__ static RowPairState load(const float* w) {
     return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}};
+  }
+  // The same, bypassing L1 (__ldcg): for states another block of the cluster stored (see row_stats_grad.cu).
+  __device__ __forceinline__ static RowPairState load_cg(const float* w) {
+    return RowPairState{OnlineSoftmax{__ldcg(w), __ldcg(w + 1), __ldcg(w + 2), __ldcg(w + 3)},
+                        OnlineSoftmax{__ldcg(w + 4), __ldcg(w + 5), __ldcg(w + 6), __ldcg(w + 7)}};
+  }
+
+  // Whether either distribution is empty (all -inf): the ops treat such a row as masked.
+  __device__ __forceinline__ bool has_empty() const { return is_neg_inf(q.m) || is_neg_inf(p.m); }
+};
+
+// The row_stats columns of a row (layout: minillm_fast/backends/__init__.py) from its merged state and
+// zy = z'_y, uy = u'_y (0 without tokens).
+__device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st, float zy, float uy) {
+  o[0] = st.q.m;         // M_Q
+  o[1] = st.q.log_s();   // LOGS_Q
+  o[2] = st.p.m;         // M_P
+  o[3] = st.p.log_s();   // LOGS_P
+  o[4] = st.q.mean_a();  // EQ_D
+  o[5] = st.q.mean_b();  // EQ_ZC
+  o[6] = st.p.mean_a();  // EP_D
+  o[7] = st.p.mean_b();  // EP_UC
+  o[8] = zy;             // ZY
+  o[9] = uy;             // UY
+}
+
+// z'_y and u'_y of a row for token y (both 0 when y is out of [0, vocab): e.g. an ignore index).
+template <typename Tz, typename Tu>
+__device__ __forceinline__ void token_logits(const Tz* __restrict__ z, const Tu* __restrict__ u, int64_t y, int vocab,
+                                             float inv_temp, float& zy, float& uy) {
+  zy = 0.0f;
+  uy = 0.0f;
+  if (y >= 0 && y < vocab) {
+    zy = load_one(z + y, inv_temp);
+    uy = load_one(u + y, inv_temp);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The logits_grad formula of one row: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], with the
+// centred difference d = (z' - m_q) - (u' - m_p) (m: the row max where finite, else 0) and
+// q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision.
+// ---------------------------------------------------------------------------------------------------------------
+struct GradRow {
+  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float c_kl, c_q, c_p, c_y;
+  int64_t y;  // -1 without tokens
+
+  // From a row's maxima m (-inf for an empty distribution), log-normalisers and E_q[d], and its coefficients
+  // cf = (c_kl, c_q, c_p, c_y).
+  __device__ __forceinline__ static GradRow make(float m_q, float logs_q, float m_p, float logs_p, float eq_d,
+                                                 const float* cf, int64_t y) {
+    return GradRow{finite_or_zero(m_q), logs_q, finite_or_zero(m_p), logs_p, eq_d, cf[0], cf[1], cf[2], cf[3], y};
+  }
+
+  __device__ __forceinline__ bool all_zero() const {
+    return c_kl == 0.0f && c_q == 0.0f && c_p == 0.0f && c_y == 0.0f;
+  }
+  // Whether the teacher row enters dz.
+  __device__ __forceinline__ bool needs_teacher() const { return c_kl != 0.0f || c_p != 0.0f; }
+
+  __device__ __forceinline__ float operator()(float x, float xu, int col) const {
+    const float q = fast_exp((x - shift_q) - logs_q);
+    float g = c_q * q;
+    // d = (z' - m_q) - (u' - m_p): each logit centred on its own row max first (exact), as in row_stats
+    if (c_kl != 0.0f) g += c_kl * (q > 0.0f ? q * (((x - shift_q) - (xu - shift_p)) - eq_d) : 0.0f);
+    if (c_p != 0.0f) g += c_p * fast_exp((xu - shift_p) - logs_p);
+    if (col == y) g += c_y;
+    return g;
   }
 };
 

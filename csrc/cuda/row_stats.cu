@@ -14,29 +14,15 @@ namespace minillm_fast {
 namespace cuda {
 namespace {
 
-enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY };
-
 template <typename Tz, typename Tu>
 __device__ __forceinline__ void finalize_row(const RowStatsArgs& args, int64_t row, const RowPairState& st) {
-  float* o = args.stats + row * kNumStats;
-  o[M_Q] = st.q.m;
-  o[LOGS_Q] = st.q.log_s();
-  o[M_P] = st.p.m;
-  o[LOGS_P] = st.p.log_s();
-  o[EQ_D] = st.q.mean_a();
-  o[EQ_ZC] = st.q.mean_b();
-  o[EP_D] = st.p.mean_a();
-  o[EP_UC] = st.p.mean_b();
   float zy = 0.0f, uy = 0.0f;
   if (args.tokens != nullptr) {
-    const int64_t y = args.tokens[row];
-    if (y >= 0 && y < args.vocab) {  // out-of-range tokens (e.g. an ignore index) read as 0
-      zy = load_one(static_cast<const Tz*>(args.z) + row * args.z_stride + y, args.inv_temp);
-      uy = load_one(static_cast<const Tu*>(args.u) + row * args.u_stride + y, args.inv_temp);
-    }
+    token_logits(static_cast<const Tz*>(args.z) + row * args.z_stride,
+                 static_cast<const Tu*>(args.u) + row * args.u_stride, args.tokens[row], args.vocab, args.inv_temp,
+                 zy, uy);
   }
-  o[ZY] = zy;
-  o[UY] = uy;
+  write_row_stats(args.stats + row * kNumStats, st, zy, uy);
 }
 
 template <typename Tz, typename Tu, int E>

@@ -41,6 +41,19 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     Inverse-CDF draw from softmax(u'/...) where use_teacher else softmax(z'), with one float64 uniform in [0, 1)
     per row: the first v with cumsum(exp(x - m)) > uniform * s. Never returns an entry of probability 0.
     Rows whose chosen distribution is empty return -1.
+
+Optional (a backend may have them; the ops fall back without them):
+
+``row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype) -> (stats, dz)`` (CUDA)
+    row_stats and logits_grad in one pass, each row read once: for coefficients known before the statistics.
+    With ``policy`` (float32 [N, 3] = advantage, old log-prob, importance weight) the c_q and c_y columns are first
+    multiplied by MiniLLM's clipped policy-gradient factor d pg / d log q(y) of the row (``_policy_gradient_rows``
+    in minillm_fast.loss); rows with an empty distribution get dz = 0. dz is in ``grad_dtype`` (default z's).
+    Where the kernel has no plan for the rows (too long, not aligned for vector loads, ...) dz comes back empty
+    and the caller runs logits_grad itself. Reference: ``minillm_fast.loss.row_stats_grad_composed``.
+``scale_unless_one_(x, factor)`` (CUDA): x *= factor in place, skipped on the device when factor (a float32
+    scalar tensor) is 1, so that the common upstream gradient 1.0 costs neither a pass nor a host sync.
+``logits_grad_(z, u, tokens, stats, coef, inv_temp)`` (CPU): logits_grad written over z.
 """
 from __future__ import annotations
 

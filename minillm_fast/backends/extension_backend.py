@@ -10,10 +10,11 @@ class ExtensionBackend:
 
     def __init__(self, name: str):
         self.name = name
-        # The optional in-place gradient (see minillm_fast._library.OPTIONAL_SCHEMAS), where the extension has it.
+        # The optional primitives (minillm_fast._library.OPTIONAL_SCHEMAS) the extension has, as attributes.
         key = "CPU" if name == "cpu" else "CUDA"
-        if torch._C._dispatch_has_kernel_for_dispatch_key("minillm_fast::logits_grad_", key):
-            self.logits_grad_ = torch.ops.minillm_fast.logits_grad_
+        for op in ("logits_grad_", "row_stats_grad", "scale_unless_one_"):
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"minillm_fast::{op}", key):
+                setattr(self, op, getattr(torch.ops.minillm_fast, op))
 
     @staticmethod
     def row_stats(z, u, tokens, inv_temp):

@@ -1,6 +1,7 @@
 // extern "C" mirror of csrc/cuda/binding.cpp for the CPU emulator: the same launch plans and launcher calls, on
 // raw pointers of CPU tensors (emu_ops.py calls these through ctypes).
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 #include "cuda/launchers.h"
 
@@ -18,7 +19,8 @@ void dispatch_pair(int zc, int uc, F&& f) {
   dispatch_one(zc, [&](auto zt) { dispatch_one(uc, [&](auto ut) { f(zt, ut); }); });
 }
 static int esize(int code) { return code == 0 ? 4 : 2; }
-static int pair_vec(const void* z, int64_t zs, int zc, const void* u, int64_t us, int uc, int vocab, int64_t out_stride) {
+static int pair_vec(const void* z, int64_t zs, int zc, const void* u, int64_t us, int uc, int vocab,
+                    int64_t out_stride) {
   const int e = vector_elems(std::max(esize(zc), esize(uc)));
   bool ok = vocab >= e && rows_aligned(z, zs, esize(zc), e) && rows_aligned(u, us, esize(uc), e);
   if (out_stride >= 0) ok = ok && out_stride % e == 0;
@@ -84,6 +86,39 @@ int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* us
   plan_out[0] = a.z_vec; plan_out[1] = a.threads; plan_out[2] = a.u_vec; plan_out[3] = 0;
   int err = 0;
   dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_sample_rows<decltype(zt), decltype(ut)>(a, nullptr); });
+  return err;
+}
+// max_cluster: 8 as on sm_90, or 1 as on older GPUs. plan_out = (vec, threads, vpt, cluster); cluster 0: no plan
+// (nothing launched).
+int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* coef,
+                       const float* policy, float clip_low, float clip_high, float* stats, void* dz, int64_t n,
+                       int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int* plan_out) {
+  RowStatsGradArgs a;
+  a.z = z; a.u = u; a.tokens = tokens; a.coef = coef; a.policy = policy; a.clip_low = clip_low;
+  a.clip_high = clip_high; a.stats = stats; a.dz = dz; a.n_rows = n; a.z_stride = zs; a.u_stride = us;
+  a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
+  a.plan = make_fused_plan(z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), max_cluster);
+  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.vpt; plan_out[3] = a.plan.cluster;
+  if (a.plan.cluster == 0) return 0;
+  std::vector<float> ws;
+  if (a.plan.cluster > 1) { ws.assign(n * a.plan.cluster * kRowStatsPartialFloats, 12345.0f); a.workspace = ws.data(); }
+  int err = 0;
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) {
+    using Tz = decltype(zt);
+    using Tu = decltype(ut);
+    if constexpr (std::is_same_v<Tz, float> && std::is_same_v<Tu, float>) {
+      dispatch_one(oc, [&](auto ot) { err = launch_row_stats_grad<Tz, Tu, decltype(ot)>(a, nullptr); });
+    } else {
+      err = oc == zc ? launch_row_stats_grad<Tz, Tu, Tz>(a, nullptr) : 1;
+    }
+  });
+  return err;
+}
+int emu_scale_unless_one(int code, void* x, int64_t n, const float* factor) {
+  ScaleArgs a;
+  a.x = x; a.n = n; a.factor = factor;
+  int err = 0;
+  dispatch_one(code, [&](auto t) { err = launch_scale_unless_one<decltype(t)>(a, nullptr); });
   return err;
 }
 }

@@ -99,3 +99,32 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
         assert r == 0
     LAST_PLAN["sample"] = list(pl)
     return out
+
+def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=16):
+    """(stats, dz) as the CUDA op; dz is empty when there is no fused plan (then stats come from row_stats)."""
+    z, u = _rows(z), _rows(u)
+    n, vocab = z.size(0), min(z.size(1), u.size(1))
+    out_dtype = grad_dtype or z.dtype
+    tok = tokens.to(torch.int64).contiguous() if tokens is not None else None
+    coef = coef.contiguous()
+    policy = policy.contiguous() if policy is not None else None
+    stats = torch.full((n, 10), 777.0)
+    dz = torch.full(z.shape, 555.0).to(out_dtype)
+    pl = _plan()
+    if n and z.size(1):
+        r = _lib.emu_row_stats_grad(CODE[z.dtype], CODE[u.dtype], CODE[out_dtype], _ptr(z), _ptr(u), _ptr(tok),
+                                    _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),
+                                    ctypes.c_float(1.0 + clip_eps), _ptr(stats), _ptr(dz), I64(n),
+                                    I64(_stride(z)), I64(_stride(u)), ctypes.c_int(vocab), ctypes.c_int(z.size(1)),
+                                    ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), pl)
+        assert r == 0
+    LAST_PLAN["row_stats_grad"] = list(pl)
+    if not n or not z.size(1) or pl[3] == 0:
+        return row_stats(z, u, tokens, inv_temp), torch.empty(0, dtype=out_dtype)
+    return stats, dz
+
+def scale_unless_one_(x, factor):
+    assert x.is_contiguous()
+    f = factor.to(torch.float32).reshape(1).contiguous()
+    r = _lib.emu_scale_unless_one(CODE[x.dtype], _ptr(x), I64(x.numel()), _ptr(f))
+    assert r == 0

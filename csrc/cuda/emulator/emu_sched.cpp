@@ -14,15 +14,17 @@ static void trampoline() {
   swapcontext(&emu_block->cur->ctx, &emu_block->sched);
 }
 
-void emu_run_block(EmuBlock& b, unsigned n, uint3 bidx, dim3 grid, dim3 block) {
+void emu_run_cluster(EmuBlock& b, unsigned threads, unsigned cluster, uint3 first, dim3 grid, dim3 block) {
+  const unsigned n = threads * cluster;
   while (g_stacks.size() < n) g_stacks.push_back(static_cast<char*>(std::malloc(kStack)));
   b.fibers.assign(n, EmuFiber{});
   b.shfl.assign((n / 32) * 32, 0.0f);
+  b.scratch.assign(cluster, std::vector<char>(kEmuBlockScratch, 0));
   emu_block = &b;
-  blockIdx = bidx; gridDim = grid; blockDim = block;
+  gridDim = grid; blockDim = block;
   for (unsigned t = 0; t < n; ++t) {
     EmuFiber& f = b.fibers[t];
-    f.tid = t; f.state = 0; f.stack = g_stacks[t];
+    f.tid = t % threads; f.gid = t; f.block = t / threads; f.state = 0; f.stack = g_stacks[t];
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
@@ -30,37 +32,39 @@ void emu_run_block(EmuBlock& b, unsigned n, uint3 bidx, dim3 grid, dim3 block) {
     makecontext(&f.ctx, trampoline, 0);
   }
   const unsigned warps = n / 32;
+  // Releases the fibers in [begin, end) waiting in `state` if every live one of them waits there.
+  auto release_if_all = [&](unsigned begin, unsigned end, int state) {
+    bool any = false;
+    for (unsigned t = begin; t < end; ++t) {
+      const int s = b.fibers[t].state;
+      if (s == state) any = true;
+      else if (s != 3) return false;
+    }
+    if (!any) return false;
+    for (unsigned t = begin; t < end; ++t) if (b.fibers[t].state == state) b.fibers[t].state = 0;
+    return true;
+  };
   for (;;) {
     for (unsigned t = 0; t < n; ++t) {
       EmuFiber& f = b.fibers[t];
       if (f.state != 0) continue;
       b.cur = &f;
-      threadIdx = uint3{t, 0, 0};
+      threadIdx = uint3{f.tid, 0, 0};
+      blockIdx = uint3{first.x + f.block, first.y, first.z};
       swapcontext(&b.sched, &f.ctx);
     }
-    bool all_done = true, released = false;
-    bool block_wait = true;  // every live fiber waits on the block barrier
-    for (auto& f : b.fibers) {
-      if (f.state != 3) all_done = false;
-      if (f.state != 3 && f.state != 1) block_wait = false;
-    }
+    bool all_done = true;
+    for (auto& f : b.fibers) if (f.state != 3) all_done = false;
     if (all_done) break;
-    for (unsigned w = 0; w < warps; ++w) {
-      bool any = false, all = true;
-      for (unsigned l = 0; l < 32; ++l) {
-        int s = b.fibers[w * 32 + l].state;
-        if (s == 2) any = true;
-        else if (s != 3) all = false;
-      }
-      if (any && all) {
-        for (unsigned l = 0; l < 32; ++l) if (b.fibers[w * 32 + l].state == 2) b.fibers[w * 32 + l].state = 0;
-        released = true;
-      }
+    bool released = false;
+    for (unsigned w = 0; w < warps; ++w) released |= release_if_all(w * 32, w * 32 + 32, 2);
+    if (!released) {
+      for (unsigned k = 0; k < cluster; ++k) released |= release_if_all(k * threads, (k + 1) * threads, 1);
     }
-    if (!released && block_wait) {
-      for (auto& f : b.fibers) if (f.state == 1) f.state = 0;
-      released = true;
+    if (!released) released = release_if_all(0, n, 4);
+    if (!released) {
+      std::fprintf(stderr, "emu: deadlock in cluster at block (%u,%u)\n", first.x, first.y);
+      std::abort();
     }
-    if (!released) { std::fprintf(stderr, "emu: deadlock in block (%u,%u)\n", bidx.x, bidx.y); std::abort(); }
   }
 }

@@ -1,0 +1,224 @@
+// row_stats_grad: row_stats and logits_grad in one kernel, each row read from memory once.
+//
+// When a loss's logits_grad coefficients are known before its row statistics (reverse_kl, forward_kl, pt_loss:
+// the mask and the denominator give them), or are such coefficients times a per-row factor of those statistics
+// (minillm_loss's clipped policy gradient), the gradient can be written in the same pass as the statistics:
+// bf16 rows then cost 6 bytes per element (read z and u, write dz) instead of 10 (row_stats reads both rows, the
+// backward's logits_grad reads them again and writes dz).
+//
+// The whole row must be on chip between the two halves, so a row is split across a cluster of k <= 8 blocks
+// (sm_90; k = 1 covers short rows on any GPU). Block r of a row's cluster holds columns
+// [r S, (r + 1) S), S = threads * E * VPT, as raw words in registers (VPT vectors of E elements per thread and
+// tensor; columns >= V read as -inf). It folds them into a RowPairState (row_state.cuh), reduces it over the
+// block and stores it in the workspace; after the cluster barrier every block merges the k states in rank order
+// (so all k agree bit for bit), block 0 writes the row's statistics, and each block computes dz for its columns
+// from its registers (GradRow) and writes it. Columns in [V, z_cols) (a padded student) get zeros, and so do rows
+// whose coefficients are all zero or whose student or teacher distribution is empty (the ops count those rows as
+// masked). The per-row latencies (the block reduction, the cluster barrier, one round trip to L2 for the k
+// partial states, loaded in parallel) are what separates this kernel from pure streaming: two blocks per SM hide
+// part of them.
+#include "cluster.cuh"
+#include "launchers.h"
+#include "row_state.cuh"
+
+namespace minillm_fast {
+namespace cuda {
+namespace {
+
+// d pg / d log q(y) of MiniLLM's clipped policy-gradient loss (minillm_fast.loss._policy_gradient_rows): with
+// rho = exp(log q(y) - old) w, pg = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), whose derivative is -A rho where
+// the unclipped branch is the max (ties included) and 0 where the clipped one is. NaN rho gives 0, as in torch.
+__device__ __forceinline__ float policy_factor(float logq_y, const float* policy, float clip_low, float clip_high) {
+  const float adv = policy[0], old = policy[1], w = policy[2];
+  const float rho = fast_exp(logq_y - old) * w;
+  const float unclipped = -adv * rho;
+  const float clipped = -adv * fminf(fmaxf(rho, clip_low), clip_high);
+  return unclipped >= clipped ? -adv * rho : 0.0f;
+}
+
+// What a row's gradient needs besides its merged state (thread 0 of each block loads it while the rows' loads are
+// in flight, so that these few dependent loads -- the token, then its logits -- cost no extra latency).
+struct RowInputs {
+  int64_t y = -1;  // -1 without tokens
+  float zy = 0.0f, uy = 0.0f;  // z'_y and u'_y (0 for y out of [0, V))
+  float coef[kNumCoefs];
+  float policy[3];
+};
+
+template <typename Tz, typename Tu>
+__device__ __forceinline__ RowInputs load_row_inputs(const RowStatsGradArgs& args, int64_t row,
+                                                     const Tz* __restrict__ z, const Tu* __restrict__ u) {
+  RowInputs in;
+  for (int i = 0; i < kNumCoefs; ++i) in.coef[i] = args.coef[row * kNumCoefs + i];
+  if (args.policy != nullptr) {
+    for (int i = 0; i < 3; ++i) in.policy[i] = args.policy[row * 3 + i];
+  }
+  if (args.tokens != nullptr) {
+    in.y = args.tokens[row];
+    token_logits(z, u, in.y, args.vocab, args.inv_temp, in.zy, in.uy);
+  }
+  return in;
+}
+
+// The row's gradient functor from its merged state: coefficients zeroed for an empty row, and c_q, c_y scaled by
+// the policy factor when there is one.
+__device__ __forceinline__ GradRow row_grad(const RowStatsGradArgs& args, const RowInputs& in, const RowPairState& st) {
+  float cf[kNumCoefs];
+  for (int i = 0; i < kNumCoefs; ++i) cf[i] = st.has_empty() ? 0.0f : in.coef[i];
+  if (args.policy != nullptr && !st.has_empty()) {
+    const float logq_y = (in.zy - st.q.m) - st.q.log_s();  // minillm_fast.loss._student_logprob_rows
+    const float g = policy_factor(logq_y, in.policy, args.clip_low, args.clip_high);
+    cf[1] *= g;
+    cf[3] *= g;
+  }
+  return GradRow::make(st.q.m, st.q.log_s(), st.p.m, st.p.log_s(), st.q.mean_a(), cf, in.y);
+}
+
+template <typename To, int E>
+__device__ __forceinline__ void store_bounded(To* __restrict__ out, int c, int n, const float (&r)[E]) {
+  if (c + E <= n && n % E == 0) {  // a whole vector, aligned (dz rows are contiguous and start aligned)
+    store_vec<To, E>(out + c, r);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      if (c + i < n) store_one<To>(out + c + i, r[i]);
+    }
+  }
+}
+
+// THREADS = blockDim.x. Registers (sm_90, bf16): about 115 a thread for VPT = 4, 206 for VPT = 8.
+template <typename Tz, typename Tu, typename To, int E, int THREADS, int VPT>
+__global__ void __launch_bounds__(THREADS) row_stats_grad_kernel(const RowStatsGradArgs args) {
+  const int k = args.plan.cluster;
+  const int rank = static_cast<int>(blockIdx.x) % k;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / k;
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  To* __restrict__ out = static_cast<To*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+  const float it = args.inv_temp;
+  constexpr int step = THREADS * E;  // columns between a thread's vectors
+  const int first = rank * step * VPT + static_cast<int>(threadIdx.x) * E;  // this thread's first column
+
+  // 1. This block's columns of both rows, into registers (all loads issued before any math).
+  BitsVec<Tz, E> zw[VPT];
+  BitsVec<Tu, E> uw[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    zw[i] = load_bits_bounded<Tz, E>(z, first + i * step, args.vocab);
+    uw[i] = load_bits_bounded<Tu, E>(u, first + i * step, args.vocab);
+  }
+
+  RowInputs in;
+  if (threadIdx.x == 0) in = load_row_inputs<Tz, Tu>(args, row, z, u);
+
+  // 2. The row's online state: this block's, then (k > 1) the cluster's, merged by every block in the same order
+  // (one partial state per lane of warp 0, then the warp's butterfly), so that all k blocks agree bit for bit.
+  RowPairState st = RowPairState::empty();
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if (first + i * step < args.vocab) {
+      float x[E], y[E];
+      to_scaled<Tz, E>(zw[i], it, x);
+      to_scaled<Tu, E>(uw[i], it, y);
+      st.add<E>(x, y);
+    }
+  }
+  MINILLM_FAST_BLOCK_SHARED(RowPairState, smem, 32);
+  st = block_reduce(st, smem);
+  if (k > 1) {
+    float* partials = args.workspace + row * k * kRowStatsPartialFloats;
+    if (threadIdx.x == 0) st.store(partials + rank * kRowStatsPartialFloats);
+    cluster_sync();
+    if (threadIdx.x < 32) {  // warp 0; k <= kMaxCluster <= 32
+      const int lane = static_cast<int>(threadIdx.x);
+      RowPairState merged =
+          lane < k ? RowPairState::load_cg(partials + lane * kRowStatsPartialFloats) : RowPairState::empty();
+      merged = warp_reduce(merged);
+      if (lane == 0) smem[0] = merged;
+    }
+    __syncthreads();
+    st = smem[0];
+  }
+
+  // 3. dz for this block's columns, from the registers (block 0 also writes the row's statistics).
+  MINILLM_FAST_BLOCK_SHARED(GradRow, grad, 1);
+  if (threadIdx.x == 0) {
+    grad[0] = row_grad(args, in, st);
+    if (rank == 0) write_row_stats(args.stats + row * kNumStats, st, in.zy, in.uy);
+  }
+  __syncthreads();
+  const GradRow g = grad[0];
+  const bool zero = g.all_zero();
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int c = first + i * step;
+    if (c >= args.z_cols) break;
+    float r[E];
+    if (zero) {
+#pragma unroll
+      for (int j = 0; j < E; ++j) r[j] = 0.0f;
+    } else {
+      float x[E], y[E];
+      to_scaled<Tz, E>(zw[i], it, x);
+      to_scaled<Tu, E>(uw[i], it, y);
+#pragma unroll
+      for (int j = 0; j < E; ++j) r[j] = c + j < args.vocab ? g(x[j], y[j], c + j) : 0.0f;
+    }
+    store_bounded<To, E>(out, c, args.z_cols, r);
+  }
+}
+
+template <typename T, int E>
+__global__ void __launch_bounds__(256) scale_unless_one_kernel(const ScaleArgs args) {
+  const float f = *args.factor;
+  if (f == 1.0f) return;
+  T* x = static_cast<T*>(args.x);
+  const int64_t whole = args.n / E * E;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * E;
+  for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * E; c < whole; c += stride) {
+    float v[E];
+    load_scaled<T, E>(x + c, f, v);
+    store_vec<T, E>(x + c, v);
+  }
+  if (blockIdx.x == 0) {
+    for (int64_t c = whole + threadIdx.x; c < args.n; c += blockDim.x) store_one<T>(x + c, load_one(x + c, f));
+  }
+}
+
+}  // namespace
+
+template <typename Tz, typename Tu, typename To>
+cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t stream) {
+  constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
+  const FusedPlan& plan = args.plan;
+  if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
+  if (plan.cluster < 1 || plan.cluster > kMaxCluster || plan.vec != kVec || (plan.cluster > 1 && !args.workspace)) {
+    return cudaErrorInvalidValue;
+  }
+  const dim3 grid(static_cast<unsigned>(args.n_rows * plan.cluster));
+  const dim3 block(static_cast<unsigned>(plan.threads));
+  const auto launch = [&](auto kernel) { return launch_clustered(kernel, grid, block, plan.cluster, stream, args); };
+  if (plan.threads == 256 && plan.vpt == 4) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 256, 4>);
+  if (plan.threads == 512 && plan.vpt == 4) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 512, 4>);
+  if (plan.threads == 256 && plan.vpt == 8) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 256, 8>);
+  if (plan.threads == 512 && plan.vpt == 8) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 512, 8>);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t launch_scale_unless_one(const ScaleArgs& args, cudaStream_t stream) {
+  if (args.n <= 0) return cudaSuccess;
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t vectors = (args.n + kVec - 1) / kVec;
+  const unsigned blocks = static_cast<unsigned>(vectors < 256 * 1024 ? (vectors + 255) / 256 : 1024);
+  scale_unless_one_kernel<T, kVec><<<blocks, 256, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+MINILLM_FAST_INSTANTIATE_FUSED(launch_row_stats_grad, RowStatsGradArgs)
+template cudaError_t launch_scale_unless_one<float>(const ScaleArgs&, cudaStream_t);
+template cudaError_t launch_scale_unless_one<__nv_bfloat16>(const ScaleArgs&, cudaStream_t);
+template cudaError_t launch_scale_unless_one<__half>(const ScaleArgs&, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace minillm_fast

@@ -5,7 +5,7 @@ opt-in ``MINILLM_FAST_GRAD_IN_PASS=1`` set, against the
 bandwidth floor (6 bytes per bf16 element -- read both rows, write the gradient -- over the measured copy
 bandwidth). Each candidate's gradient is checked against the two-pass path's.
 
-    python -m benchmarks.logits_fused_plans [--shape 8192x128256] [--plans "default;off;256,4;512,4;256,8"]
+    python -m benchmarks.logits_fused_plans [--shape 8192x128256] [--plans "default;off;1;2,8"]
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _step(op: str, z, u, tokens):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8192x128256", help="NxV")
-    parser.add_argument("--plans", default="default;off;256,4;512,4;256,8;512,8")
+    parser.add_argument("--plans", default="default;off;2,8;1,3;1,8", help="';'-separated MINILLM_FAST_FUSED_PLAN "
+                        "values: default, off, S (row buffers) or S,K (and blocks per row)")
     parser.add_argument("--ops", default="reverse_kl,minillm_loss")
     args = parser.parse_args(argv)
     n, v = (int(x) for x in args.shape.split("x"))

@@ -58,9 +58,9 @@ per-row policy-gradient factor, which the kernel computes), so one kernel (``row
 thread-block cluster) can read each row once and write the statistics *and* dz: 6 bytes per bf16 element instead
 of 10. dz is then held from the forward pass to backward (the memory logits_grad would allocate in backward anyway)
 and backward only scales it by the upstream gradient, on the device and not at all when that is 1.0. It is off by
-default because it is slower today: on an H100, reverse_kl forward+backward at [8192, 128256] bf16 takes 6.9-7.2 ms
-with it against 3.8 ms with the two passes (``python -m benchmarks.logits_fused_plans``; the per-block latencies of
-the cluster kernel dominate, see the README). Under ``torch.compile``, with ``reduction="none"``, for ``jsd``, on
+default because it is slower today: on an H100, reverse_kl forward+backward at [8192, 128256] bf16 takes 6.4-8.1 ms
+with it against 3.8 ms with the two passes, over two kernel designs and every block shape tried (``python -m
+benchmarks.logits_fused_plans``; the per-row latencies of the cluster kernel dominate, see the README). Under ``torch.compile``, with ``reduction="none"``, for ``jsd``, on
 other backends and by default, the two passes run as above.
 """
 from __future__ import annotations

@@ -491,8 +491,8 @@ def test_row_stats_grad_16_bit_gradient_of_float32_rows(grad_dtype, v):
 
 
 def test_row_stats_grad_without_a_plan():
-    # rows not aligned for 16-byte loads, a vocabulary below one vector, or rows too long for any cluster: dz is
-    # empty (the loss then runs logits_grad) and the statistics are still right
+    # rows not aligned for 16-byte copies, a vocabulary below one vector, or rows too long for any cluster's shared
+    # memory: dz is empty (the loss then runs logits_grad) and the statistics are still right
     n = 3
     z, u = logits(n, 32003, torch.bfloat16, seed=41), logits(n, 32003, torch.bfloat16, seed=42)
     coef = random_coef(n, 43)
@@ -502,16 +502,38 @@ def test_row_stats_grad_without_a_plan():
     check_row_stats_grad(z, u, None, coef[:1], None, 1.0, "V too long", fused=False)
 
 
-@pytest.mark.skipif(not EMULATOR, reason="the emulator's cluster limit stands in for a GPU below sm_90")
-def test_row_stats_grad_without_clusters():
-    # Below sm_90 only one-block plans exist: up to 512 * 8 * 8 bf16 columns, and no plan beyond.
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's limits stand in for other GPUs")
+def test_row_stats_grad_plans():
+    # An H100's limits (8-block clusters, 227 KB of shared memory per block): bf16 [*, 128256] rows in 5 blocks of
+    # 28672 columns with two row buffers each.
     n = 3
-    z, u = logits(n, 20000, torch.bfloat16, seed=51), logits(n, 20000, torch.bfloat16, seed=52)
-    tokens = torch.randint(0, 20000, (n,), device=DEVICE, generator=gen_for(53))
-    check_row_stats_grad(z, u, tokens, random_coef(n, 54), None, 1.0, "one block", max_cluster=1)
-    assert ops.LAST_PLAN["row_stats_grad"] == [8, 512, 8, 1]
-    z, u = logits(n, 40000, torch.bfloat16, seed=55), logits(n, 40000, torch.bfloat16, seed=56)
-    check_row_stats_grad(z, u, None, random_coef(n, 57), None, 1.0, "one block", fused=False, max_cluster=1)
+    z, u = logits(n, 128256, torch.bfloat16, seed=61), logits(n, 128256, torch.bfloat16, seed=62)
+    check_row_stats_grad(z, u, None, random_coef(n, 63), None, 1.0, "H100 plan")
+    assert ops.LAST_PLAN["row_stats_grad"] == [8, 5, 28672, 2]
+    # An A100's (no clusters, 163 KB): one block per row, two buffers up to 20480 bf16 columns, one up to 40960, no
+    # plan beyond.
+    a100 = dict(max_cluster=1, max_smem=166912)
+    for v, plan in ((20000, [8, 1, 20480, 2]), (40000, [8, 1, 40960, 1])):
+        z, u = logits(n, v, torch.bfloat16, seed=v), logits(n, v, torch.bfloat16, seed=v + 1)
+        tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v + 2))
+        check_row_stats_grad(z, u, tokens, random_coef(n, v + 3), None, 1.0, f"A100 V={v}", **a100)
+        assert ops.LAST_PLAN["row_stats_grad"] == plan
+    z, u = logits(n, 60000, torch.bfloat16, seed=64), logits(n, 60000, torch.bfloat16, seed=65)
+    check_row_stats_grad(z, u, None, random_coef(n, 66), None, 1.0, "A100 V=60000", fused=False, **a100)
+
+
+def test_row_stats_grad_one_buffer(monkeypatch):
+    # MINILLM_FAST_FUSED_PLAN=1: one row buffer per block (no copy of the next row during this one's math).
+    monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", "1")
+    n, v = 7, 40000
+    z, u = logits(n, v, torch.bfloat16, seed=71), logits(n, v, torch.float32, seed=72)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(73))
+    check_row_stats_grad(z, u, tokens, random_coef(n, 74), _policy_near_ratio_one(z, u, tokens, 1.0, 75), 1.0,
+                         "one buffer")
+    if EMULATOR:
+        assert ops.LAST_PLAN["row_stats_grad"][3] == 1
+    monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", "off")
+    check_row_stats_grad(z, u, tokens, random_coef(n, 74), None, 1.0, "off", fused=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)

@@ -68,21 +68,23 @@ int num_sms() {
   return n;
 }
 
-// Clusters of more than one block need compute capability 9.0 (read once per device).
-int max_cluster() {
+// A device attribute of the current device, read once per device (cudaDeviceGetAttribute does not synchronise).
+template <cudaDeviceAttr kAttribute>
+int device_attribute() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};
   const int device = c10::cuda::current_device();
-  if (device < 0 || device >= kMaxDevices) return 1;
-  int k = cache[device].load(std::memory_order_relaxed);
-  if (k == 0) {
-    int major = 0;
-    check_cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "max_cluster");
-    k = major >= 9 ? kMaxCluster : 1;
-    cache[device].store(k, std::memory_order_relaxed);
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    check_cuda_ok(cudaDeviceGetAttribute(&value, kAttribute, device), "cudaDeviceGetAttribute");
+    cache[device].store(value, std::memory_order_relaxed);
   }
-  return k;
+  return value;
 }
+
+// Clusters of more than one block need compute capability 9.0.
+int max_cluster() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9 ? kMaxCluster : 1; }
 
 // Logit rows: 2-D, on the same CUDA device, unit stride along the vocabulary (else a contiguous copy).
 at::Tensor logits_rows(const at::Tensor& x, const char* what) {
@@ -236,8 +238,10 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
               "minillm_fast (cuda): row_stats_grad writes dz in the student's dtype, or in bfloat16/float16 from "
               "float32 rows; got ", out_type, " for ", r.z.scalar_type(), " and ", r.u.scalar_type(), " rows");
   const int64_t z_cols = r.z.size(1);
-  const FusedPlan plan =
-      make_fused_plan(z_cols, pair_vec(r, z_cols), max_cluster(), std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  const FusedPlan plan = make_fused_plan(z_cols, pair_vec(r, z_cols),
+                                         static_cast<int>(r.z.element_size() + r.u.element_size()), max_cluster(),
+                                         device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(),
+                                         std::getenv("MINILLM_FAST_FUSED_PLAN"));
   const bool fused = plan.cluster > 0 && r.n_rows > 0 && r.n_rows * plan.cluster < (int64_t{1} << 31);
   if (!fused) {
     return {row_stats_cuda(z_in, u_in, tokens, inv_temp), at::empty({0}, r.z.options().dtype(out_type))};

@@ -9,7 +9,6 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -142,43 +141,48 @@ struct JsdArgs {
 // coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (contiguous, dtype To) as
 // logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight) the c_q and
 // c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
-// distribution get zeros. A row is split across a cluster of plan.cluster blocks of plan.threads threads, each
-// holding plan.vpt vectors of plan.vec elements per thread and tensor in registers; workspace [N, cluster, 8].
+// distribution get zeros. A row is split across a cluster of plan.cluster blocks of kFusedThreads threads, each
+// holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace [N, cluster, 8].
 // ---------------------------------------------------------------------------------------------------------------
 struct FusedPlan {
   int vec = 1;
-  int threads = 256;
-  int vpt = 4;
-  int cluster = 0;  // 0: the rows do not fit (or are not aligned for vector loads); the caller runs two passes
+  int cluster = 0;  // 0: no plan (rows too long, or not aligned for vector copies); the caller runs two passes
+  int slice = 0;    // columns per block: a multiple of kFusedThreads * vec
+  int stages = 1;   // row buffers per block (2: the next row is copied in while this one is computed)
+  int smem = 0;     // dynamic shared memory per block, bytes
 };
 
-constexpr int kMaxCluster = 16;  // sm_90's non-portable limit (8 is portable)
+constexpr int kFusedThreads = 512;
+constexpr int kMaxCluster = 8;  // the portable cluster size
+constexpr int kFusedStaticShared = 2048;  // room left in max_smem for the kernel's static arrays (1072 bytes)
 
-// vec: the pair's vector width (1 when rows are not aligned for 16-byte loads: then no fused plan);
-// max_cluster: kMaxCluster on sm_90 and later, else 1. The first of (threads, vectors per thread) = (256, 4),
-// (512, 4), (256, 8), (512, 8) whose cluster of at most max_cluster blocks covers the z_cols columns: the fewest
-// registers per thread first, so that two blocks fit on an SM and one's loads overlap the other's math (bf16
-// [*, 128256] rows on sm_90: 16 blocks of (256, 4)). No plan above 512 * 8 * vec * 16 columns.
-// `forced` (MINILLM_FAST_FUSED_PLAN, for tuning: benchmarks/logits_fused_plans.py): "THREADS,VPT" tries that shape
-// alone; any other text ("off") gives no plan.
-inline FusedPlan make_fused_plan(int64_t z_cols, int vec, int max_cluster, const char* forced = nullptr) {
+// vec: the pair's vector width (1 when rows are not aligned for 16-byte copies: then no plan); elem_bytes: the
+// student's plus the teacher's element size; max_cluster: kMaxCluster on sm_90 and later, else 1; max_smem: the
+// opt-in shared memory per block. The fewest blocks per row whose slices fit two row buffers, else one; none beyond.
+// bf16 [*, 128256] rows on an H100 (227 KB): 5 blocks of 28672 columns, 2 x 112 KB. `forced`
+// (MINILLM_FAST_FUSED_PLAN, for tuning: benchmarks/logits_fused_plans.py): "S" (row buffers) or "S,K" (and blocks
+// per row) restricts the choice to those; any other text gives no plan ("off").
+inline FusedPlan make_fused_plan(int64_t z_cols, int vec, int elem_bytes, int max_cluster, int64_t max_smem,
+                                 const char* forced = nullptr) {
   FusedPlan plan;
   plan.vec = vec;
   if (vec == 1 || z_cols <= 0) return plan;
-  constexpr int kShapes[4][2] = {{256, 4}, {512, 4}, {256, 8}, {512, 8}};
-  for (const auto& shape : kShapes) {
-    if (forced != nullptr) {
-      char text[16];
-      std::snprintf(text, sizeof(text), "%d,%d", shape[0], shape[1]);
-      if (std::strcmp(text, forced) != 0) continue;
-    }
-    const int64_t slice = static_cast<int64_t>(shape[0]) * vec * shape[1];
-    const int64_t k = (z_cols + slice - 1) / slice;
-    if (k <= max_cluster) {
-      plan.threads = shape[0];
-      plan.vpt = shape[1];
-      plan.cluster = static_cast<int>(k);
-      return plan;
+  int forced_stages = 0, forced_k = 0;
+  if (forced != nullptr && std::sscanf(forced, "%d,%d", &forced_stages, &forced_k) < 1) return plan;
+  const int64_t unit = static_cast<int64_t>(kFusedThreads) * vec;
+  for (int stages = 2; stages >= 1; --stages) {
+    if (forced_stages != 0 && stages != forced_stages) continue;
+    for (int k = 1; k <= max_cluster; ++k) {
+      if (forced_k != 0 && k != forced_k) continue;
+      const int64_t slice = ((z_cols + k - 1) / k + unit - 1) / unit * unit;
+      const int64_t bytes = stages * slice * elem_bytes;
+      if (bytes <= max_smem - kFusedStaticShared) {
+        plan.cluster = k;
+        plan.slice = static_cast<int>(slice);
+        plan.stages = stages;
+        plan.smem = static_cast<int>(bytes);
+        return plan;
+      }
     }
   }
   return plan;

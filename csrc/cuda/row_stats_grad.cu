@@ -7,16 +7,21 @@
 // backward's logits_grad reads them again and writes dz).
 //
 // The whole row must be on chip between the two halves, so a row is split across a cluster of k <= 8 blocks
-// (sm_90; k = 1 covers short rows on any GPU). Block r of a row's cluster holds columns
-// [r S, (r + 1) S), S = threads * E * VPT, as raw words in registers (VPT vectors of E elements per thread and
-// tensor; columns >= V read as -inf). It folds them into a RowPairState (row_state.cuh), reduces it over the
-// block and stores it in the workspace; after the cluster barrier every block merges the k states in rank order
-// (so all k agree bit for bit), block 0 writes the row's statistics, and each block computes dz for its columns
-// from its registers (GradRow) and writes it. Columns in [V, z_cols) (a padded student) get zeros, and so do rows
-// whose coefficients are all zero or whose student or teacher distribution is empty (the ops count those rows as
-// masked). The per-row latencies (the block reduction, the cluster barrier, one round trip to L2 for the k
-// partial states, loaded in parallel) are what separates this kernel from pure streaming: two blocks per SM hide
-// part of them.
+// (sm_90; k = 1 covers short rows on any GPU) of kFusedThreads threads. Block r of a cluster holds columns
+// [r S, (r + 1) S) of both rows in shared memory (plan.slice = S). The kernel is persistent: the grid is as many
+// clusters as the GPU runs at once, and cluster c handles rows c, c + C, c + 2C, ... With two row buffers
+// (plan.stages = 2) the next row's slice is copied in (cp.async) while this one is computed, so that the per-row
+// latencies -- the block reduction, the cluster barrier, one round trip to L2 for the k partial states -- hide behind
+// the copies. Per row: fold the slice into a RowPairState (row_state.cuh), reduce it over the block and store it in
+// the workspace; after the cluster barrier every block merges the k states in the same order (one per lane of warp
+// 0, then the warp's butterfly) so that all k agree bit for bit; block 0 writes the row's statistics; each block
+// computes dz for its columns from shared memory (GradRow) and writes it. Columns in [V, z_cols) (a padded student)
+// get zeros, and so do rows whose coefficients are all zero or whose student or teacher distribution is empty (the
+// ops count those rows as masked).
+//
+// Status: correct, but on an H100 slower than the two passes it replaces (bf16 [8192, 128256]: 6.4-7.6 ms against
+// 3.8 ms; benchmarks/logits_fused_plans.py), so the losses use it only when opted in (MINILLM_FAST_GRAD_IN_PASS=1).
+// An earlier version that held the rows in registers, one short-lived cluster per row, measured 6.9-10.7 ms.
 #include "cluster.cuh"
 #include "launchers.h"
 #include "row_state.cuh"
@@ -36,7 +41,7 @@ __device__ __forceinline__ float policy_factor(float logq_y, const float* policy
   return unclipped >= clipped ? -adv * rho : 0.0f;
 }
 
-// What a row's gradient needs besides its merged state (thread 0 of each block loads it while the rows' loads are
+// What a row's gradient needs besides its merged state (thread 0 of each block loads it while the row's copies are
 // in flight, so that these few dependent loads -- the token, then its logits -- cost no extra latency).
 struct RowInputs {
   int64_t y = -1;  // -1 without tokens
@@ -86,85 +91,125 @@ __device__ __forceinline__ void store_bounded(To* __restrict__ out, int c, int n
   }
 }
 
-// THREADS = blockDim.x. Registers (sm_90, bf16): about 115 a thread for VPT = 4, 206 for VPT = 8.
-template <typename Tz, typename Tu, typename To, int E, int THREADS, int VPT>
-__global__ void __launch_bounds__(THREADS) row_stats_grad_kernel(const RowStatsGradArgs args) {
-  const int k = args.plan.cluster;
-  const int rank = static_cast<int>(blockIdx.x) % k;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / k;
-  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
-  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-  To* __restrict__ out = static_cast<To*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
-  const float it = args.inv_temp;
-  constexpr int step = THREADS * E;  // columns between a thread's vectors
-  const int first = rank * step * VPT + static_cast<int>(threadIdx.x) * E;  // this thread's first column
-
-  // 1. This block's columns of both rows, into registers (all loads issued before any math).
-  BitsVec<Tz, E> zw[VPT];
-  BitsVec<Tu, E> uw[VPT];
+// E elements of a row's slice in shared memory (column c at p), as floats times scale; columns >= vocab read as
+// -inf (the copies zero-filled them).
+template <typename T, int E>
+__device__ __forceinline__ void shared_scaled(const T* p, int c, int vocab, float scale, float (&out)[E]) {
+  to_scaled<T, E>(*reinterpret_cast<const BitsVec<T, E>*>(p), scale, out);
+  if (c + E > vocab) {
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    zw[i] = load_bits_bounded<Tz, E>(z, first + i * step, args.vocab);
-    uw[i] = load_bits_bounded<Tu, E>(u, first + i * step, args.vocab);
-  }
-
-  RowInputs in;
-  if (threadIdx.x == 0) in = load_row_inputs<Tz, Tu>(args, row, z, u);
-
-  // 2. The row's online state: this block's, then (k > 1) the cluster's, merged by every block in the same order
-  // (one partial state per lane of warp 0, then the warp's butterfly), so that all k blocks agree bit for bit.
-  RowPairState st = RowPairState::empty();
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    if (first + i * step < args.vocab) {
-      float x[E], y[E];
-      to_scaled<Tz, E>(zw[i], it, x);
-      to_scaled<Tu, E>(uw[i], it, y);
-      st.add<E>(x, y);
+    for (int i = 0; i < E; ++i) {
+      if (c + i >= vocab) out[i] = neg_inf();
     }
   }
-  MINILLM_FAST_BLOCK_SHARED(RowPairState, smem, 32);
-  st = block_reduce(st, smem);
-  if (k > 1) {
-    float* partials = args.workspace + row * k * kRowStatsPartialFloats;
-    if (threadIdx.x == 0) st.store(partials + rank * kRowStatsPartialFloats);
-    cluster_sync();
-    if (threadIdx.x < 32) {  // warp 0; k <= kMaxCluster <= 32
-      const int lane = static_cast<int>(threadIdx.x);
-      RowPairState merged =
-          lane < k ? RowPairState::load_cg(partials + lane * kRowStatsPartialFloats) : RowPairState::empty();
-      merged = warp_reduce(merged);
-      if (lane == 0) smem[0] = merged;
+}
+
+template <typename Tz, typename Tu, typename To, int E>
+__global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const RowStatsGradArgs args) {
+  const FusedPlan& plan = args.plan;
+  const int k = plan.cluster;
+  const int rank = static_cast<int>(blockIdx.x) % k;
+  const int64_t clusters = gridDim.x / k;
+  const int c0 = rank * plan.slice;  // this block's columns: [c0, c0 + slice)
+  const int end_v = min(c0 + plan.slice, args.vocab);
+  const int end_z = min(c0 + plan.slice, args.z_cols);
+  const int first = c0 + static_cast<int>(threadIdx.x) * E;  // this thread's first column; then every kStep
+  constexpr int kStep = kFusedThreads * E;
+  constexpr int kZBytes = E * static_cast<int>(sizeof(Tz)), kUBytes = E * static_cast<int>(sizeof(Tu));
+  const float it = args.inv_temp;
+
+  // Row buffers: per stage, the slice's z words then its u words.
+  MINILLM_FAST_DYNAMIC_SHARED(buffers);
+  const size_t stage_bytes = static_cast<size_t>(plan.slice) * (sizeof(Tz) + sizeof(Tu));
+  const auto z_slice = [&](int stage) { return reinterpret_cast<Tz*>(buffers + stage * stage_bytes); };
+  const auto u_slice = [&](int stage) {
+    return reinterpret_cast<Tu*>(buffers + stage * stage_bytes + static_cast<size_t>(plan.slice) * sizeof(Tz));
+  };
+  const auto copy_in = [&](int64_t row, int stage) {  // this thread's vectors of the row, then one commit
+    const Tz* z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+    const Tu* u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+    Tz* zs = z_slice(stage);
+    Tu* us = u_slice(stage);
+    for (int c = first; c < end_v; c += kStep) {
+      const int n = min(E, args.vocab - c);
+      cp_async<kZBytes>(zs + (c - c0), z + c, n * static_cast<int>(sizeof(Tz)));
+      cp_async<kUBytes>(us + (c - c0), u + c, n * static_cast<int>(sizeof(Tu)));
+    }
+    cp_async_commit();
+  };
+  MINILLM_FAST_BLOCK_SHARED(RowPairState, reduce_smem, 32);
+  MINILLM_FAST_BLOCK_SHARED(GradRow, grad_smem, 1);
+
+  int64_t row = static_cast<int64_t>(blockIdx.x) / k;
+  if (row < args.n_rows) copy_in(row, 0);
+  for (int iter = 0; row < args.n_rows; ++iter, row += clusters) {
+    const int stage = plan.stages == 2 ? (iter & 1) : 0;
+    const int64_t next = row + clusters;
+    const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+    const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+    To* __restrict__ out = static_cast<To*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+
+    RowInputs in;
+    if (threadIdx.x == 0) in = load_row_inputs<Tz, Tu>(args, row, z, u);
+    if (plan.stages == 2 && next < args.n_rows) {
+      copy_in(next, stage ^ 1);  // that buffer's last reader (row - clusters) finished before the last barrier
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
-    st = smem[0];
-  }
+    const Tz* zs = z_slice(stage);
+    const Tu* us = u_slice(stage);
 
-  // 3. dz for this block's columns, from the registers (block 0 also writes the row's statistics).
-  MINILLM_FAST_BLOCK_SHARED(GradRow, grad, 1);
-  if (threadIdx.x == 0) {
-    grad[0] = row_grad(args, in, st);
-    if (rank == 0) write_row_stats(args.stats + row * kNumStats, st, in.zy, in.uy);
-  }
-  __syncthreads();
-  const GradRow g = grad[0];
-  const bool zero = g.all_zero();
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int c = first + i * step;
-    if (c >= args.z_cols) break;
-    float r[E];
-    if (zero) {
+    // 1. The row's online state: this block's, then (k > 1) the cluster's.
+    RowPairState st = RowPairState::empty();
+    for (int c = first; c < end_v; c += kStep) {
+      float x[E], y[E];
+      shared_scaled<Tz, E>(zs + (c - c0), c, args.vocab, it, x);
+      shared_scaled<Tu, E>(us + (c - c0), c, args.vocab, it, y);
+      st.add<E>(x, y);
+    }
+    st = block_reduce(st, reduce_smem);
+    if (k > 1) {
+      float* partials = args.workspace + row * k * kRowStatsPartialFloats;
+      if (threadIdx.x == 0) st.store(partials + rank * kRowStatsPartialFloats);
+      cluster_sync();
+      if (threadIdx.x < 32) {  // warp 0; k <= kMaxCluster <= 32
+        const int lane = static_cast<int>(threadIdx.x);
+        RowPairState merged =
+            lane < k ? RowPairState::load_cg(partials + lane * kRowStatsPartialFloats) : RowPairState::empty();
+        merged = warp_reduce(merged);
+        if (lane == 0) reduce_smem[0] = merged;
+      }
+      __syncthreads();
+      st = reduce_smem[0];
+    }
+
+    // 2. dz for this block's columns (block 0 also writes the row's statistics).
+    if (threadIdx.x == 0) {
+      grad_smem[0] = row_grad(args, in, st);
+      if (rank == 0) write_row_stats(args.stats + row * kNumStats, st, in.zy, in.uy);
+    }
+    __syncthreads();
+    const GradRow g = grad_smem[0];
+    const bool zero = g.all_zero();
+    for (int c = first; c < end_z; c += kStep) {
+      float r[E];
 #pragma unroll
       for (int j = 0; j < E; ++j) r[j] = 0.0f;
-    } else {
-      float x[E], y[E];
-      to_scaled<Tz, E>(zw[i], it, x);
-      to_scaled<Tu, E>(uw[i], it, y);
+      if (!zero && c < args.vocab) {
+        float x[E], y[E];
+        shared_scaled<Tz, E>(zs + (c - c0), c, args.vocab, it, x);
+        shared_scaled<Tu, E>(us + (c - c0), c, args.vocab, it, y);
 #pragma unroll
-      for (int j = 0; j < E; ++j) r[j] = c + j < args.vocab ? g(x[j], y[j], c + j) : 0.0f;
+        for (int j = 0; j < E; ++j) {
+          if (c + j < args.vocab) r[j] = g(x[j], y[j], c + j);
+        }
+      }
+      store_bounded<To, E>(out, c, args.z_cols, r);
     }
-    store_bounded<To, E>(out, c, args.z_cols, r);
+    __syncthreads();  // the buffer, reduce_smem and grad_smem are free again
+    if (plan.stages == 1 && next < args.n_rows) copy_in(next, 0);
   }
 }
 
@@ -192,17 +237,17 @@ cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t str
   constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
   const FusedPlan& plan = args.plan;
   if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
-  if (plan.cluster < 1 || plan.cluster > kMaxCluster || plan.vec != kVec || (plan.cluster > 1 && !args.workspace)) {
+  if (plan.cluster < 1 || plan.cluster > kMaxCluster || plan.vec != kVec || plan.slice % (kFusedThreads * kVec) != 0 ||
+      (plan.cluster > 1 && !args.workspace)) {
     return cudaErrorInvalidValue;
   }
-  const dim3 grid(static_cast<unsigned>(args.n_rows * plan.cluster));
-  const dim3 block(static_cast<unsigned>(plan.threads));
-  const auto launch = [&](auto kernel) { return launch_clustered(kernel, grid, block, plan.cluster, stream, args); };
-  if (plan.threads == 256 && plan.vpt == 4) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 256, 4>);
-  if (plan.threads == 512 && plan.vpt == 4) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 512, 4>);
-  if (plan.threads == 256 && plan.vpt == 8) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 256, 8>);
-  if (plan.threads == 512 && plan.vpt == 8) return launch(row_stats_grad_kernel<Tz, Tu, To, kVec, 512, 8>);
-  return cudaErrorInvalidValue;
+  const auto kernel = row_stats_grad_kernel<Tz, Tu, To, kVec>;
+  const dim3 block(kFusedThreads);
+  const size_t smem = static_cast<size_t>(plan.smem);
+  int64_t clusters = resident_clusters(kernel, block, plan.cluster, smem);
+  if (clusters <= 0 || clusters > args.n_rows) clusters = args.n_rows;
+  const dim3 grid(static_cast<unsigned>(clusters * plan.cluster));
+  return launch_clustered(kernel, grid, block, plan.cluster, smem, stream, args);
 }
 
 template <typename T>

@@ -1,6 +1,7 @@
 // extern "C" mirror of csrc/cuda/binding.cpp for the CPU emulator: the same launch plans and launcher calls, on
 // raw pointers of CPU tensors (emu_ops.py calls these through ctypes).
 #include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 #include "cuda/launchers.h"
@@ -88,18 +89,21 @@ int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* us
   dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_sample_rows<decltype(zt), decltype(ut)>(a, nullptr); });
   return err;
 }
-// max_cluster: 8 as on sm_90, or 1 as on older GPUs. plan_out = (vec, threads, vpt, cluster); cluster 0: no plan
-// (nothing launched).
+// max_cluster: 8 as on sm_90, or 1 as on older GPUs; max_smem: the opt-in shared memory per block (H100: 232448).
+// plan_out = (vec, cluster, slice, stages); cluster 0: no plan (nothing launched).
 int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* coef,
                        const float* policy, float clip_low, float clip_high, float* stats, void* dz, int64_t n,
-                       int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int* plan_out) {
+                       int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int max_smem,
+                       int* plan_out) {
   RowStatsGradArgs a;
   a.z = z; a.u = u; a.tokens = tokens; a.coef = coef; a.policy = policy; a.clip_low = clip_low;
   a.clip_high = clip_high; a.stats = stats; a.dz = dz; a.n_rows = n; a.z_stride = zs; a.u_stride = us;
   a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
-  a.plan = make_fused_plan(z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), max_cluster);
-  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.vpt; plan_out[3] = a.plan.cluster;
+  a.plan = make_fused_plan(z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), esize(zc) + esize(uc),
+                           max_cluster, max_smem, std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  plan_out[0] = a.plan.vec; plan_out[1] = a.plan.cluster; plan_out[2] = a.plan.slice; plan_out[3] = a.plan.stages;
   if (a.plan.cluster == 0) return 0;
+  if (a.plan.smem > kEmuDynamicShared) return 1;
   std::vector<float> ws;
   if (a.plan.cluster > 1) { ws.assign(n * a.plan.cluster * kRowStatsPartialFloats, 12345.0f); a.workspace = ws.data(); }
   int err = 0;

@@ -100,8 +100,10 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
     LAST_PLAN["sample"] = list(pl)
     return out
 
-def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=16):
-    """(stats, dz) as the CUDA op; dz is empty when there is no fused plan (then stats come from row_stats)."""
+def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=8,
+                   max_smem=232448):
+    """(stats, dz) as the CUDA op (max_cluster, max_smem: an H100's limits by default); dz is empty when there is no
+    fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages)."""
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
     out_dtype = grad_dtype or z.dtype
@@ -116,10 +118,10 @@ def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=No
                                     _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),
                                     ctypes.c_float(1.0 + clip_eps), _ptr(stats), _ptr(dz), I64(n),
                                     I64(_stride(z)), I64(_stride(u)), ctypes.c_int(vocab), ctypes.c_int(z.size(1)),
-                                    ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), pl)
+                                    ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), ctypes.c_int(max_smem), pl)
         assert r == 0
     LAST_PLAN["row_stats_grad"] = list(pl)
-    if not n or not z.size(1) or pl[3] == 0:
+    if not n or not z.size(1) or pl[1] == 0:
         return row_stats(z, u, tokens, inv_temp), torch.empty(0, dtype=out_dtype)
     return stats, dz
 

@@ -24,7 +24,7 @@ void emu_run_cluster(EmuBlock& b, unsigned threads, unsigned cluster, uint3 firs
   gridDim = grid; blockDim = block;
   for (unsigned t = 0; t < n; ++t) {
     EmuFiber& f = b.fibers[t];
-    f.tid = t % threads; f.gid = t; f.block = t / threads; f.state = 0; f.stack = g_stacks[t];
+    f.tid = t % threads; f.gid = t; f.block = t / threads; f.shared_used = 0; f.state = 0; f.stack = g_stacks[t];
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;

@@ -63,6 +63,7 @@ struct EmuFiber {
   unsigned tid;   // threadIdx.x
   unsigned gid;   // index among the cluster's fibers: block * threads + tid
   unsigned block; // the block's rank in its cluster
+  size_t shared_used;  // bytes of the block's scratch this thread's emu_block_shared calls have handed out
 };
 struct EmuBlock {  // the fibers of one cluster of blocks (one block without clusters)
   std::vector<EmuFiber> fibers;
@@ -72,7 +73,8 @@ struct EmuBlock {  // the fibers of one cluster of blocks (one block without clu
   EmuFiber* cur = nullptr;
   std::function<void()> body;
 };
-constexpr size_t kEmuBlockScratch = 64 * 1024;
+constexpr int kEmuDynamicShared = 227 * 1024;  // what MINILLM_FAST_DYNAMIC_SHARED gets (an H100's opt-in limit)
+constexpr size_t kEmuBlockScratch = kEmuDynamicShared + 64 * 1024;
 extern EmuBlock* emu_block;
 
 inline void emu_wait(int kind) {
@@ -85,11 +87,15 @@ inline void emu_cluster_sync() { emu_wait(4); }
 inline int emu_lane() { return threadIdx.x & 31; }
 inline int emu_warp() { return static_cast<int>(emu_block->cur->gid >> 5); }  // warps of the whole cluster
 
-// A block's shared array of n T (the same one for every thread of the block; one such array per kernel).
+// A block's shared array of n T: every thread of the block declares the kernel's arrays in the same order, so each
+// call hands out the next 16-byte-aligned piece of the block's scratch, the same one to every thread.
 template <typename T>
 T* emu_block_shared(size_t n) {
-  if (n * sizeof(T) > kEmuBlockScratch) { std::fprintf(stderr, "emu: shared array too large\n"); std::abort(); }
-  return reinterpret_cast<T*>(emu_block->scratch[emu_block->cur->block].data());
+  EmuFiber* f = emu_block->cur;
+  const size_t at = f->shared_used;
+  f->shared_used += (n * sizeof(T) + 15) / 16 * 16;
+  if (f->shared_used > kEmuBlockScratch) { std::fprintf(stderr, "emu: shared arrays too large\n"); std::abort(); }
+  return reinterpret_cast<T*>(emu_block->scratch[f->block].data() + at);
 }
 inline float emu_exchange(float v, int x, int mode, unsigned delta) {
   const int lane = emu_lane(), warp = emu_warp();

@@ -27,10 +27,13 @@ SCHEMAS = {
 
 # Optional primitives: a backend may implement them; callers fall back without them (semantics:
 # minillm_fast.backends). logits_grad_ (the CPU extension): logits_grad written into z itself (z is a scratch buffer
-# the caller owns). row_stats_grad and scale_unless_one_ (the CUDA extension): row_stats and logits_grad in one pass
-# over the rows, and the in-place scaling of its gradient in backward.
+# the caller owns). The CUDA extension's: logits_grad_into (written into a buffer the caller owns, e.g. in 16 bits),
+# row_stats_grad and scale_unless_one_ (row_stats and logits_grad in one pass over the rows, and the in-place
+# scaling of its gradient in backward).
 OPTIONAL_SCHEMAS = {
     "logits_grad_": "(Tensor(a!) z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp) -> ()",
+    "logits_grad_into": "(Tensor z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp, "
+                        "Tensor(a!) out) -> ()",
     "row_stats_grad": "(Tensor z, Tensor u, Tensor? tokens, Tensor coef, Tensor? policy, float clip_eps, "
                       "float inv_temp, ScalarType? grad_dtype) -> (Tensor, Tensor)",
     "scale_unless_one_": "(Tensor(a!) x, Tensor factor) -> ()",
@@ -53,6 +56,11 @@ def _logits_grad_fake(z, u, tokens, stats, coef, inv_temp):
 
 @torch.library.register_fake("minillm_fast::logits_grad_")
 def _logits_grad_inplace_fake(z, u, tokens, stats, coef, inv_temp):
+    return None
+
+
+@torch.library.register_fake("minillm_fast::logits_grad_into")
+def _logits_grad_into_fake(z, u, tokens, stats, coef, inv_temp, out):
     return None
 
 

@@ -26,7 +26,8 @@ block. Where they run in bf16/fp16 (CUDA), each pull-back reads and writes the w
 so dz is gathered, in 16 bits, over GROUP_BLOCKS consecutive blocks into one buffer of G = GROUP_BLOCKS n rows (a
 group) and pulled back once per group; a block's temporaries and the group's buffer together stay below the same
 share and ``MAX_GROUPED_BYTES`` (``rows_per_block_and_group``; N = 8192, V = 128256: blocks of 256 rows, groups of
-2048, 4 weight-gradient matmuls). Each logit is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's).
+2048, 4 weight-gradient matmuls). The CUDA backend writes a block's dz straight into its 16-bit rows of that buffer
+(``logits_grad_into``; not with a soft-cap, whose derivative needs the logits). Each logit is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's).
 A scalar loss's gradient is linear in the upstream gradient g, so backward only multiplies the saved gradients by
 g / (number of valid tokens). Computing them in the forward pass costs the two backward matmuls even if backward never
 runs; under ``torch.no_grad()`` or with no student tensor requiring grad they are skipped. ``reduction="none"`` (an
@@ -258,18 +259,26 @@ class _Block:
         return _own_token_terms(_coefs(self.b - self.a, self.stats.device, weight * self.inv_temp, columns),
                                 self.owned)
 
-    def logits_grad(self, weight: torch.Tensor, columns: dict, into_z: bool = False) -> torch.Tensor:
-        """dz of sum_r weight_r (row value r) for a loss with these logits_grad columns; ``into_z``: written over
-        the student logits by the backend's in-place primitive (callers check ``has_in_place_grad`` first)."""
+    def logits_grad(self, weight: torch.Tensor, columns: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+        """dz of sum_r weight_r (row value r) for a loss with these logits_grad columns. With ``out``, written there
+        by the backend's optional primitives (callers check first): over the student logits themselves
+        (``out is z``, ``has_in_place_grad``) or into rows of a 16-bit buffer (``writes_grad_into``)."""
         coef = self.coefs(weight, columns)
-        if into_z:
+        if out is None:
+            return self.backend.logits_grad(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
+        if out is self.z:
             self.backend.logits_grad_(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
-            return self.z
-        return self.backend.logits_grad(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp)
+        else:
+            self.backend.logits_grad_into(self.z, self.u, self.tokens, self.stats, coef, self.inv_temp, out)
+        return out
 
     @property
     def has_in_place_grad(self) -> bool:
         return hasattr(self.backend, "logits_grad_") and self.z.dtype == torch.float32
+
+    @property
+    def writes_grad_into(self) -> bool:
+        return hasattr(self.backend, "logits_grad_into")
 
     def jsd_rows(self, beta: float) -> torch.Tensor:
         """float32 [n, 2] (JSD_beta, E_q[g]) of the block's rows (the backend's second pass over the logits)."""
@@ -303,8 +312,9 @@ class _OnChipBlock(_Block):
 
 class _Loss:
     """A loss as a sum over rows: ``rows`` gives a block's per-row values (a dict of float32 [n] tensors), and
-    ``grad(block, values, weight, into_z)`` the logit gradient dz of sum_r weight_r * (the loss's row value r),
-    written over the block's student logits when ``into_z`` (only asked of losses with ``in_place = True``).
+    ``grad(block, values, weight, out)`` the logit gradient dz of sum_r weight_r * (the loss's row value r),
+    written into ``out`` when given (the block's student logits, or rows of a 16-bit buffer: only asked of losses
+    with ``in_place = True``, whose dz is a ``logits_grad`` combination).
     Most losses' dz is a ``logits_grad`` combination: ``grad_columns(values)`` names its columns, which is also
     what the on-chip kernels (they never hold dz) take; ``on_chip_grads`` pulls it back through those kernels."""
 
@@ -316,8 +326,8 @@ class _Loss:
     def grad_columns(self, values: dict) -> dict:
         raise NotImplementedError
 
-    def grad(self, block: _Block, values: dict, weight: torch.Tensor, into_z: bool = False) -> torch.Tensor:
-        return block.logits_grad(weight, self.grad_columns(values), into_z)
+    def grad(self, block: _Block, values: dict, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return block.logits_grad(weight, self.grad_columns(values), out)
 
     def on_chip_grads(self, block: "_OnChipBlock", values: dict, weight: torch.Tensor, needs: tuple) -> tuple:
         """(d hidden, d weight, d bias) of sum_r weight_r (row value r), from the on-chip gradient kernel."""
@@ -339,7 +349,7 @@ class _JSD(_Loss):
     """0 < beta < 1: a second pass over the logits (``jsd_rows``) and its own gradient primitive (``jsd_grad``,
     dz = coef q (g - E_q[g]) with coef = weight (1 - beta) / tau)."""
 
-    in_place = False  # jsd_grad has no in-place form
+    in_place = False  # jsd_grad has no form that writes into a given buffer
 
     def __init__(self, beta: float):
         self.beta = beta
@@ -353,7 +363,7 @@ class _JSD(_Loss):
     def _coef(self, block, weight):
         return (weight * ((1.0 - self.beta) * block.inv_temp)).contiguous()
 
-    def grad(self, block, values, weight, into_z=False):
+    def grad(self, block, values, weight, out=None):
         return block.backend.jsd_grad(block.z, block.u, block.stats, values["jsd_rows"], self._coef(block, weight),
                                       self.beta, block.inv_temp)
 
@@ -477,8 +487,10 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
     """Add the gradient of sum_r weight_r * (row value r) over the block to ``grads``. The logit gradient replaces
     the block's student logits (by the backend's in-place primitive where it has one and the soft-cap's derivative
     does not need the logits; else formed a slice of rows at a time and copied) and feeds both matmuls whole. Where
-    the matmuls are 16-bit it goes to the block's rows of the group's 16-bit buffer instead, and the matmuls run
-    once per group, with its last block (so the sweep's last block pulls back the last group)."""
+    the matmuls are 16-bit it goes to the block's rows of the group's 16-bit buffer instead -- written there
+    directly by the backend where it can (``logits_grad_into``, CUDA; without a soft-cap, whose derivative needs
+    the logits, the logit scale folded into the weights) -- and the matmuls run once per group, with its last block
+    (so the sweep's last block pulls back the last group)."""
     head, n = problem.student, block.b - block.a
     if problem.grad_buffer is None:
         start, end, gathered = block.a, block.b, block.z
@@ -486,8 +498,11 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
         start, end = problem.group_of(block.a)
         gathered = problem.grad_buffer[: end - start]
     target = gathered[block.a - start: block.b - start]
-    if loss.in_place and block.has_in_place_grad and head.softcap is None:
-        dz = head.chain(loss.grad(block, values, weight, into_z=True), block.z)
+    if loss.in_place and problem.grad_buffer is not None and block.writes_grad_into and head.softcap is None:
+        scale = 1.0 if head.logit_scale is None else head.logit_scale
+        loss.grad(block, values, weight * scale, out=target)
+    elif loss.in_place and block.has_in_place_grad and head.softcap is None:
+        dz = head.chain(loss.grad(block, values, weight, out=block.z), block.z)
         if problem.grad_buffer is not None:
             target.copy_(dz)
     else:

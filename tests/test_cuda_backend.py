@@ -396,6 +396,36 @@ def test_sample_rows_distribution():
 # no host synchronisation, N * V > 2^31
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rows_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                  (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=lambda d: SHORT[d])
+@pytest.mark.parametrize("v", [33, 4099, 32000])
+def test_logits_grad_into_rows_of_a_buffer(rows_dtype, out_dtype, v):
+    # logits_grad_into: dz written straight into rows of a larger buffer the caller owns, in 16 bits from float32
+    # rows (the fused-linear group buffer); the buffer's other rows are left alone.
+    n = 6
+    z, u = logits(n, v, rows_dtype, seed=v + 81), logits(n, v, rows_dtype, seed=v + 82)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v + 83))
+    stats = torch_backend.row_stats(z, u, tokens, 0.8)
+    coef = random_coef(n, v + 84, zero_rows=(2,))
+    buffer = torch.full((n + 3, v), 7.0, dtype=out_dtype, device=DEVICE)
+    target = buffer[2:2 + n]
+    ops.logits_grad_into(z, u, tokens, stats, coef, 0.8, target)
+    ref = torch_backend.logits_grad(z, u, tokens, stats, coef, 0.8)
+    assert_close(target, ref, GRAD_RTOL[out_dtype], f"logits_grad_into {SHORT[rows_dtype]}->{SHORT[out_dtype]}",
+                 atol=1e-7)
+    assert bool((target[2] == 0).all())
+    assert bool((buffer[:2] == 7).all() and (buffer[2 + n:] == 7).all()), "rows outside out were written"
+
+
+@pytest.mark.skipif(bool(EMULATOR), reason="the binding's checks")
+def test_logits_grad_into_rejects_other_dtypes():
+    z, u = logits(2, 64, torch.bfloat16, 1), logits(2, 64, torch.bfloat16, 2)
+    stats = ops.row_stats(z, u, None, 1.0)
+    with pytest.raises(RuntimeError, match="logits_grad_into"):
+        ops.logits_grad_into(z, u, None, stats, random_coef(2, 3), 1.0, torch.empty(2, 64, device=DEVICE))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # row_stats_grad (statistics and gradient in one pass, row split across a cluster) and scale_unless_one_
 # ----------------------------------------------------------------------------------------------------------

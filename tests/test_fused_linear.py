@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from minillm_fast import fused_linear, loss, reference
+from minillm_fast.backends import torch_backend
 from _helpers import (NEG_INF, assert_close_rel, backend_unavailable_reason, grad_tol, loss_tol, seeded_mask,
                       upstream_weight)
 
@@ -1203,6 +1204,34 @@ def test_sixteen_bit_groups(fast_backend, op, softcap, gen, monkeypatch):
     # rows_per_block rows).
     blocks = [(a, min(n, a + 3)) for a in range(0, n, 3)]
     assert calls[-len(blocks):] == blocks
+
+
+@pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "minillm", "pt", "jsd_0.3"])
+@pytest.mark.parametrize("logit_scale", [None, 0.7])
+def test_sixteen_bit_groups_written_into(op, logit_scale, gen, monkeypatch):
+    """Where the backend writes a block's gradient straight into its rows of the 16-bit group buffer
+    (``logits_grad_into``, the CUDA extension's; here the torch backend given its composition), the blocked path
+    uses it once per block instead of forming float32 slices and copying them (JSD, whose gradient has no such form,
+    keeps the slices), with the logit scale folded into the weights. Values and gradients against the float64
+    reference and the logits op."""
+    op, _, reduction = op.partition("/")
+    n, vs, vt = 41, 61, 64
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, vt)
+    written = []
+
+    def logits_grad_into(z, u, tokens, stats, coef, inv_temp, out):
+        assert out.dtype == BF16 and out.shape == z.shape
+        written.append(out.shape[0])
+        out.copy_(torch_backend.logits_grad(z, u, tokens, stats, coef, inv_temp))
+    monkeypatch.setattr(torch_backend, "logits_grad_into", logits_grad_into, raising=False)
+    s, t = make_head(gen, (n,), 8, vs, BF16, bias=True), make_head(gen, (n,), 6, vt, BF16, bias=True)
+    kw = dict(mask=seeded_mask(gen, (n,))) if op != "pt" else {}
+    if reduction:
+        kw["reduction"] = reduction
+    check_fused(op, "torch", s, t, gen=gen, logit_scale=logit_scale, compare_logits_op=True, **kw)
+    assert pulled == [(a, b, BF16, b - a) for a, b in [(0, 12), (12, 24), (24, 36), (36, 41)]]
+    blocks = [min(n, a + 3) - a for a in range(0, n, 3)]
+    assert written == ([] if op.startswith("jsd") else blocks)
 
 
 @pytest.fixture

@@ -188,16 +188,42 @@ at::Tensor row_stats_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const 
   return stats;
 }
 
-at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
-                            const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp) {
-  const Rows r = check_rows(z_in, u_in);
+// dz's dtype: z's, or bfloat16 / float16 from float32 rows (what the gradient launchers are instantiated for).
+void check_grad_dtype(at::ScalarType out_type, const Rows& r, const char* op) {
+  TORCH_CHECK(out_type == r.z.scalar_type() ||
+                  (r.z.scalar_type() == at::kFloat && r.u.scalar_type() == at::kFloat &&
+                   (out_type == at::kBFloat16 || out_type == at::kHalf)),
+              "minillm_fast (cuda): ", op, " writes dz in the student's dtype, or in bfloat16/float16 from float32 "
+              "rows; got ", out_type, " for ", r.z.scalar_type(), " and ", r.u.scalar_type(), " rows");
+}
+
+// f(TypeTag<Tz>, TypeTag<Tu>, TypeTag<To>) for the rows' dtypes and dz's (checked by check_grad_dtype).
+template <typename F>
+void dispatch_grad(const Rows& r, at::ScalarType out_type, F&& f) {
+  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    if constexpr (std::is_same_v<Tz, float> && std::is_same_v<Tu, float>) {
+      dispatch_one(out_type, "dz", [&](auto ot) { f(zt, ut, ot); });
+    } else {
+      f(zt, ut, zt);
+    }
+  });
+}
+
+// logits_grad into dz ([N, z_cols], unit column stride, any row stride, on z's device).
+void logits_grad_to(const Rows& r, const std::optional<at::Tensor>& tokens, const at::Tensor& stats_in,
+                    const at::Tensor& coef_in, double inv_temp, at::Tensor& dz) {
   const c10::cuda::CUDAGuard guard(r.z.device());
   const auto tok = tokens_i64(tokens, r.z);
   const at::Tensor stats = side_f32(stats_in, r.z, kNumStats, "stats");
   const at::Tensor coef = side_f32(coef_in, r.z, kNumCoefs, "coef");
   const int64_t z_cols = r.z.size(1);
-  at::Tensor dz = at::empty({r.n_rows, z_cols}, r.z.options());
-  if (r.n_rows == 0 || z_cols == 0) return dz;
+  if (r.n_rows == 0 || z_cols == 0) return;
+  const int64_t dz_stride = row_stride(dz);
+  int vec = pair_vec(r, dz_stride);
+  const int e = vector_elems(static_cast<int>(std::max(r.z.element_size(), r.u.element_size())));
+  if (!rows_aligned(dz.data_ptr(), dz_stride, static_cast<int>(dz.element_size()), e)) vec = 1;
 
   LogitsGradArgs args;
   args.z = r.z.data_ptr();
@@ -206,20 +232,43 @@ at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, cons
   args.stats = stats.data_ptr<float>();
   args.coef = coef.data_ptr<float>();
   args.dz = dz.data_ptr();
+  args.dz_stride = dz_stride;
   args.n_rows = r.n_rows;
   args.z_stride = row_stride(r.z);
   args.u_stride = row_stride(r.u);
   args.vocab = r.vocab;
   args.z_cols = static_cast<int>(z_cols);
   args.inv_temp = static_cast<float>(inv_temp);
-  args.plan = make_plan(r.n_rows, z_cols, pair_vec(r, z_cols), num_sms(), /*may_split=*/true);
+  args.plan = make_plan(r.n_rows, z_cols, vec, num_sms(), /*may_split=*/true);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+  dispatch_grad(r, dz.scalar_type(), [&](auto zt, auto ut, auto ot) {
     using Tz = typename decltype(zt)::type;
     using Tu = typename decltype(ut)::type;
-    check_cuda_ok(launch_logits_grad<Tz, Tu>(args, stream), "logits_grad");
+    using To = typename decltype(ot)::type;
+    check_cuda_ok(launch_logits_grad<Tz, Tu, To>(args, stream), "logits_grad");
   });
+}
+
+at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
+                            const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp) {
+  const Rows r = check_rows(z_in, u_in);
+  at::Tensor dz = at::empty({r.n_rows, r.z.size(1)}, r.z.options());
+  logits_grad_to(r, tokens, stats_in, coef_in, inv_temp, dz);
   return dz;
+}
+
+// logits_grad written into `out` (e.g. rows of a 16-bit buffer the caller owns): [N, V_s], unit column stride.
+void logits_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
+                           const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp, at::Tensor& out) {
+  const Rows r = check_rows(z_in, u_in);
+  TORCH_CHECK(out.device() == r.z.device(), "minillm_fast (cuda): out must be on ", r.z.device(), ", got ",
+              out.device());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == r.n_rows && out.size(1) == r.z.size(1) &&
+                  (out.size(1) <= 1 || out.stride(1) == 1),
+              "minillm_fast (cuda): out must be [", r.n_rows, ", ", r.z.size(1), "] with unit column stride, got ",
+              out.sizes(), " with strides ", out.strides());
+  check_grad_dtype(out.scalar_type(), r, "logits_grad_into");
+  logits_grad_to(r, tokens, stats_in, coef_in, inv_temp, out);
 }
 
 // row_stats and, where make_fused_plan finds a plan, dz in the same pass (else an empty dz: the caller runs
@@ -232,11 +281,7 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
   const Rows r = check_rows(z_in, u_in);
   const c10::cuda::CUDAGuard guard(r.z.device());
   const at::ScalarType out_type = grad_dtype.value_or(r.z.scalar_type());
-  TORCH_CHECK(out_type == r.z.scalar_type() ||
-                  (r.z.scalar_type() == at::kFloat && r.u.scalar_type() == at::kFloat &&
-                   (out_type == at::kBFloat16 || out_type == at::kHalf)),
-              "minillm_fast (cuda): row_stats_grad writes dz in the student's dtype, or in bfloat16/float16 from "
-              "float32 rows; got ", out_type, " for ", r.z.scalar_type(), " and ", r.u.scalar_type(), " rows");
+  check_grad_dtype(out_type, r, "row_stats_grad");
   const int64_t z_cols = r.z.size(1);
   const FusedPlan plan = make_fused_plan(z_cols, pair_vec(r, z_cols),
                                          static_cast<int>(r.z.element_size() + r.u.element_size()), max_cluster(),
@@ -276,17 +321,11 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
     args.workspace = workspace.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_pair(r.z, r.u, [&](auto zt, auto ut) {
+  dispatch_grad(r, out_type, [&](auto zt, auto ut, auto ot) {
     using Tz = typename decltype(zt)::type;
     using Tu = typename decltype(ut)::type;
-    if constexpr (std::is_same_v<Tz, float> && std::is_same_v<Tu, float>) {
-      dispatch_one(out_type, "grad_dtype", [&](auto ot) {
-        using To = typename decltype(ot)::type;
-        check_cuda_ok(launch_row_stats_grad<Tz, Tu, To>(args, stream), "row_stats_grad");
-      });
-    } else {
-      check_cuda_ok(launch_row_stats_grad<Tz, Tu, Tz>(args, stream), "row_stats_grad");
-    }
+    using To = typename decltype(ot)::type;
+    check_cuda_ok(launch_row_stats_grad<Tz, Tu, To>(args, stream), "row_stats_grad");
   });
   return {stats, dz};
 }
@@ -435,6 +474,7 @@ at::Tensor sample_rows_cuda(const at::Tensor& z_in, const at::Tensor& u_in, cons
 TORCH_LIBRARY_IMPL(minillm_fast, CUDA, m) {
   m.impl("row_stats", &minillm_fast::cuda::row_stats_cuda);
   m.impl("logits_grad", &minillm_fast::cuda::logits_grad_cuda);
+  m.impl("logits_grad_into", &minillm_fast::cuda::logits_grad_into_cuda);
   m.impl("jsd_rows", &minillm_fast::cuda::jsd_rows_cuda);
   m.impl("jsd_grad", &minillm_fast::cuda::jsd_grad_cuda);
   m.impl("sample_rows", &minillm_fast::cuda::sample_rows_cuda);

@@ -93,7 +93,8 @@ constexpr int kNumStats = 10;
 constexpr int kRowStatsPartialFloats = 8;
 
 // ---------------------------------------------------------------------------------------------------------------
-// logits_grad: dz[N, z_cols] (contiguous, z's dtype); columns >= vocab and rows with four zero coefs are zeros.
+// logits_grad: dz[N, z_cols] (row stride dz_stride, dtype To); columns >= vocab and rows with four zero coefs are
+// zeros.
 // ---------------------------------------------------------------------------------------------------------------
 struct LogitsGradArgs {
   const void* z = nullptr;
@@ -102,10 +103,11 @@ struct LogitsGradArgs {
   const float* stats = nullptr;     // [N, 10]
   const float* coef = nullptr;      // [N, 4] = (c_kl, c_q, c_p, c_y)
   void* dz = nullptr;               // [N, z_cols]
+  int64_t dz_stride = 0;            // dz's row stride in elements
   int64_t n_rows = 0;
   int64_t z_stride = 0, u_stride = 0;
   int vocab = 0;
-  int z_cols = 0;  // V_s, also dz's row stride
+  int z_cols = 0;  // V_s
   float inv_temp = 1.0f;
   RowPlan plan;  // over z_cols columns
 };
@@ -241,7 +243,9 @@ inline int sample_threads(int64_t vocab) {
 // Tz: student dtype, Tu: teacher dtype, each one of float, __nv_bfloat16, __half.
 template <typename Tz, typename Tu>
 cudaError_t launch_row_stats(const RowStatsArgs& args, cudaStream_t stream);
-template <typename Tz, typename Tu>
+// To (logits_grad, row_stats_grad): dz's dtype, Tz, or bfloat16 / float16 for float32 rows
+// (MINILLM_FAST_INSTANTIATE_FUSED lists the combinations).
+template <typename Tz, typename Tu, typename To>
 cudaError_t launch_logits_grad(const LogitsGradArgs& args, cudaStream_t stream);
 template <typename Tz, typename Tu>
 cudaError_t launch_jsd_rows(const JsdArgs& args, cudaStream_t stream);
@@ -249,7 +253,6 @@ template <typename Tz, typename Tu>
 cudaError_t launch_jsd_grad(const JsdArgs& args, cudaStream_t stream);
 template <typename Tz, typename Tu>
 cudaError_t launch_sample_rows(const SampleArgs& args, cudaStream_t stream);
-// To: dz's dtype, Tz, or bfloat16 / float16 for float32 rows (MINILLM_FAST_INSTANTIATE_FUSED lists the combinations).
 template <typename Tz, typename Tu, typename To>
 cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t stream);
 template <typename T>
@@ -270,8 +273,8 @@ cudaError_t launch_scale_unless_one(const ScaleArgs& args, cudaStream_t stream);
   template cudaError_t LAUNCHER<__half, __nv_bfloat16>(const ARGS&, cudaStream_t);                    \
   template cudaError_t LAUNCHER<__half, __half>(const ARGS&, cudaStream_t);
 
-// row_stats_grad's (student, teacher, dz) dtypes: dz in the student's dtype for the 9 pairs, and bfloat16 / float16
-// dz from float32 rows (fused-linear blocks whose matmuls run in 16 bits).
+// (student, teacher, dz) dtypes of the gradient launchers: dz in the student's dtype for the 9 pairs, and bfloat16 /
+// float16 dz from float32 rows (fused-linear blocks whose matmuls run in 16 bits).
 #define MINILLM_FAST_INSTANTIATE_FUSED(LAUNCHER, ARGS)                                                            \
   template cudaError_t LAUNCHER<float, float, float>(const ARGS&, cudaStream_t);                                \
   template cudaError_t LAUNCHER<float, __nv_bfloat16, float>(const ARGS&, cudaStream_t);                        \

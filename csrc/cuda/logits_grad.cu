@@ -5,7 +5,8 @@
 // Elementwise given the row statistics, so any number of blocks may share a row (grid = (rows, column chunks)).
 // q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision. The teacher row is
 // read only when c_kl or c_p is nonzero; rows whose four coefficients are zero, and columns >= V, are written as
-// zeros without reading anything. Matches torch_backend.logits_grad to float32 rounding.
+// zeros without reading anything. Matches torch_backend.logits_grad to float32 rounding. dz is written in the
+// student's dtype, or (logits_grad_into) in bfloat16 / float16 from float32 rows, with any row stride.
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -15,9 +16,9 @@ namespace {
 
 enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D };
 
-template <bool kNeedU, typename Tz, typename Tu, int E>
+template <bool kNeedU, typename Tz, typename Tu, typename To, int E>
 __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
-                                             Tz* __restrict__ out, int c0, int c1, int vocab, float it) {
+                                             To* __restrict__ out, int c0, int c1, int vocab, float it) {
   // Whole vectors inside the vocabulary: [c0, ve); ve - c0 is a multiple of E (see make_plan's chunking).
   const int ve = max(c0, min(c1, vocab / E * E));
   for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < ve; c += blockDim.x * E) {
@@ -31,26 +32,26 @@ __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restr
     }
 #pragma unroll
     for (int i = 0; i < E; ++i) r[i] = g(x[i], xu[i], c + i);
-    store_vec<Tz, E>(out + c, r);
+    store_vec<To, E>(out + c, r);
   }
   // The rest: < E columns of the vocabulary, then the padded columns >= V (zeros).
   for (int c = ve + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
     float r = 0.0f;
     if (c < vocab) r = g(load_one(z + c, it), kNeedU ? load_one(u + c, it) : 0.0f, c);
-    store_one<Tz>(out + c, r);
+    store_one<To>(out + c, r);
   }
 }
 
-template <typename Tz, typename Tu, int E>
+template <typename Tz, typename Tu, typename To, int E>
 __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGradArgs args) {
   const int64_t row = blockIdx.x;
   const int c0 = static_cast<int>(blockIdx.y) * args.plan.chunk;
   const int c1 = min(args.z_cols, c0 + args.plan.chunk);
-  Tz* __restrict__ out = static_cast<Tz*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+  To* __restrict__ out = static_cast<To*>(args.dz) + row * args.dz_stride;
 
   const float* cf = args.coef + row * kNumCoefs;
   if (cf[0] == 0.0f && cf[1] == 0.0f && cf[2] == 0.0f && cf[3] == 0.0f) {
-    store_zeros<Tz, E>(out, c0, c1);
+    store_zeros<To, E>(out, c0, c1);
     return;
   }
   const float* st = args.stats + row * kNumStats;
@@ -60,29 +61,29 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
   if (g.needs_teacher()) {
-    grad_columns<true, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+    grad_columns<true, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
   } else {
-    grad_columns<false, Tz, Tu, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+    grad_columns<false, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
   }
 }
 
 }  // namespace
 
-template <typename Tz, typename Tu>
+template <typename Tz, typename Tu, typename To>
 cudaError_t launch_logits_grad(const LogitsGradArgs& args, cudaStream_t stream) {
   if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
   constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
   const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
   const dim3 block(static_cast<unsigned>(args.plan.threads));
   if (args.plan.vec == kVec) {
-    logits_grad_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
+    logits_grad_kernel<Tz, Tu, To, kVec><<<grid, block, 0, stream>>>(args);
   } else {
-    logits_grad_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
+    logits_grad_kernel<Tz, Tu, To, 1><<<grid, block, 0, stream>>>(args);
   }
   return cudaGetLastError();
 }
 
-MINILLM_FAST_INSTANTIATE_PAIRS(launch_logits_grad, LogitsGradArgs)
+MINILLM_FAST_INSTANTIATE_FUSED(launch_logits_grad, LogitsGradArgs)
 
 }  // namespace cuda
 }  // namespace minillm_fast

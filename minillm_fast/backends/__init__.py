@@ -54,6 +54,9 @@ Optional (a backend may have them; the ops fall back without them):
 ``scale_unless_one_(x, factor)`` (CUDA): x *= factor in place, skipped on the device when factor (a float32
     scalar tensor) is 1, so that the common upstream gradient 1.0 costs neither a pass nor a host sync.
 ``logits_grad_(z, u, tokens, stats, coef, inv_temp)`` (CPU): logits_grad written over z.
+``logits_grad_into(z, u, tokens, stats, coef, inv_temp, out)`` (CUDA): logits_grad written into ``out`` ([N, V_s],
+    unit column stride, any row stride), in z's dtype or, for float32 rows, bfloat16 / float16: the fused-linear
+    blocked path writes a block's gradient straight into its 16-bit group buffer.
 """
 from __future__ import annotations
 

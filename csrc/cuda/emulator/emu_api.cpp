@@ -19,6 +19,18 @@ template <typename F>
 void dispatch_pair(int zc, int uc, F&& f) {
   dispatch_one(zc, [&](auto zt) { dispatch_one(uc, [&](auto ut) { f(zt, ut); }); });
 }
+// f(Tz, Tu, To) for the rows' and dz's dtype codes, where the gradient launchers have that combination: dz in the
+// student's dtype, or bfloat16 / float16 from float32 rows (binding.cpp's dispatch_grad).
+template <typename F>
+void dispatch_grad(int zc, int uc, int oc, F&& f) {
+  dispatch_pair(zc, uc, [&](auto zt, auto ut) {
+    if constexpr (std::is_same_v<decltype(zt), float> && std::is_same_v<decltype(ut), float>) {
+      dispatch_one(oc, [&](auto ot) { f(zt, ut, ot); });
+    } else if (oc == zc) {
+      f(zt, ut, zt);
+    }
+  });
+}
 static int esize(int code) { return code == 0 ? 4 : 2; }
 static int pair_vec(const void* z, int64_t zs, int zc, const void* u, int64_t us, int uc, int vocab,
                     int64_t out_stride) {
@@ -42,16 +54,21 @@ int emu_row_stats(int zc, int uc, const void* z, const void* u, const int64_t* t
   dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_row_stats<decltype(zt), decltype(ut)>(a, nullptr); });
   return err;
 }
-int emu_logits_grad(int zc, int uc, const void* z, const void* u, const int64_t* tokens, const float* stats,
-                    const float* coef, void* dz, int64_t n, int64_t zs, int64_t us, int vocab, int z_cols, float it,
-                    int num_sms, int* plan_out) {
+// oc: dz's dtype code (zc, or 1 / 2 for float32 rows); ds: dz's row stride (the binding's logits_grad_to).
+int emu_logits_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* stats,
+                    const float* coef, void* dz, int64_t ds, int64_t n, int64_t zs, int64_t us, int vocab, int z_cols,
+                    float it, int num_sms, int* plan_out) {
   LogitsGradArgs a;
-  a.z = z; a.u = u; a.tokens = tokens; a.stats = stats; a.coef = coef; a.dz = dz; a.n_rows = n; a.z_stride = zs;
-  a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
-  a.plan = make_plan(n, z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), num_sms, true);
+  a.z = z; a.u = u; a.tokens = tokens; a.stats = stats; a.coef = coef; a.dz = dz; a.dz_stride = ds; a.n_rows = n;
+  a.z_stride = zs; a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
+  int vec = pair_vec(z, zs, zc, u, us, uc, vocab, ds);
+  if (vec > 1 && !rows_aligned(dz, ds, esize(oc), vec)) vec = 1;
+  a.plan = make_plan(n, z_cols, vec, num_sms, true);
   plan_out[0] = a.plan.vec; plan_out[1] = a.plan.threads; plan_out[2] = a.plan.splits; plan_out[3] = a.plan.chunk;
-  int err = 0;
-  dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_logits_grad<decltype(zt), decltype(ut)>(a, nullptr); });
+  int err = 1;  // a dz dtype the launchers are not instantiated for
+  dispatch_grad(zc, uc, oc, [&](auto zt, auto ut, auto ot) {
+    err = launch_logits_grad<decltype(zt), decltype(ut), decltype(ot)>(a, nullptr);
+  });
   return err;
 }
 int emu_jsd(int which, int zc, int uc, const void* z, const void* u, const float* stats, const float* jsd,
@@ -106,15 +123,9 @@ int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, con
   if (a.plan.smem > kEmuDynamicShared) return 1;
   std::vector<float> ws;
   if (a.plan.cluster > 1) { ws.assign(n * a.plan.cluster * kRowStatsPartialFloats, 12345.0f); a.workspace = ws.data(); }
-  int err = 0;
-  dispatch_pair(zc, uc, [&](auto zt, auto ut) {
-    using Tz = decltype(zt);
-    using Tu = decltype(ut);
-    if constexpr (std::is_same_v<Tz, float> && std::is_same_v<Tu, float>) {
-      dispatch_one(oc, [&](auto ot) { err = launch_row_stats_grad<Tz, Tu, decltype(ot)>(a, nullptr); });
-    } else {
-      err = oc == zc ? launch_row_stats_grad<Tz, Tu, Tz>(a, nullptr) : 1;
-    }
+  int err = 1;  // a dz dtype the launchers are not instantiated for
+  dispatch_grad(zc, uc, oc, [&](auto zt, auto ut, auto ot) {
+    err = launch_row_stats_grad<decltype(zt), decltype(ut), decltype(ot)>(a, nullptr);
   });
   return err;
 }

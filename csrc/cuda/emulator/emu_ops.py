@@ -47,19 +47,24 @@ def row_stats(z, u, tokens, inv_temp):
     return out
 
 def logits_grad(z, u, tokens, stats, coef, inv_temp):
+    dz = torch.full(z.shape, 555.0).to(z.dtype)
+    logits_grad_into(z, u, tokens, stats, coef, inv_temp, dz)
+    return dz
+
+def logits_grad_into(z, u, tokens, stats, coef, inv_temp, out):
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
     tok = tokens.to(torch.int64).contiguous() if tokens is not None else None
     stats, coef = stats.contiguous(), coef.contiguous()
-    dz = torch.full(z.shape, 555.0).to(z.dtype)
+    assert out.shape == z.shape and (out.size(1) <= 1 or out.stride(1) == 1)
     pl = _plan()
     if n and z.size(1):
-        r = _lib.emu_logits_grad(CODE[z.dtype], CODE[u.dtype], _ptr(z), _ptr(u), _ptr(tok), _ptr(stats), _ptr(coef),
-                                 _ptr(dz), I64(n), I64(_stride(z)), I64(_stride(u)), ctypes.c_int(vocab),
-                                 ctypes.c_int(z.size(1)), ctypes.c_float(inv_temp), ctypes.c_int(NUM_SMS), pl)
+        r = _lib.emu_logits_grad(CODE[z.dtype], CODE[u.dtype], CODE[out.dtype], _ptr(z), _ptr(u), _ptr(tok),
+                                 _ptr(stats), _ptr(coef), _ptr(out), I64(_stride(out)), I64(n), I64(_stride(z)),
+                                 I64(_stride(u)), ctypes.c_int(vocab), ctypes.c_int(z.size(1)),
+                                 ctypes.c_float(inv_temp), ctypes.c_int(NUM_SMS), pl)
         assert r == 0
     LAST_PLAN["logits_grad"] = list(pl)
-    return dz
 
 def _jsd(which, z, u, stats, jsd, coef, beta, inv_temp):
     z, u = _rows(z), _rows(u)

@@ -40,6 +40,8 @@ def fused_linear_ops(backend: str) -> None:
     wt = (torch.randn(v + 5, h + 32, device="cuda") * h ** -0.5).to(torch.bfloat16)
     t = torch.randint(0, v, (n,), device="cuda")
     loss.fused_linear_reverse_kl(hs, w, ht, wt, softcap=(20.0, None), backend=backend).backward()
+    # without a soft-cap the cuda path writes dz straight into its 16-bit group buffer (logits_grad_into)
+    loss.fused_linear_reverse_kl(hs, w, ht, wt, logit_scale=0.5, backend=backend).backward()
     loss.fused_linear_minillm_loss(hs, w, ht, wt, t, torch.randn(n, device="cuda"), torch.zeros(n, device="cuda"),
                                    torch.ones(n, device="cuda"), mask=None, backend=backend).loss.backward()
 

@@ -27,12 +27,12 @@ so dz is gathered, in 16 bits, over GROUP_BLOCKS consecutive blocks into one buf
 group) and pulled back once per group; a block's temporaries and the group's buffer together stay below the same
 share and ``MAX_GROUPED_BYTES`` (``rows_per_block_and_group``; N = 8192, V = 128256: blocks of 256 rows, groups of
 2048, 4 weight-gradient matmuls). The CUDA backend writes a block's dz straight into its 16-bit rows of that buffer
-(``logits_grad_into``; not with a soft-cap, whose derivative needs the logits). Each logit is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's).
-A scalar loss's gradient is linear in the upstream gradient g, so backward only multiplies the saved gradients by
-g / (number of valid tokens). Computing them in the forward pass costs the two backward matmuls even if backward never
-runs; under ``torch.no_grad()`` or with no student tensor requiring grad they are skipped. ``reduction="none"`` (an
-upstream gradient per row) cannot be applied to a weight gradient after the fact: it recomputes the logits block by
-block in backward instead (6 matmuls in all).
+(``logits_grad_into``; not with a soft-cap, whose derivative needs the logits). Each logit is computed once: 4
+matmuls in all (8 N V H FLOPs with the teacher's). A scalar loss's gradient is linear in the upstream gradient g, so
+backward only multiplies the saved gradients by g / (number of valid tokens). Computing them in the forward pass
+costs the two backward matmuls even if backward never runs; under ``torch.no_grad()`` or with no student tensor
+requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row) cannot be applied to a weight
+gradient after the fact: it recomputes the logits block by block in backward instead (6 matmuls in all).
 
 ``backend="triton"``: the on-chip path (``backends/triton_fused_linear.py``, kernels in ``kernels/fused_linear.py``).
 No block of logits exists in any memory: a statistics kernel forms logit tiles in registers (one tile matmul per

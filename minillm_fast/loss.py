@@ -60,8 +60,9 @@ of 10. dz is then held from the forward pass to backward (the memory logits_grad
 and backward only scales it by the upstream gradient, on the device and not at all when that is 1.0. It is off by
 default because it is slower today: on an H100, reverse_kl forward+backward at [8192, 128256] bf16 takes 6.4-8.1 ms
 with it against 3.8 ms with the two passes, over two kernel designs and every block shape tried (``python -m
-benchmarks.logits_fused_plans``; the per-row latencies of the cluster kernel dominate, see the README). Under ``torch.compile``, with ``reduction="none"``, for ``jsd``, on
-other backends and by default, the two passes run as above.
+benchmarks.logits_fused_plans``; the per-row latencies of the cluster kernel dominate, see the README). Under
+``torch.compile``, with ``reduction="none"``, for ``jsd``, on other backends and by default, the two passes run as
+above.
 """
 from __future__ import annotations
 
@@ -319,8 +320,8 @@ def _row_pass(rows: _validate.Rows, reduction: str, grad_columns: dict, tokens=N
     """The rows' statistics (as ``_row_stats``), and where the backend can, the student's gradient from the same
     pass. Its coefficients are those of ``_reduce``'s weights with the *mask* in place of the valid rows (rows
     found empty are dropped by the kernel; ``_with_grad_from_pass`` corrects the denominator) times
-    ``grad_columns``; ``policy`` ([N, 3] advantage, old log-prob, importance weight) makes the kernel multiply
-    the q and y columns by each row's policy-gradient factor (minillm_loss)."""
+    ``grad_columns``; ``policy`` ((advantage, old log-prob, importance weight), float32 [N] each) makes the kernel
+    multiply the q and y columns by each row's policy-gradient factor (minillm_loss)."""
     backend = _grad_in_pass_backend(rows, reduction)
     if backend is None:
         return _RowPass(_row_stats(rows, tokens, owned))
@@ -328,6 +329,7 @@ def _row_pass(rows: _validate.Rows, reduction: str, grad_columns: dict, tokens=N
     planned = rows.mask if rows.mask is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
     denominator = _denominator(planned, reduction, num_tokens)
     coef = _coefs(n_rows, device, planned.to(torch.float32) / denominator * rows.inv_temp, grad_columns)
+    policy = None if policy is None else torch.stack(policy, 1)
     stats, dz = backend.row_stats_grad(rows.student.detach(), rows.teacher, tokens, coef, policy, clip_eps,
                                        rows.inv_temp, None)
     return _RowPass(stats, dz if dz.numel() > 0 else None, denominator)
@@ -554,7 +556,7 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
     row_pass = _row_pass(rows, "mean", _minillm_grad_columns(1.0, single_step), flat_tokens, owned, num_tokens,
-                         policy=torch.stack((adv, old, w), 1), clip_eps=clip_eps)
+                         policy=(adv, old, w), clip_eps=clip_eps)
     s = row_pass.stats
     valid = _valid_rows(rows.mask, s)
     pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)

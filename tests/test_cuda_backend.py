@@ -44,6 +44,7 @@ SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # Gradient comparison (norm-wise, relative): one rounding of the output dtype on a few elements at most.
 GRAD_RTOL = {torch.float32: 3e-5, torch.bfloat16: 4e-3, torch.float16: 1e-3}
 STATS_RTOL = 2e-5
+STAT_NAMES = ["M_Q", "LOGS_Q", "M_P", "LOGS_P", "EQ_D", "EQ_ZC", "EP_D", "EP_UC", "ZY", "UY"]  # row_stats columns
 
 
 def pair_id(p):
@@ -95,8 +96,7 @@ def check_stats(z, u, tokens, inv_temp, what=""):
     out = ops.row_stats(z, u, tokens, inv_temp)
     ref = torch_backend.row_stats(z, u, tokens, inv_temp)
     assert out.dtype == torch.float32 and out.shape == (z.shape[0], NUM_STATS)
-    names = ["M_Q", "LOGS_Q", "M_P", "LOGS_P", "EQ_D", "EQ_ZC", "EP_D", "EP_UC", "ZY", "UY"]
-    for col, name in enumerate(names):
+    for col, name in enumerate(STAT_NAMES):
         assert_close(out[:, col], ref[:, col], STATS_RTOL, f"{what} row_stats[{name}]")
     return out, ref
 
@@ -450,8 +450,7 @@ def check_row_stats_grad(z, u, tokens, coef, policy, inv_temp, what, grad_dtype=
     out_stats, out_dz = ops.row_stats_grad(z, u, tokens, coef, policy, 0.2, inv_temp, grad_dtype, **emu_kwargs)
     ref_stats, ref_dz = row_stats_grad_composed(torch_backend, z, u, tokens, coef.clone(), policy, 0.2, inv_temp,
                                                 grad_dtype)
-    names = ["M_Q", "LOGS_Q", "M_P", "LOGS_P", "EQ_D", "EQ_ZC", "EP_D", "EP_UC", "ZY", "UY"]
-    for col, name in enumerate(names):
+    for col, name in enumerate(STAT_NAMES):
         assert_close(out_stats[:, col], ref_stats[:, col], STATS_RTOL, f"{what} row_stats_grad stats[{name}]")
     out_type = grad_dtype or z.dtype
     assert out_dz.dtype == out_type

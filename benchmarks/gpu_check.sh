@@ -14,7 +14,10 @@
 # GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first: build, the CUDA kernel and
 # op tests, the one-pass kernel's plan sweep (benchmarks/logits_fused_plans.py), the logits target (reverse_kl and
 # minillm_loss at [8192, 128256] vs torch.compile), the fused-linear target (one shape, blocked vs on-chip), the
-# fused-linear GPU tests, racecheck and synccheck.
+# fused-linear GPU tests, racecheck and synccheck. The fused-linear target also runs 4 block configurations
+# (--blocks "n,G": tokens per block and per group, MINILLM_FAST_FUSED_LINEAR_BLOCKS; 256,2048 is the default) as
+# ours[n,G] and matmuls-blocked[n,G] rows, 5 timed rounds: about 1 s more a round than without them; its limit is
+# 200 s (was 130; the last H100 run of the step without them took 48 s).
 set -uo pipefail
 OUT_DIR=${1:?usage: [GPU_CHECK_PLAN=targets] gpu_check.sh OUT_DIR [WHEEL_DIR]}
 WHEELS=${2:-.whl}
@@ -55,7 +58,8 @@ if [ "${GPU_CHECK_PLAN:-all}" = targets ]; then
   step fused_plans 90 $PY -m benchmarks.logits_fused_plans
   step logits_target 150 $PY -m benchmarks.run --device cuda --ops reverse_kl,minillm_loss --shapes 8192x128256 \
     --modes fwd+bwd --backends cuda,triton --alts compile --time-limit 130 --no-plots --out "$OUT_DIR/bench"
-  step fused_linear_target 130 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256
+  step fused_linear_target 200 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256 \
+    --repeats 5 --blocks "256,2048;512,1024;384,1536;512,1536"
   step fused_linear_gpu_tests 110 $PY -m pytest -q -x -rf --tb=short tests/test_gpu_fused_linear.py -p no:cacheprovider
   step racecheck 30 compute-sanitizer --tool racecheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda
   step synccheck 30 compute-sanitizer --tool synccheck --error-exitcode 9 $PY -m benchmarks.sanitizer_workload cuda

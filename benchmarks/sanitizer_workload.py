@@ -15,11 +15,13 @@ from minillm_fast import loss, sampling
 
 
 def logits_ops(backend: str) -> None:
-    # (V, teacher padding): padded teachers have odd row strides (the two-pass kernels, scalar and vector paths);
-    # 40000 unpadded, opted in, takes the one-pass statistics-and-gradient kernel (rows split across 10-block
-    # clusters).
-    for v, pad in ((7, 3), (1003, 3), (40000, 3), (40000, 0)):
+    # (V, teacher padding, row_stats_grad plan): padded teachers have odd row strides (the two-pass kernels, scalar
+    # and vector paths); unpadded and opted in, the statistics-and-gradient op: at 40000 the one-pass kernel (rows
+    # split across 10-block clusters), and the two passes in L2, 2 rows per chunk (split rows merged by logits_grad).
+    for v, pad, plan in ((7, 3, None), (1003, 3, None), (40000, 3, None), (40000, 0, None), (40000, 0, "l2:2")):
         os.environ[loss.GRAD_IN_PASS_ENV] = "1" if pad == 0 else "0"
+        if plan:
+            os.environ["MINILLM_FAST_FUSED_PLAN"] = plan
         z = torch.randn(5, v, device="cuda", dtype=torch.bfloat16).requires_grad_()
         u = torch.randn(5, v + pad, device="cuda")
         u[:, ::5] = -math.inf
@@ -29,6 +31,7 @@ def logits_ops(backend: str) -> None:
         loss.minillm_loss(z, u, t, torch.randn(5, device="cuda"), torch.zeros(5, device="cuda"),
                           torch.ones(5, device="cuda"), mask=None, backend=backend).loss.backward()
         sampling.sample_mixture(z, u, backend=backend)
+        os.environ.pop("MINILLM_FAST_FUSED_PLAN", None)
     os.environ.pop(loss.GRAD_IN_PASS_ENV)
 
 

@@ -538,11 +538,11 @@ def test_row_stats_grad_plans():
     n = 3
     z, u = logits(n, 128256, torch.bfloat16, seed=61), logits(n, 128256, torch.bfloat16, seed=62)
     check_row_stats_grad(z, u, None, random_coef(n, 63), None, 1.0, "H100 plan")
-    assert ops.LAST_PLAN["row_stats_grad"] == [8, 5, 28672, 2]
+    assert ops.LAST_PLAN["row_stats_grad"] == [8, 5, 28672, 2, 0]
     # An A100's (no clusters, 163 KB): one block per row, two buffers up to 20480 bf16 columns, one up to 40960, no
     # plan beyond.
     a100 = dict(max_cluster=1, max_smem=166912)
-    for v, plan in ((20000, [8, 1, 20480, 2]), (40000, [8, 1, 40960, 1])):
+    for v, plan in ((20000, [8, 1, 20480, 2, 0]), (40000, [8, 1, 40960, 1, 0])):
         z, u = logits(n, v, torch.bfloat16, seed=v), logits(n, v, torch.bfloat16, seed=v + 1)
         tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v + 2))
         check_row_stats_grad(z, u, tokens, random_coef(n, v + 3), None, 1.0, f"A100 V={v}", **a100)
@@ -563,6 +563,47 @@ def test_row_stats_grad_one_buffer(monkeypatch):
         assert ops.LAST_PLAN["row_stats_grad"][3] == 1
     monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", "off")
     check_row_stats_grad(z, u, tokens, random_coef(n, 74), None, 1.0, "off", fused=False)
+
+
+@pytest.mark.parametrize("plan", ["l2", "l2:2", "l2:3"])
+def test_row_stats_grad_two_passes_in_l2(monkeypatch, plan):
+    # MINILLM_FAST_FUSED_PLAN=l2[:R]: row_stats then logits_grad per chunk of R rows (the last one partial), split
+    # rows' states merged by logits_grad. Every dtype pair at a size that splits rows (few rows: many blocks per row)
+    # and one that does not, odd strides (no vector loads: this plan needs none), -inf and empty rows, both policy
+    # branches, a padded student and 16-bit dz of float32 rows.
+    monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
+    n = 7
+    for (zt, ut), v in zip(PAIRS, [40, 4096, 32003, 50000, 40, 4096, 32003, 50000, 1000]):
+        z = logits(n, v, zt, seed=v + 11)
+        u = logits(n, v, ut, seed=v + 12, scale=2.5)
+        z[1] = -math.inf
+        u[2, ::2] = -math.inf
+        u[3] = -math.inf
+        tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v + 13))
+        coef = random_coef(n, seed=v + 14, zero_rows=(4,))
+        policy = _policy_near_ratio_one(z, u, tokens, 0.8, seed=v + 15)
+        what = f"{plan} {pair_id((zt, ut))} V={v}"
+        check_row_stats_grad(z, u, tokens, coef, policy, 0.8, what)
+        if EMULATOR:
+            rows = int(plan[3:]) if ":" in plan else n
+            assert ops.LAST_PLAN["row_stats_grad"][1] == 0 and ops.LAST_PLAN["row_stats_grad"][4] == rows
+        check_row_stats_grad(z, u, None, coef, None, 0.8, what + " no tokens, no policy")
+    z, u = logits(n, 1032, torch.bfloat16, seed=81), logits(n, 1000, torch.float32, seed=82)
+    check_row_stats_grad(z, u, None, random_coef(n, 83), None, 1.0, f"{plan} padded student")
+    z, u = logits(n, 5000, torch.float32, seed=84), logits(n, 5000, torch.float32, seed=85)
+    for grad_dtype in (torch.bfloat16, torch.float16):
+        check_row_stats_grad(z, u, None, random_coef(n, 86), None, 1.0, f"{plan} f32 -> {SHORT[grad_dtype]}",
+                             grad_dtype=grad_dtype)
+
+
+@pytest.mark.skipif(not EMULATOR, reason="the emulator's limits stand in for an H100")
+def test_two_passes_in_l2_default_chunk(monkeypatch):
+    # By default a chunk's rows and dz fill half the L2 cache: bf16 [*, 128256] rows (769.5 KB with a bf16 dz) on
+    # an H100's 50 MB: 34 rows per chunk.
+    monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", "l2")
+    z, u = logits(40, 128256, torch.bfloat16, seed=91), logits(40, 128256, torch.bfloat16, seed=92)
+    check_row_stats_grad(z, u, None, random_coef(40, 93), None, 1.0, "default chunk")
+    assert ops.LAST_PLAN["row_stats_grad"][4] == (50 << 20) // 2 // (128256 * 6) == 34
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)

@@ -164,12 +164,16 @@ def test_offsets_beyond_int32(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("v", [4096, 32000, 128256])
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "minillm_loss", "pt_loss"])
-def test_gradient_formed_in_the_row_pass(op, v, dtype, monkeypatch):
-    """The cuda backend's one-pass statistics + gradient (row_stats_grad, rows split across a cluster; opt-in)
-    behind the scalar losses: against float64, with a mask, an empty teacher row the mask allows (the denominator is
-    corrected in backward), a temperature and an upstream gradient other than 1."""
+@pytest.mark.parametrize("plan", ["default", "l2:5"])
+def test_gradient_formed_in_the_row_pass(op, v, dtype, plan, monkeypatch):
+    """The cuda backend's statistics + gradient in one call (row_stats_grad; opt-in) behind the scalar losses, with
+    the one-pass kernel (rows split across a cluster) and the two passes chunk by chunk in L2 (5 rows per chunk):
+    against float64, with a mask, an empty teacher row the mask allows (the denominator is corrected in backward), a
+    temperature and an upstream gradient other than 1."""
     from minillm_fast import _dispatch
     monkeypatch.setenv(loss.GRAD_IN_PASS_ENV, "1")
+    if plan != "default":
+        monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
     backend = _dispatch.get_backend("cuda", torch.device("cuda"))
     calls = []
     original = backend.row_stats_grad

@@ -271,7 +271,7 @@ void logits_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const
   logits_grad_to(r, tokens, stats_in, coef_in, inv_temp, out);
 }
 
-// row_stats and, where make_fused_plan finds a plan, dz in the same pass (else an empty dz: the caller runs
+// row_stats and, where choose_fused_plan finds a plan, dz in the same call (else an empty dz: the caller runs
 // logits_grad later). dz's dtype: grad_dtype, by default z's; other than z's only for float32 rows.
 std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in,
                                                        const std::optional<at::Tensor>& tokens,
@@ -283,11 +283,16 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
   const at::ScalarType out_type = grad_dtype.value_or(r.z.scalar_type());
   check_grad_dtype(out_type, r, "row_stats_grad");
   const int64_t z_cols = r.z.size(1);
-  const FusedPlan plan = make_fused_plan(z_cols, pair_vec(r, z_cols),
-                                         static_cast<int>(r.z.element_size() + r.u.element_size()), max_cluster(),
-                                         device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(),
-                                         std::getenv("MINILLM_FAST_FUSED_PLAN"));
-  const bool fused = plan.cluster > 0 && r.n_rows > 0 && r.n_rows * plan.cluster < (int64_t{1} << 31);
+  FusedDevice device;
+  device.max_cluster = max_cluster();
+  device.max_smem = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  device.num_sms = num_sms();
+  device.l2_bytes = device_attribute<cudaDevAttrL2CacheSize>();
+  const FusedPlan plan = choose_fused_plan(
+      r.n_rows, z_cols, r.vocab, pair_vec(r), pair_vec(r, z_cols), static_cast<int>(r.z.element_size()),
+      static_cast<int>(r.u.element_size()), static_cast<int>(c10::elementSize(out_type)), device,
+      std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  const bool fused = plan.any() && r.n_rows > 0 && r.n_rows * plan.cluster < (int64_t{1} << 31);
   if (!fused) {
     return {row_stats_cuda(z_in, u_in, tokens, inv_temp), at::empty({0}, r.z.options().dtype(out_type))};
   }
@@ -316,8 +321,8 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
   args.z_cols = static_cast<int>(z_cols);
   args.inv_temp = static_cast<float>(inv_temp);
   args.plan = plan;
-  if (plan.cluster > 1) {
-    workspace = at::empty({r.n_rows * plan.cluster * kRowStatsPartialFloats}, stats.options());
+  if (plan.workspace_floats(r.n_rows) > 0) {
+    workspace = at::empty({plan.workspace_floats(r.n_rows)}, stats.options());
     args.workspace = workspace.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

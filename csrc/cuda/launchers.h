@@ -75,7 +75,8 @@ inline RowPlan make_plan(int64_t n_rows, int64_t cols, int vec, int num_sms, boo
 
 // ---------------------------------------------------------------------------------------------------------------
 // row_stats: stats[N, 10] (layout in minillm_fast/backends/__init__.py). When plan.splits > 1, workspace holds
-// n_rows * splits * 8 floats (partial online states) and a second small kernel merges them.
+// n_rows * splits * 8 floats (partial online states) and a second small kernel merges them (unless leave_partials:
+// then logits_grad merges them, see LogitsGradArgs.partials).
 // ---------------------------------------------------------------------------------------------------------------
 struct RowStatsArgs {
   const void* z = nullptr;
@@ -88,6 +89,7 @@ struct RowStatsArgs {
   int vocab = 0;
   float inv_temp = 1.0f;
   RowPlan plan;
+  bool leave_partials = false;
 };
 constexpr int kNumStats = 10;
 constexpr int kRowStatsPartialFloats = 8;
@@ -110,6 +112,16 @@ struct LogitsGradArgs {
   int z_cols = 0;  // V_s
   float inv_temp = 1.0f;
   RowPlan plan;  // over z_cols columns
+  // row_stats_grad's two-pass plan (in_pass): the coefficients as the one-pass kernel forms them (in_pass_coefs in
+  // row_state.cuh: zeros for a row with an empty distribution; with policy [N, 3], c_q and c_y times the clipped
+  // policy-gradient factor). With partials ([N, partial_splits, 8]: row_stats' split states, left unmerged), each
+  // block merges its row's states itself and block 0 of the row writes the statistics to stats_out.
+  bool in_pass = false;
+  const float* policy = nullptr;
+  float clip_low = 0.8f, clip_high = 1.2f;
+  const float* partials = nullptr;
+  int partial_splits = 0;
+  float* stats_out = nullptr;
 };
 constexpr int kNumCoefs = 4;
 
@@ -143,15 +155,27 @@ struct JsdArgs {
 // coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (contiguous, dtype To) as
 // logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight) the c_q and
 // c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
-// distribution get zeros. A row is split across a cluster of plan.cluster blocks of kFusedThreads threads, each
-// holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace [N, cluster, 8].
+// distribution get zeros. Two plans:
+// - one pass (cluster > 0): a row is split across a cluster of plan.cluster blocks of kFusedThreads threads, each
+//   holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace [N, cluster, 8].
+// - two passes over rows held in L2 (chunk_rows > 0): row_stats, then logits_grad, on each chunk of chunk_rows rows
+//   in turn, a chunk small enough for its rows and dz to stay in the L2 cache, so that the second pass reads them
+//   from L2 instead of memory (plans stats_plan and grad_plan; workspace [chunk_rows, stats_plan.splits, 8]).
 // ---------------------------------------------------------------------------------------------------------------
 struct FusedPlan {
   int vec = 1;
-  int cluster = 0;  // 0: no plan (rows too long, or not aligned for vector copies); the caller runs two passes
+  int cluster = 0;  // 0: no one-pass plan (rows too long, or not aligned for vector copies)
   int slice = 0;    // columns per block: a multiple of kFusedThreads * vec
   int stages = 1;   // row buffers per block (2: the next row is copied in while this one is computed)
   int smem = 0;     // dynamic shared memory per block, bytes
+  int64_t chunk_rows = 0;  // > 0: the two-pass plan over chunks of rows held in L2 (cluster is then 0)
+  RowPlan stats_plan, grad_plan;  // that plan's row_stats and logits_grad launch plans for a chunk
+
+  bool any() const { return cluster > 0 || chunk_rows > 0; }  // none: the caller runs two passes itself
+  int64_t workspace_floats(int64_t n_rows) const {
+    if (chunk_rows > 0) return stats_plan.splits > 1 ? chunk_rows * stats_plan.splits * kRowStatsPartialFloats : 0;
+    return cluster > 1 ? n_rows * cluster * kRowStatsPartialFloats : 0;
+  }
 };
 
 constexpr int kFusedThreads = 512;
@@ -188,6 +212,52 @@ inline FusedPlan make_fused_plan(int64_t z_cols, int vec, int elem_bytes, int ma
     }
   }
   return plan;
+}
+
+// MINILLM_FAST_FUSED_PLAN "l2" or "l2:R": the two-pass plan over chunks of rows held in L2 (R rows per chunk;
+// 0 for the default). -1 for any other value.
+inline int64_t forced_l2_rows(const char* forced) {
+  if (forced == nullptr || forced[0] != 'l' || forced[1] != '2') return -1;
+  long long rows = 0;
+  if (forced[2] == ':' && std::sscanf(forced + 3, "%lld", &rows) == 1 && rows > 0) return rows;
+  return 0;
+}
+
+// The two-pass plan over chunks held in L2: chunk_rows = R, by default as many rows as keep a chunk's student and
+// teacher rows and its dz (row_bytes per row) within half of the l2_bytes cache (bf16 [*, 128256] on an H100's
+// 50 MB: 32 rows), at least 1 and at most n_rows; row_stats' plan over vocab columns (stats_vec: the rows' vector
+// width) and logits_grad's over z_cols (grad_vec: also dz's), each sized by make_plan for chunk_rows rows.
+inline FusedPlan make_l2_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,
+                              int64_t row_bytes, int64_t l2_bytes, int num_sms, int64_t forced_rows = 0) {
+  FusedPlan plan;
+  plan.vec = grad_vec;
+  if (n_rows <= 0 || z_cols <= 0) return plan;
+  int64_t rows = forced_rows > 0 ? forced_rows : l2_bytes / 2 / (row_bytes > 0 ? row_bytes : 1);
+  plan.chunk_rows = rows < 1 ? 1 : (rows > n_rows ? n_rows : rows);
+  plan.stats_plan = make_plan(plan.chunk_rows, vocab, stats_vec, num_sms, /*may_split=*/true);
+  plan.grad_plan = make_plan(plan.chunk_rows, z_cols, grad_vec, num_sms, /*may_split=*/true);
+  return plan;
+}
+
+// What row_stats_grad's plans depend on besides the shapes: the device's limits.
+struct FusedDevice {
+  int max_cluster = 1;    // kMaxCluster on sm_90 and later, else 1
+  int64_t max_smem = 0;   // opt-in shared memory per block, bytes
+  int num_sms = 0;
+  int64_t l2_bytes = 0;
+};
+
+// row_stats_grad's plan: make_l2_plan's when `forced` (MINILLM_FAST_FUSED_PLAN) is "l2[:R]", else
+// make_fused_plan's. z_bytes, u_bytes, out_bytes: element sizes of the student, teacher and dz.
+inline FusedPlan choose_fused_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,
+                                   int z_bytes, int u_bytes, int out_bytes, const FusedDevice& device,
+                                   const char* forced) {
+  const int64_t l2_rows = forced_l2_rows(forced);
+  if (l2_rows < 0) {
+    return make_fused_plan(z_cols, grad_vec, z_bytes + u_bytes, device.max_cluster, device.max_smem, forced);
+  }
+  return make_l2_plan(n_rows, z_cols, vocab, stats_vec, grad_vec, z_cols * (z_bytes + out_bytes) + vocab * u_bytes,
+                      device.l2_bytes, device.num_sms, l2_rows);
 }
 
 struct RowStatsGradArgs {

@@ -7,6 +7,8 @@
 // read only when c_kl or c_p is nonzero; rows whose four coefficients are zero, and columns >= V, are written as
 // zeros without reading anything. Matches torch_backend.logits_grad to float32 rounding. dz is written in the
 // student's dtype, or (logits_grad_into) in bfloat16 / float16 from float32 rows, with any row stride.
+// row_stats_grad's two-pass plan runs it in_pass (LogitsGradArgs): coefficients completed from the statistics, and
+// split rows' statistics merged here rather than by row_stats' merge kernel (one launch less per chunk of rows).
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -14,7 +16,7 @@ namespace minillm_fast {
 namespace cuda {
 namespace {
 
-enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D };
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, ZY = 8 };
 
 template <bool kNeedU, typename Tz, typename Tu, typename To, int E>
 __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
@@ -48,18 +50,37 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
   const int c0 = static_cast<int>(blockIdx.y) * args.plan.chunk;
   const int c1 = min(args.z_cols, c0 + args.plan.chunk);
   To* __restrict__ out = static_cast<To*>(args.dz) + row * args.dz_stride;
+  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
+  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  const int64_t y = args.tokens != nullptr ? args.tokens[row] : -1;
 
-  const float* cf = args.coef + row * kNumCoefs;
+  const float* st = args.stats + row * kNumStats;
+  __shared__ float merged[kNumStats];
+  if (args.partials != nullptr) {  // row_stats_grad's two-pass plan with split rows: merge the row's states here
+    if (threadIdx.x < 32) {
+      const RowPairState state = warp_merge_partials(
+          args.partials + row * args.partial_splits * kRowStatsPartialFloats, args.partial_splits);
+      if (threadIdx.x == 0) {
+        float zy, uy;
+        token_logits(z, u, y, args.vocab, args.inv_temp, zy, uy);
+        write_row_stats(merged, state, zy, uy);
+        if (blockIdx.y == 0) write_row_stats(args.stats_out + row * kNumStats, state, zy, uy);
+      }
+    }
+    __syncthreads();
+    st = merged;
+  }
+  float cf[kNumCoefs];
+  for (int i = 0; i < kNumCoefs; ++i) cf[i] = args.coef[row * kNumCoefs + i];
+  if (args.in_pass) {
+    in_pass_coefs(cf, is_neg_inf(st[M_Q]) || is_neg_inf(st[M_P]), st[ZY], st[M_Q], st[LOGS_Q],
+                  args.policy != nullptr ? args.policy + row * 3 : nullptr, args.clip_low, args.clip_high);
+  }
   if (cf[0] == 0.0f && cf[1] == 0.0f && cf[2] == 0.0f && cf[3] == 0.0f) {
     store_zeros<To, E>(out, c0, c1);
     return;
   }
-  const float* st = args.stats + row * kNumStats;
-  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], cf,
-                                  args.tokens != nullptr ? args.tokens[row] : -1);
-
-  const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
-  const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
+  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], cf, y);
   if (g.needs_teacher()) {
     grad_columns<true, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
   } else {

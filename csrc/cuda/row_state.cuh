@@ -346,6 +346,28 @@ struct GradRow {
   }
 };
 
+// The coefficients of a row whose gradient is formed together with its statistics (row_stats_grad), from the
+// loss's cf = (c_kl, c_q, c_p, c_y): zeros when the student's or the teacher's distribution is empty (the ops count
+// such rows as masked), and with policy = (A, old, w) (minillm_loss), c_q and c_y times d pg / d log q(y) of the
+// clipped policy-gradient loss (minillm_fast.loss._policy_gradient_rows): with rho = exp(log q(y) - old) w,
+// pg = max(-A rho, -A clip(rho, clip_low, clip_high)), whose derivative is -A rho where the unclipped branch is the
+// max (ties included) and 0 where the clipped one is; NaN rho gives 0, as in torch.
+// log q(y) = (z'_y - m_q) - log s_q (minillm_fast.loss._student_logprob_rows).
+__device__ __forceinline__ void in_pass_coefs(float* cf, bool empty, float zy, float m_q, float logs_q,
+                                              const float* policy, float clip_low, float clip_high) {
+  if (empty) {
+    cf[0] = cf[1] = cf[2] = cf[3] = 0.0f;
+    return;
+  }
+  if (policy == nullptr) return;
+  const float adv = policy[0], old = policy[1], w = policy[2];
+  const float rho = fast_exp(((zy - m_q) - logs_q) - old) * w;
+  const float clipped = -adv * fminf(fmaxf(rho, clip_low), clip_high);
+  const float g = -adv * rho >= clipped ? -adv * rho : 0.0f;
+  cf[1] *= g;
+  cf[3] *= g;
+}
+
 // Max and normaliser only (the sampler's first pass).
 struct MaxSum {
   float m, s;
@@ -426,6 +448,15 @@ __device__ __forceinline__ S block_reduce(S s, S* smem /* >= 32 entries */) {
   const S r = smem[0];
   __syncthreads();  // smem may be reused right after
   return r;
+}
+
+// A row's state from its `splits` partial states at w (kRowStatsPartialFloats = 8 floats each), merged by one whole
+// warp: lane j folds states j, j + 32, ... in order, then the butterfly. Every lane gets the result, and any warp
+// merging the same partials gets the same bits.
+__device__ __forceinline__ RowPairState warp_merge_partials(const float* w, int splits) {
+  RowPairState st = RowPairState::empty();
+  for (int j = static_cast<int>(threadIdx.x & 31); j < splits; j += 32) st.merge(RowPairState::load(w + j * 8));
+  return warp_reduce(st);
 }
 
 }  // namespace cuda

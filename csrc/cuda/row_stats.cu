@@ -6,7 +6,8 @@
 //   difference of the two centred (exact) logits.
 // Each thread folds its columns into a RowPairState (row_state.cuh); the block reduces the states. When the
 // rows alone cannot fill the GPU, a row is split across gridDim.y blocks that write partial states, and
-// row_stats_merge_kernel (one warp per row) merges and finalises them.
+// row_stats_merge_kernel (one warp per row) merges and finalises them (or, for row_stats_grad's two-pass plan,
+// logits_grad's blocks do: leave_partials).
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -81,10 +82,7 @@ __global__ void __launch_bounds__(kMergeThreads) row_stats_merge_kernel(const Ro
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
   if (row >= args.n_rows) return;  // whole warps only
   const int splits = args.plan.splits;
-  const float* w = args.workspace + row * splits * kRowStatsPartialFloats;
-  RowPairState st = RowPairState::empty();
-  for (int j = lane; j < splits; j += 32) st.merge(RowPairState::load(w + j * kRowStatsPartialFloats));
-  st = warp_reduce(st);
+  const RowPairState st = warp_merge_partials(args.workspace + row * splits * kRowStatsPartialFloats, splits);
   if (lane == 0) finalize_row<Tz, Tu>(args, row, st);
 }
 
@@ -101,7 +99,7 @@ cudaError_t launch_row_stats(const RowStatsArgs& args, cudaStream_t stream) {
   } else {
     row_stats_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
   }
-  if (args.plan.splits > 1) {
+  if (args.plan.splits > 1 && !args.leave_partials) {
     const int64_t rows_per_block = kMergeThreads / 32;
     const unsigned blocks = static_cast<unsigned>((args.n_rows + rows_per_block - 1) / rows_per_block);
     row_stats_merge_kernel<Tz, Tu><<<blocks, kMergeThreads, 0, stream>>>(args);

@@ -22,6 +22,11 @@
 // Status: correct, but on an H100 slower than the two passes it replaces (bf16 [8192, 128256]: 6.4-7.6 ms against
 // 3.8 ms; benchmarks/logits_fused_plans.py), so the losses use it only when opted in (MINILLM_FAST_GRAD_IN_PASS=1).
 // An earlier version that held the rows in registers, one short-lived cluster per row, measured 6.9-10.7 ms.
+//
+// The other plan (MINILLM_FAST_FUSED_PLAN=l2[:R], launch_two_passes_in_l2) keeps the two passes but runs them chunk by
+// chunk of R rows (by default as many as fill half the L2 cache: 32 bf16 rows of 128256 on an H100), so that the
+// second pass finds its rows in L2: 6 bytes per element from memory as here, with the two-pass kernels' simple,
+// fully parallel structure, at the price of two launches per chunk. Not yet measured on a GPU.
 #include "cluster.cuh"
 #include "launchers.h"
 #include "row_state.cuh"
@@ -29,17 +34,6 @@
 namespace minillm_fast {
 namespace cuda {
 namespace {
-
-// d pg / d log q(y) of MiniLLM's clipped policy-gradient loss (minillm_fast.loss._policy_gradient_rows): with
-// rho = exp(log q(y) - old) w, pg = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), whose derivative is -A rho where
-// the unclipped branch is the max (ties included) and 0 where the clipped one is. NaN rho gives 0, as in torch.
-__device__ __forceinline__ float policy_factor(float logq_y, const float* policy, float clip_low, float clip_high) {
-  const float adv = policy[0], old = policy[1], w = policy[2];
-  const float rho = fast_exp(logq_y - old) * w;
-  const float unclipped = -adv * rho;
-  const float clipped = -adv * fminf(fmaxf(rho, clip_low), clip_high);
-  return unclipped >= clipped ? -adv * rho : 0.0f;
-}
 
 // What a row's gradient needs besides its merged state (thread 0 of each block loads it while the row's copies are
 // in flight, so that these few dependent loads -- the token, then its logits -- cost no extra latency).
@@ -65,17 +59,12 @@ __device__ __forceinline__ RowInputs load_row_inputs(const RowStatsGradArgs& arg
   return in;
 }
 
-// The row's gradient functor from its merged state: coefficients zeroed for an empty row, and c_q, c_y scaled by
-// the policy factor when there is one.
+// The row's gradient functor from its merged state (in_pass_coefs: empty rows, policy factor).
 __device__ __forceinline__ GradRow row_grad(const RowStatsGradArgs& args, const RowInputs& in, const RowPairState& st) {
   float cf[kNumCoefs];
-  for (int i = 0; i < kNumCoefs; ++i) cf[i] = st.has_empty() ? 0.0f : in.coef[i];
-  if (args.policy != nullptr && !st.has_empty()) {
-    const float logq_y = (in.zy - st.q.m) - st.q.log_s();  // minillm_fast.loss._student_logprob_rows
-    const float g = policy_factor(logq_y, in.policy, args.clip_low, args.clip_high);
-    cf[1] *= g;
-    cf[3] *= g;
-  }
+  for (int i = 0; i < kNumCoefs; ++i) cf[i] = in.coef[i];
+  in_pass_coefs(cf, st.has_empty(), in.zy, st.q.m, st.q.log_s(), args.policy != nullptr ? in.policy : nullptr,
+                args.clip_low, args.clip_high);
   return GradRow::make(st.q.m, st.q.log_s(), st.p.m, st.p.log_s(), st.q.mean_a(), cf, in.y);
 }
 
@@ -232,11 +221,71 @@ __global__ void __launch_bounds__(256) scale_unless_one_kernel(const ScaleArgs a
 
 }  // namespace
 
+namespace {
+
+// The two-pass plan over chunks of rows held in L2: per chunk, row_stats (its split rows' states left unmerged) and
+// then logits_grad in_pass, which merges them, writes the statistics and reads the chunk's rows back from L2.
+template <typename Tz, typename Tu, typename To>
+cudaError_t launch_two_passes_in_l2(const RowStatsGradArgs& args, cudaStream_t stream) {
+  const FusedPlan& plan = args.plan;
+  const bool split = plan.stats_plan.splits > 1;
+  if (split && !args.workspace) return cudaErrorInvalidValue;
+  for (int64_t a = 0; a < args.n_rows; a += plan.chunk_rows) {
+    const int64_t rows = args.n_rows - a < plan.chunk_rows ? args.n_rows - a : plan.chunk_rows;
+    RowStatsArgs stats;
+    stats.z = static_cast<const Tz*>(args.z) + a * args.z_stride;
+    stats.u = static_cast<const Tu*>(args.u) + a * args.u_stride;
+    stats.tokens = args.tokens != nullptr ? args.tokens + a : nullptr;
+    stats.stats = args.stats + a * kNumStats;
+    stats.workspace = args.workspace;  // reused by every chunk: the launches are ordered on the stream
+    stats.n_rows = rows;
+    stats.z_stride = args.z_stride;
+    stats.u_stride = args.u_stride;
+    stats.vocab = args.vocab;
+    stats.inv_temp = args.inv_temp;
+    stats.plan = plan.stats_plan;
+    stats.leave_partials = true;
+    cudaError_t err = launch_row_stats<Tz, Tu>(stats, stream);
+    if (err != cudaSuccess) return err;
+
+    LogitsGradArgs grad;
+    grad.z = stats.z;
+    grad.u = stats.u;
+    grad.tokens = stats.tokens;
+    grad.stats = stats.stats;
+    grad.coef = args.coef + a * kNumCoefs;
+    grad.dz = static_cast<To*>(args.dz) + a * args.z_cols;
+    grad.dz_stride = args.z_cols;
+    grad.n_rows = rows;
+    grad.z_stride = args.z_stride;
+    grad.u_stride = args.u_stride;
+    grad.vocab = args.vocab;
+    grad.z_cols = args.z_cols;
+    grad.inv_temp = args.inv_temp;
+    grad.plan = plan.grad_plan;
+    grad.in_pass = true;
+    grad.policy = args.policy != nullptr ? args.policy + a * 3 : nullptr;
+    grad.clip_low = args.clip_low;
+    grad.clip_high = args.clip_high;
+    if (split) {
+      grad.partials = args.workspace;
+      grad.partial_splits = plan.stats_plan.splits;
+      grad.stats_out = stats.stats;
+    }
+    err = launch_logits_grad<Tz, Tu, To>(grad, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
 template <typename Tz, typename Tu, typename To>
 cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t stream) {
   constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
   const FusedPlan& plan = args.plan;
   if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
+  if (plan.chunk_rows > 0) return launch_two_passes_in_l2<Tz, Tu, To>(args, stream);
   if (plan.cluster < 1 || plan.cluster > kMaxCluster || plan.vec != kVec || plan.slice % (kFusedThreads * kVec) != 0 ||
       (plan.cluster > 1 && !args.workspace)) {
     return cudaErrorInvalidValue;

@@ -106,23 +106,28 @@ int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* us
   dispatch_pair(zc, uc, [&](auto zt, auto ut) { err = launch_sample_rows<decltype(zt), decltype(ut)>(a, nullptr); });
   return err;
 }
-// max_cluster: 8 as on sm_90, or 1 as on older GPUs; max_smem: the opt-in shared memory per block (H100: 232448).
-// plan_out = (vec, cluster, slice, stages); cluster 0: no plan (nothing launched).
+// max_cluster: 8 as on sm_90, or 1 as on older GPUs; max_smem: the opt-in shared memory per block (H100: 232448);
+// num_sms, l2_bytes: for the two-pass plan in L2. plan_out = (vec, cluster, slice, stages, chunk_rows); neither a
+// cluster nor chunk_rows: no plan (nothing launched).
 int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* coef,
                        const float* policy, float clip_low, float clip_high, float* stats, void* dz, int64_t n,
                        int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int max_smem,
-                       int* plan_out) {
+                       int num_sms, int64_t l2_bytes, int* plan_out) {
   RowStatsGradArgs a;
   a.z = z; a.u = u; a.tokens = tokens; a.coef = coef; a.policy = policy; a.clip_low = clip_low;
   a.clip_high = clip_high; a.stats = stats; a.dz = dz; a.n_rows = n; a.z_stride = zs; a.u_stride = us;
   a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
-  a.plan = make_fused_plan(z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), esize(zc) + esize(uc),
-                           max_cluster, max_smem, std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  FusedDevice device;
+  device.max_cluster = max_cluster; device.max_smem = max_smem; device.num_sms = num_sms; device.l2_bytes = l2_bytes;
+  a.plan = choose_fused_plan(n, z_cols, vocab, pair_vec(z, zs, zc, u, us, uc, vocab, -1),
+                             pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), esize(zc), esize(uc), esize(oc), device,
+                             std::getenv("MINILLM_FAST_FUSED_PLAN"));
   plan_out[0] = a.plan.vec; plan_out[1] = a.plan.cluster; plan_out[2] = a.plan.slice; plan_out[3] = a.plan.stages;
-  if (a.plan.cluster == 0) return 0;
+  plan_out[4] = static_cast<int>(a.plan.chunk_rows);
+  if (!a.plan.any()) return 0;
   if (a.plan.smem > kEmuDynamicShared) return 1;
-  std::vector<float> ws;
-  if (a.plan.cluster > 1) { ws.assign(n * a.plan.cluster * kRowStatsPartialFloats, 12345.0f); a.workspace = ws.data(); }
+  std::vector<float> ws(a.plan.workspace_floats(n), 12345.0f);
+  if (!ws.empty()) a.workspace = ws.data();
   int err = 1;  // a dz dtype the launchers are not instantiated for
   dispatch_grad(zc, uc, oc, [&](auto zt, auto ut, auto ot) {
     err = launch_row_stats_grad<decltype(zt), decltype(ut), decltype(ot)>(a, nullptr);

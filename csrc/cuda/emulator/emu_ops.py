@@ -12,6 +12,7 @@ import torch
 
 _lib = ctypes.CDLL(os.environ["MINILLM_FAST_CUDA_EMULATOR"])
 NUM_SMS = int(os.environ.get("MINILLM_FAST_CUDA_EMULATOR_SMS", "132"))
+L2_BYTES = 50 << 20  # an H100's L2 cache
 CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
@@ -29,8 +30,8 @@ def _rows(x):
 def _stride(x):
     return x.stride(0) if x.size(0) > 1 else 0
 
-def _plan():
-    return (ctypes.c_int * 4)()
+def _plan(entries=4):
+    return (ctypes.c_int * entries)()
 
 def row_stats(z, u, tokens, inv_temp):
     z, u = _rows(z), _rows(u)
@@ -108,7 +109,8 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
 def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=8,
                    max_smem=232448):
     """(stats, dz) as the CUDA op (max_cluster, max_smem: an H100's limits by default); dz is empty when there is no
-    fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages)."""
+    fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages,
+    chunk_rows)."""
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
     out_dtype = grad_dtype or z.dtype
@@ -117,16 +119,17 @@ def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=No
     policy = policy.contiguous() if policy is not None else None
     stats = torch.full((n, 10), 777.0)
     dz = torch.full(z.shape, 555.0).to(out_dtype)
-    pl = _plan()
+    pl = _plan(5)
     if n and z.size(1):
         r = _lib.emu_row_stats_grad(CODE[z.dtype], CODE[u.dtype], CODE[out_dtype], _ptr(z), _ptr(u), _ptr(tok),
                                     _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),
                                     ctypes.c_float(1.0 + clip_eps), _ptr(stats), _ptr(dz), I64(n),
                                     I64(_stride(z)), I64(_stride(u)), ctypes.c_int(vocab), ctypes.c_int(z.size(1)),
-                                    ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), ctypes.c_int(max_smem), pl)
+                                    ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), ctypes.c_int(max_smem),
+                                    ctypes.c_int(NUM_SMS), I64(L2_BYTES), pl)
         assert r == 0
     LAST_PLAN["row_stats_grad"] = list(pl)
-    if not n or not z.size(1) or pl[1] == 0:
+    if not n or not z.size(1) or (pl[1] == 0 and pl[4] == 0):
         return row_stats(z, u, tokens, inv_temp), torch.empty(0, dtype=out_dtype)
     return stats, dz
 

@@ -1,8 +1,8 @@
 """Plan sweep of the cuda backend's statistics-and-gradient op (``row_stats_grad``, see
 ``csrc/cuda/row_stats_grad.cu``) on a GPU: ``reverse_kl`` and ``minillm_loss`` forward+backward at one shape for each
 ``MINILLM_FAST_FUSED_PLAN`` value ("default": the binding's choice; "off": the losses' own two passes; "S" or "S,K":
-the one-pass kernel with S row buffers and K blocks per row; "l2" or "l2:R": the two passes chunk by chunk of R rows
-held in L2), with the losses' opt-in ``MINILLM_FAST_GRAD_IN_PASS=1`` set, against the
+the one-pass kernel with S row buffers and K blocks per row; "l2[s][:R]": the two passes chunk by chunk of R rows
+held in L2, their kernels chained by programmatic dependent launch unless "l2s"), with the losses' opt-in ``MINILLM_FAST_GRAD_IN_PASS=1`` set, against the
 bandwidth floor (6 bytes per bf16 element -- read both rows, write the gradient -- over the measured copy
 bandwidth). Each candidate's gradient is checked against the two-pass path's.
 
@@ -34,9 +34,9 @@ def _step(op: str, z, u, tokens):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="8192x128256", help="NxV")
-    parser.add_argument("--plans", default="off;l2;l2:16;l2:24;l2:48;l2:64;default;1,8",
+    parser.add_argument("--plans", default="off;l2;l2s;l2:16;l2:24;l2:48;l2:64;default;1,8",
                         help="';'-separated MINILLM_FAST_FUSED_PLAN values: default, off, S (row buffers) or S,K (and "
-                        "blocks per row), l2 or l2:R (rows per chunk)")
+                        "blocks per row), l2[s][:R] (R rows per chunk; s: kernels not chained)")
     parser.add_argument("--ops", default="reverse_kl,minillm_loss")
     args = parser.parse_args(argv)
     n, v = (int(x) for x in args.shape.split("x"))

@@ -538,11 +538,11 @@ def test_row_stats_grad_plans():
     n = 3
     z, u = logits(n, 128256, torch.bfloat16, seed=61), logits(n, 128256, torch.bfloat16, seed=62)
     check_row_stats_grad(z, u, None, random_coef(n, 63), None, 1.0, "H100 plan")
-    assert ops.LAST_PLAN["row_stats_grad"] == [8, 5, 28672, 2, 0]
+    assert ops.LAST_PLAN["row_stats_grad"] == [8, 5, 28672, 2, 0, 0]
     # An A100's (no clusters, 163 KB): one block per row, two buffers up to 20480 bf16 columns, one up to 40960, no
     # plan beyond.
     a100 = dict(max_cluster=1, max_smem=166912)
-    for v, plan in ((20000, [8, 1, 20480, 2, 0]), (40000, [8, 1, 40960, 1, 0])):
+    for v, plan in ((20000, [8, 1, 20480, 2, 0, 0]), (40000, [8, 1, 40960, 1, 0, 0])):
         z, u = logits(n, v, torch.bfloat16, seed=v), logits(n, v, torch.bfloat16, seed=v + 1)
         tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(v + 2))
         check_row_stats_grad(z, u, tokens, random_coef(n, v + 3), None, 1.0, f"A100 V={v}", **a100)
@@ -565,10 +565,10 @@ def test_row_stats_grad_one_buffer(monkeypatch):
     check_row_stats_grad(z, u, tokens, random_coef(n, 74), None, 1.0, "off", fused=False)
 
 
-@pytest.mark.parametrize("plan", ["l2", "l2:2", "l2:3"])
+@pytest.mark.parametrize("plan", ["l2", "l2:2", "l2s:3"])
 def test_row_stats_grad_two_passes_in_l2(monkeypatch, plan):
-    # MINILLM_FAST_FUSED_PLAN=l2[:R]: row_stats then logits_grad per chunk of R rows (the last one partial), split
-    # rows' states merged by logits_grad. Every dtype pair at a size that splits rows (few rows: many blocks per row)
+    # MINILLM_FAST_FUSED_PLAN=l2[s][:R]: row_stats then logits_grad per chunk of R rows (the last one partial), split
+    # rows' states merged by logits_grad; the kernels chained (programmatic dependent launch) unless "l2s". Every dtype pair at a size that splits rows (few rows: many blocks per row)
     # and one that does not, odd strides (no vector loads: this plan needs none), -inf and empty rows, both policy
     # branches, a padded student and 16-bit dz of float32 rows.
     monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
@@ -585,8 +585,9 @@ def test_row_stats_grad_two_passes_in_l2(monkeypatch, plan):
         what = f"{plan} {pair_id((zt, ut))} V={v}"
         check_row_stats_grad(z, u, tokens, coef, policy, 0.8, what)
         if EMULATOR:
-            rows = int(plan[3:]) if ":" in plan else n
+            rows = int(plan.split(":")[1]) if ":" in plan else n
             assert ops.LAST_PLAN["row_stats_grad"][1] == 0 and ops.LAST_PLAN["row_stats_grad"][4] == rows
+            assert ops.LAST_PLAN["row_stats_grad"][5] == (plan[2:3] != "s")
         check_row_stats_grad(z, u, None, coef, None, 0.8, what + " no tokens, no policy")
     z, u = logits(n, 1032, torch.bfloat16, seed=81), logits(n, 1000, torch.float32, seed=82)
     check_row_stats_grad(z, u, None, random_coef(n, 83), None, 1.0, f"{plan} padded student")

@@ -1,7 +1,15 @@
-// The newer-GPU pieces of the persistent one-pass kernel (row_stats_grad.cu), in one place: thread-block clusters
+// The newer-GPU pieces, in one place: for the persistent one-pass kernel (row_stats_grad.cu), thread-block clusters
 // (sm_90: the launch, the barrier, how many fit), asynchronous copies from global to shared memory (cp.async, sm_80)
-// and shared arrays. The CPU emulator (csrc/cuda/emulator) runs a cluster's blocks side by side and provides its own
-// versions of all of them (MINILLM_FAST_EMULATOR).
+// and shared arrays; for chains of short kernels (row_stats_grad's two passes in L2), programmatic dependent launch
+// (sm_90). The CPU emulator (csrc/cuda/emulator) runs a cluster's blocks side by side and provides its own versions
+// of all of them (MINILLM_FAST_EMULATOR).
+//
+// A kernel launched by launch_chained(..., chained = true, ...) may be scheduled before the kernel ahead of it on the
+// stream has finished: as soon as every block of that kernel has started and called chained_grid_begin. Each block
+// of a chained kernel calls chained_grid_begin before it touches memory: it lets the next kernel be scheduled, then
+// waits until the kernel ahead has completed and its writes are visible (griddepcontrol.wait), so that the results
+// are those of plain stream order. What is gained is the launch latency and block scheduling of each kernel, hidden
+// behind the tail of the one before.
 //
 // A kernel launched by launch_clustered(kernel, grid, block, k, smem, ...) gets a 1-D grid whose consecutive groups
 // of k blocks form one cluster each: the cluster's rank of a block is blockIdx.x % k, and all k blocks are resident
@@ -25,6 +33,15 @@ template <typename Args>
 cudaError_t launch_clustered(void (*kernel)(Args), dim3 grid, dim3 block, int k, size_t, cudaStream_t,
                              const Args& args) {
   emu_launch_cluster(kernel, grid, block, static_cast<unsigned>(k), args);
+  return cudaSuccess;
+}
+
+// The emulator runs kernels one after another: nothing to wait for.
+__device__ __forceinline__ void chained_grid_begin() {}
+
+template <typename Args>
+cudaError_t launch_chained(void (*kernel)(Args), dim3 grid, dim3 block, cudaStream_t, bool, const Args& args) {
+  emu_launch(kernel, grid, block, args);
   return cudaSuccess;
 }
 
@@ -118,6 +135,34 @@ int resident_clusters(void (*kernel)(Args), dim3 block, int k, size_t smem) {
   const cudaLaunchConfig_t config = cluster_config(dim3(static_cast<unsigned>(k)), block, k, smem, nullptr, attribute);
   int clusters = 0;
   return cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess ? clusters : 0;
+}
+
+// See the header. Below sm_90 chains are never launched (make_l2_plan), and this compiles to nothing.
+__device__ __forceinline__ void chained_grid_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n\tgriddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, 0, stream>>>(args), allowed to start early when `chained` (see the header; sm_90).
+template <typename Args>
+cudaError_t launch_chained(void (*kernel)(Args), dim3 grid, dim3 block, cudaStream_t stream, bool chained,
+                           const Args& args) {
+  if (!chained) {
+    kernel<<<grid, block, 0, stream>>>(args);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args);
 }
 
 #define MINILLM_FAST_BLOCK_SHARED(T, name, n) __shared__ T name[n]

@@ -27,6 +27,7 @@ struct RowPlan {
   int threads = 64;
   int splits = 1;
   int chunk = 1;
+  bool chained = false;  // launched by launch_chained (cluster.cuh): may start before the kernel ahead has finished
 };
 
 constexpr int kMaxThreads = 512;
@@ -214,21 +215,33 @@ inline FusedPlan make_fused_plan(int64_t z_cols, int vec, int elem_bytes, int ma
   return plan;
 }
 
-// MINILLM_FAST_FUSED_PLAN "l2" or "l2:R": the two-pass plan over chunks of rows held in L2 (R rows per chunk;
-// 0 for the default). -1 for any other value.
-inline int64_t forced_l2_rows(const char* forced) {
-  if (forced == nullptr || forced[0] != 'l' || forced[1] != '2') return -1;
+// MINILLM_FAST_FUSED_PLAN "l2[s][:R]": the two-pass plan over chunks of rows held in L2, R rows per chunk (rows;
+// 0: the default), its kernels chained (launch_chained) where the GPU can, or with "l2s" in plain stream order
+// (serial). requested = false for any other value.
+struct L2Request {
+  bool requested = false;
+  bool serial = false;
+  int64_t rows = 0;
+};
+
+inline L2Request forced_l2(const char* forced) {
+  L2Request r;
+  if (forced == nullptr || forced[0] != 'l' || forced[1] != '2') return r;
+  r.requested = true;
+  r.serial = forced[2] == 's';
+  const char* rest = forced + (r.serial ? 3 : 2);
   long long rows = 0;
-  if (forced[2] == ':' && std::sscanf(forced + 3, "%lld", &rows) == 1 && rows > 0) return rows;
-  return 0;
+  if (rest[0] == ':' && std::sscanf(rest + 1, "%lld", &rows) == 1 && rows > 0) r.rows = rows;
+  return r;
 }
 
 // The two-pass plan over chunks held in L2: chunk_rows = R, by default as many rows as keep a chunk's student and
 // teacher rows and its dz (row_bytes per row) within half of the l2_bytes cache (bf16 [*, 128256] on an H100's
 // 50 MB: 32 rows), at least 1 and at most n_rows; row_stats' plan over vocab columns (stats_vec: the rows' vector
-// width) and logits_grad's over z_cols (grad_vec: also dz's), each sized by make_plan for chunk_rows rows.
+// width) and logits_grad's over z_cols (grad_vec: also dz's), each sized by make_plan for chunk_rows rows; the
+// kernels chained (launch_chained) when `chained` (sm_90 and later only).
 inline FusedPlan make_l2_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,
-                              int64_t row_bytes, int64_t l2_bytes, int num_sms, int64_t forced_rows = 0) {
+                              int64_t row_bytes, int64_t l2_bytes, int num_sms, int64_t forced_rows, bool chained) {
   FusedPlan plan;
   plan.vec = grad_vec;
   if (n_rows <= 0 || z_cols <= 0) return plan;
@@ -236,28 +249,29 @@ inline FusedPlan make_l2_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int
   plan.chunk_rows = rows < 1 ? 1 : (rows > n_rows ? n_rows : rows);
   plan.stats_plan = make_plan(plan.chunk_rows, vocab, stats_vec, num_sms, /*may_split=*/true);
   plan.grad_plan = make_plan(plan.chunk_rows, z_cols, grad_vec, num_sms, /*may_split=*/true);
+  plan.stats_plan.chained = plan.grad_plan.chained = chained;
   return plan;
 }
 
 // What row_stats_grad's plans depend on besides the shapes: the device's limits.
 struct FusedDevice {
-  int max_cluster = 1;    // kMaxCluster on sm_90 and later, else 1
+  int max_cluster = 1;    // kMaxCluster on sm_90 and later, else 1 (also: whether kernels can be chained)
   int64_t max_smem = 0;   // opt-in shared memory per block, bytes
   int num_sms = 0;
   int64_t l2_bytes = 0;
 };
 
-// row_stats_grad's plan: make_l2_plan's when `forced` (MINILLM_FAST_FUSED_PLAN) is "l2[:R]", else
+// row_stats_grad's plan: make_l2_plan's when `forced` (MINILLM_FAST_FUSED_PLAN) is "l2[s][:R]", else
 // make_fused_plan's. z_bytes, u_bytes, out_bytes: element sizes of the student, teacher and dz.
 inline FusedPlan choose_fused_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,
                                    int z_bytes, int u_bytes, int out_bytes, const FusedDevice& device,
                                    const char* forced) {
-  const int64_t l2_rows = forced_l2_rows(forced);
-  if (l2_rows < 0) {
+  const L2Request l2 = forced_l2(forced);
+  if (!l2.requested) {
     return make_fused_plan(z_cols, grad_vec, z_bytes + u_bytes, device.max_cluster, device.max_smem, forced);
   }
   return make_l2_plan(n_rows, z_cols, vocab, stats_vec, grad_vec, z_cols * (z_bytes + out_bytes) + vocab * u_bytes,
-                      device.l2_bytes, device.num_sms, l2_rows);
+                      device.l2_bytes, device.num_sms, l2.rows, !l2.serial && device.max_cluster > 1);
 }
 
 struct RowStatsGradArgs {

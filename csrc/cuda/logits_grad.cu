@@ -9,6 +9,7 @@
 // student's dtype, or (logits_grad_into) in bfloat16 / float16 from float32 rows, with any row stride.
 // row_stats_grad's two-pass plan runs it in_pass (LogitsGradArgs): coefficients completed from the statistics, and
 // split rows' statistics merged here rather than by row_stats' merge kernel (one launch less per chunk of rows).
+#include "cluster.cuh"
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -46,6 +47,7 @@ __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restr
 
 template <typename Tz, typename Tu, typename To, int E>
 __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGradArgs args) {
+  if (args.plan.chained) chained_grid_begin();  // row_stats_grad's two passes in L2 (cluster.cuh)
   const int64_t row = blockIdx.x;
   const int c0 = static_cast<int>(blockIdx.y) * args.plan.chunk;
   const int c1 = min(args.z_cols, c0 + args.plan.chunk);
@@ -96,12 +98,8 @@ cudaError_t launch_logits_grad(const LogitsGradArgs& args, cudaStream_t stream) 
   constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
   const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
   const dim3 block(static_cast<unsigned>(args.plan.threads));
-  if (args.plan.vec == kVec) {
-    logits_grad_kernel<Tz, Tu, To, kVec><<<grid, block, 0, stream>>>(args);
-  } else {
-    logits_grad_kernel<Tz, Tu, To, 1><<<grid, block, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+  const auto kernel = args.plan.vec == kVec ? logits_grad_kernel<Tz, Tu, To, kVec> : logits_grad_kernel<Tz, Tu, To, 1>;
+  return launch_chained(kernel, grid, block, stream, args.plan.chained, args);
 }
 
 MINILLM_FAST_INSTANTIATE_FUSED(launch_logits_grad, LogitsGradArgs)

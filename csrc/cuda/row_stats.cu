@@ -8,6 +8,7 @@
 // rows alone cannot fill the GPU, a row is split across gridDim.y blocks that write partial states, and
 // row_stats_merge_kernel (one warp per row) merges and finalises them (or, for row_stats_grad's two-pass plan,
 // logits_grad's blocks do: leave_partials).
+#include "cluster.cuh"
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -28,6 +29,7 @@ __device__ __forceinline__ void finalize_row(const RowStatsArgs& args, int64_t r
 
 template <typename Tz, typename Tu, int E>
 __global__ void __launch_bounds__(kMaxThreads) row_stats_kernel(const RowStatsArgs args) {
+  if (args.plan.chained) chained_grid_begin();  // row_stats_grad's two passes in L2 (cluster.cuh)
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
@@ -94,11 +96,9 @@ cudaError_t launch_row_stats(const RowStatsArgs& args, cudaStream_t stream) {
   constexpr int kVec = 16 / (sizeof(Tz) > sizeof(Tu) ? sizeof(Tz) : sizeof(Tu));
   const dim3 grid(static_cast<unsigned>(args.n_rows), static_cast<unsigned>(args.plan.splits));
   const dim3 block(static_cast<unsigned>(args.plan.threads));
-  if (args.plan.vec == kVec) {
-    row_stats_kernel<Tz, Tu, kVec><<<grid, block, 0, stream>>>(args);
-  } else {
-    row_stats_kernel<Tz, Tu, 1><<<grid, block, 0, stream>>>(args);
-  }
+  const auto kernel = args.plan.vec == kVec ? row_stats_kernel<Tz, Tu, kVec> : row_stats_kernel<Tz, Tu, 1>;
+  const cudaError_t err = launch_chained(kernel, grid, block, stream, args.plan.chained, args);
+  if (err != cudaSuccess) return err;
   if (args.plan.splits > 1 && !args.leave_partials) {
     const int64_t rows_per_block = kMergeThreads / 32;
     const unsigned blocks = static_cast<unsigned>((args.n_rows + rows_per_block - 1) / rows_per_block);

@@ -23,10 +23,12 @@
 // 3.8 ms; benchmarks/logits_fused_plans.py), so the losses use it only when opted in (MINILLM_FAST_GRAD_IN_PASS=1).
 // An earlier version that held the rows in registers, one short-lived cluster per row, measured 6.9-10.7 ms.
 //
-// The other plan (MINILLM_FAST_FUSED_PLAN=l2[:R], launch_two_passes_in_l2) keeps the two passes but runs them chunk by
-// chunk of R rows (by default as many as fill half the L2 cache: 32 bf16 rows of 128256 on an H100), so that the
-// second pass finds its rows in L2: 6 bytes per element from memory as here, with the two-pass kernels' simple,
-// fully parallel structure, at the price of two launches per chunk. Not yet measured on a GPU.
+// The other plan (MINILLM_FAST_FUSED_PLAN=l2[s][:R], launch_two_passes_in_l2) keeps the two passes but runs them
+// chunk by chunk of R rows (by default as many as fill half the L2 cache with their rows and dz: 34 bf16 rows of
+// 128256 on an H100), so that the second pass finds its rows in L2: 6 bytes per element from memory as here, with
+// the two-pass kernels' simple, fully parallel structure, at the price of two launches per chunk, which on sm_90 are
+// chained (programmatic dependent launch, cluster.cuh; "l2s": not) so that each hides behind the previous one's
+// tail. Not yet measured on a GPU.
 #include "cluster.cuh"
 #include "launchers.h"
 #include "row_state.cuh"

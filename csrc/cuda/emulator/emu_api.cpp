@@ -107,8 +107,8 @@ int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* us
   return err;
 }
 // max_cluster: 8 as on sm_90, or 1 as on older GPUs; max_smem: the opt-in shared memory per block (H100: 232448);
-// num_sms, l2_bytes: for the two-pass plan in L2. plan_out = (vec, cluster, slice, stages, chunk_rows); neither a
-// cluster nor chunk_rows: no plan (nothing launched).
+// num_sms, l2_bytes: for the two-pass plan in L2. plan_out = (vec, cluster, slice, stages, chunk_rows, chained);
+// neither a cluster nor chunk_rows: no plan (nothing launched).
 int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* coef,
                        const float* policy, float clip_low, float clip_high, float* stats, void* dz, int64_t n,
                        int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int max_smem,
@@ -124,6 +124,7 @@ int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, con
                              std::getenv("MINILLM_FAST_FUSED_PLAN"));
   plan_out[0] = a.plan.vec; plan_out[1] = a.plan.cluster; plan_out[2] = a.plan.slice; plan_out[3] = a.plan.stages;
   plan_out[4] = static_cast<int>(a.plan.chunk_rows);
+  plan_out[5] = a.plan.stats_plan.chained;
   if (!a.plan.any()) return 0;
   if (a.plan.smem > kEmuDynamicShared) return 1;
   std::vector<float> ws(a.plan.workspace_floats(n), 12345.0f);

@@ -110,7 +110,7 @@ def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=No
                    max_smem=232448):
     """(stats, dz) as the CUDA op (max_cluster, max_smem: an H100's limits by default); dz is empty when there is no
     fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages,
-    chunk_rows)."""
+    chunk_rows, chained)."""
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
     out_dtype = grad_dtype or z.dtype
@@ -119,7 +119,7 @@ def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=No
     policy = policy.contiguous() if policy is not None else None
     stats = torch.full((n, 10), 777.0)
     dz = torch.full(z.shape, 555.0).to(out_dtype)
-    pl = _plan(5)
+    pl = _plan(6)
     if n and z.size(1):
         r = _lib.emu_row_stats_grad(CODE[z.dtype], CODE[u.dtype], CODE[out_dtype], _ptr(z), _ptr(u), _ptr(tok),
                                     _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),

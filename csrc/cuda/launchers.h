@@ -237,7 +237,7 @@ inline L2Request forced_l2(const char* forced) {
 
 // The two-pass plan over chunks held in L2: chunk_rows = R, by default as many rows as keep a chunk's student and
 // teacher rows and its dz (row_bytes per row) within half of the l2_bytes cache (bf16 [*, 128256] on an H100's
-// 50 MB: 32 rows), at least 1 and at most n_rows; row_stats' plan over vocab columns (stats_vec: the rows' vector
+// 50 MB: 34 rows), at least 1 and at most n_rows; row_stats' plan over vocab columns (stats_vec: the rows' vector
 // width) and logits_grad's over z_cols (grad_vec: also dz's), each sized by make_plan for chunk_rows rows; the
 // kernels chained (launch_chained) when `chained` (sm_90 and later only).
 inline FusedPlan make_l2_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,

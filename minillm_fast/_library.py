@@ -28,14 +28,16 @@ SCHEMAS = {
 # Optional primitives: a backend may implement them; callers fall back without them (semantics:
 # minillm_fast.backends). logits_grad_ (the CPU extension): logits_grad written into z itself (z is a scratch buffer
 # the caller owns). The CUDA extension's: logits_grad_into (written into a buffer the caller owns, e.g. in 16 bits),
-# row_stats_grad and scale_unless_one_ (row_stats and logits_grad in one pass over the rows, and the in-place
-# scaling of its gradient in backward).
+# row_stats_grad and scale_unless_one_ (row_stats and logits_grad in one call, each row read once from memory, and
+# the in-place scaling of its gradient in backward), row_stats_grad_into (the same, dz into a buffer the caller owns).
 OPTIONAL_SCHEMAS = {
     "logits_grad_": "(Tensor(a!) z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp) -> ()",
     "logits_grad_into": "(Tensor z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp, "
                         "Tensor(a!) out) -> ()",
     "row_stats_grad": "(Tensor z, Tensor u, Tensor? tokens, Tensor coef, Tensor? policy, float clip_eps, "
                       "float inv_temp, ScalarType? grad_dtype) -> (Tensor, Tensor)",
+    "row_stats_grad_into": "(Tensor z, Tensor u, Tensor? tokens, Tensor coef, Tensor? policy, float clip_eps, "
+                           "float inv_temp, Tensor(a!) out) -> Tensor",
     "scale_unless_one_": "(Tensor(a!) x, Tensor factor) -> ()",
 }
 
@@ -69,6 +71,11 @@ def _row_stats_grad_fake(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dt
     # The CUDA kernel returns an empty gradient where it has no plan for the rows; a trace assumes it has one.
     stats = z.new_empty((z.shape[0], NUM_STATS), dtype=torch.float32)
     return stats, torch.empty(z.shape, dtype=grad_dtype or z.dtype, device=z.device)
+
+
+@torch.library.register_fake("minillm_fast::row_stats_grad_into")
+def _row_stats_grad_into_fake(z, u, tokens, coef, policy, clip_eps, inv_temp, out):
+    return z.new_empty((z.shape[0], NUM_STATS), dtype=torch.float32)
 
 
 @torch.library.register_fake("minillm_fast::scale_unless_one_")

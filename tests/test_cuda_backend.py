@@ -607,6 +607,38 @@ def test_two_passes_in_l2_default_chunk(monkeypatch):
     assert ops.LAST_PLAN["row_stats_grad"][4] == (50 << 20) // 2 // (128256 * 6) == 34
 
 
+@pytest.mark.parametrize("plan", [None, "l2:2", "l2s:3", "1,8"])
+def test_row_stats_grad_into(monkeypatch, plan):
+    # dz written into the caller's buffer (rows of a wider one: a row stride of its own), always by the two passes
+    # in L2 (a one-pass MINILLM_FAST_FUSED_PLAN is ignored); the buffer's other columns untouched. As the fused-linear
+    # path uses it: float32 rows, bf16/fp16 dz, a padded student; and a bf16 pair into bf16.
+    from minillm_fast.loss import row_stats_grad_composed
+    if plan:
+        monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
+    n = 7
+    cases = [(torch.float32, torch.float32, torch.bfloat16, 5000, 5000), (torch.float32, torch.float32, torch.float16,
+             1032, 1000), (torch.bfloat16, torch.bfloat16, torch.bfloat16, 40000, 40000)]
+    for zt, ut, ot, vs, vt in cases:
+        z, u = logits(n, vs, zt, seed=vs + 1), logits(n, vt, ut, seed=vt + 2, scale=2.5)
+        z[1] = -math.inf
+        u[3, ::3] = -math.inf
+        tokens = torch.randint(0, min(vs, vt), (n,), device=DEVICE, generator=gen_for(vs + 3))
+        coef = random_coef(n, seed=vs + 4, zero_rows=(4,))
+        policy = _policy_near_ratio_one(z, u, tokens, 0.9, seed=vs + 5)
+        buffer = torch.full((n, vs + 8), 3.0, device=DEVICE, dtype=ot)
+        out = buffer[:, 8:]
+        stats = ops.row_stats_grad_into(z, u, tokens, coef, policy, 0.2, 0.9, out)
+        ref_stats, ref_dz = row_stats_grad_composed(torch_backend, z, u, tokens, coef.clone(), policy, 0.2, 0.9,
+                                                    ot)
+        what = f"into {plan} {SHORT[zt]}/{SHORT[ut]} -> {SHORT[ot]} {vs}/{vt}"
+        for col, name in enumerate(STAT_NAMES):
+            assert_close(stats[:, col], ref_stats[:, col], STATS_RTOL, f"{what} stats[{name}]")
+        assert_close(out, ref_dz, GRAD_RTOL[ot], f"{what} dz", atol=1e-7)
+        assert bool((buffer[:, :8] == 3.0).all()), f"{what}: wrote outside out"
+        if EMULATOR:
+            assert ops.LAST_PLAN["row_stats_grad"][4] > 0, f"{what}: not the L2 plan"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=SHORT.get)
 @pytest.mark.parametrize("numel", [1, 13, 4096 * 3 + 5])
 def test_scale_unless_one(dtype, numel):

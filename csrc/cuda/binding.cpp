@@ -211,6 +211,25 @@ void dispatch_grad(const Rows& r, at::ScalarType out_type, F&& f) {
   });
 }
 
+// A gradient buffer the caller owns: [N, V_s] on z's device, unit column stride, a dtype check_grad_dtype allows.
+void check_grad_out(const at::Tensor& out, const Rows& r, const char* op) {
+  TORCH_CHECK(out.device() == r.z.device(), "minillm_fast (cuda): out must be on ", r.z.device(), ", got ",
+              out.device());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == r.n_rows && out.size(1) == r.z.size(1) &&
+                  (out.size(1) <= 1 || out.stride(1) == 1),
+              "minillm_fast (cuda): out must be [", r.n_rows, ", ", r.z.size(1), "] with unit column stride, got ",
+              out.sizes(), " with strides ", out.strides());
+  check_grad_dtype(out.scalar_type(), r, op);
+}
+
+// Vector width for reading both rows and writing dz (its base and row stride aligned too).
+int out_vec(const Rows& r, const at::Tensor& dz) {
+  const int64_t dz_stride = row_stride(dz);
+  const int e = vector_elems(static_cast<int>(std::max(r.z.element_size(), r.u.element_size())));
+  const int vec = pair_vec(r, dz_stride);
+  return rows_aligned(dz.data_ptr(), dz_stride, static_cast<int>(dz.element_size()), e) ? vec : 1;
+}
+
 // logits_grad into dz ([N, z_cols], unit column stride, any row stride, on z's device).
 void logits_grad_to(const Rows& r, const std::optional<at::Tensor>& tokens, const at::Tensor& stats_in,
                     const at::Tensor& coef_in, double inv_temp, at::Tensor& dz) {
@@ -221,9 +240,7 @@ void logits_grad_to(const Rows& r, const std::optional<at::Tensor>& tokens, cons
   const int64_t z_cols = r.z.size(1);
   if (r.n_rows == 0 || z_cols == 0) return;
   const int64_t dz_stride = row_stride(dz);
-  int vec = pair_vec(r, dz_stride);
-  const int e = vector_elems(static_cast<int>(std::max(r.z.element_size(), r.u.element_size())));
-  if (!rows_aligned(dz.data_ptr(), dz_stride, static_cast<int>(dz.element_size()), e)) vec = 1;
+  const int vec = out_vec(r, dz);
 
   LogitsGradArgs args;
   args.z = r.z.data_ptr();
@@ -261,14 +278,62 @@ at::Tensor logits_grad_cuda(const at::Tensor& z_in, const at::Tensor& u_in, cons
 void logits_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const std::optional<at::Tensor>& tokens,
                            const at::Tensor& stats_in, const at::Tensor& coef_in, double inv_temp, at::Tensor& out) {
   const Rows r = check_rows(z_in, u_in);
-  TORCH_CHECK(out.device() == r.z.device(), "minillm_fast (cuda): out must be on ", r.z.device(), ", got ",
-              out.device());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == r.n_rows && out.size(1) == r.z.size(1) &&
-                  (out.size(1) <= 1 || out.stride(1) == 1),
-              "minillm_fast (cuda): out must be [", r.n_rows, ", ", r.z.size(1), "] with unit column stride, got ",
-              out.sizes(), " with strides ", out.strides());
-  check_grad_dtype(out.scalar_type(), r, "logits_grad_into");
+  check_grad_out(out, r, "logits_grad_into");
   logits_grad_to(r, tokens, stats_in, coef_in, inv_temp, out);
+}
+
+// The device's limits for row_stats_grad's plans.
+FusedDevice fused_device() {
+  FusedDevice device;
+  device.max_cluster = max_cluster();
+  device.max_smem = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
+  device.num_sms = num_sms();
+  device.l2_bytes = device_attribute<cudaDevAttrL2CacheSize>();
+  return device;
+}
+
+// Runs row_stats_grad's `plan` on the rows: statistics returned, dz written into `dz` ([N, V_s], unit column
+// stride, checked by the callers).
+at::Tensor row_stats_grad_to(const Rows& r, const std::optional<at::Tensor>& tokens, const at::Tensor& coef_in,
+                             const std::optional<at::Tensor>& policy_in, double clip_eps, double inv_temp,
+                             const FusedPlan& plan, at::Tensor& dz) {
+  const auto tok = tokens_i64(tokens, r.z);
+  const at::Tensor coef = side_f32(coef_in, r.z, kNumCoefs, "coef");
+  std::optional<at::Tensor> policy;
+  if (policy_in.has_value() && policy_in->defined()) policy = side_f32(*policy_in, r.z, 3, "policy");
+  at::Tensor stats = at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
+  at::Tensor workspace;
+
+  RowStatsGradArgs args;
+  args.z = r.z.data_ptr();
+  args.u = r.u.data_ptr();
+  args.tokens = tok ? tok->data_ptr<int64_t>() : nullptr;
+  args.coef = coef.data_ptr<float>();
+  args.policy = policy ? policy->data_ptr<float>() : nullptr;
+  args.clip_low = static_cast<float>(1.0 - clip_eps);
+  args.clip_high = static_cast<float>(1.0 + clip_eps);
+  args.stats = stats.data_ptr<float>();
+  args.dz = dz.data_ptr();
+  args.dz_stride = row_stride(dz);
+  args.n_rows = r.n_rows;
+  args.z_stride = row_stride(r.z);
+  args.u_stride = row_stride(r.u);
+  args.vocab = r.vocab;
+  args.z_cols = static_cast<int>(r.z.size(1));
+  args.inv_temp = static_cast<float>(inv_temp);
+  args.plan = plan;
+  if (plan.workspace_floats(r.n_rows) > 0) {
+    workspace = at::empty({plan.workspace_floats(r.n_rows)}, stats.options());
+    args.workspace = workspace.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_grad(r, dz.scalar_type(), [&](auto zt, auto ut, auto ot) {
+    using Tz = typename decltype(zt)::type;
+    using Tu = typename decltype(ut)::type;
+    using To = typename decltype(ot)::type;
+    check_cuda_ok(launch_row_stats_grad<Tz, Tu, To>(args, stream), "row_stats_grad");
+  });
+  return stats;
 }
 
 // row_stats and, where choose_fused_plan finds a plan, dz in the same call (else an empty dz: the caller runs
@@ -283,56 +348,38 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
   const at::ScalarType out_type = grad_dtype.value_or(r.z.scalar_type());
   check_grad_dtype(out_type, r, "row_stats_grad");
   const int64_t z_cols = r.z.size(1);
-  FusedDevice device;
-  device.max_cluster = max_cluster();
-  device.max_smem = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>();
-  device.num_sms = num_sms();
-  device.l2_bytes = device_attribute<cudaDevAttrL2CacheSize>();
   const FusedPlan plan = choose_fused_plan(
       r.n_rows, z_cols, r.vocab, pair_vec(r), pair_vec(r, z_cols), static_cast<int>(r.z.element_size()),
-      static_cast<int>(r.u.element_size()), static_cast<int>(c10::elementSize(out_type)), device,
+      static_cast<int>(r.u.element_size()), static_cast<int>(c10::elementSize(out_type)), fused_device(),
       std::getenv("MINILLM_FAST_FUSED_PLAN"));
   const bool fused = plan.any() && r.n_rows > 0 && r.n_rows * plan.cluster < (int64_t{1} << 31);
   if (!fused) {
     return {row_stats_cuda(z_in, u_in, tokens, inv_temp), at::empty({0}, r.z.options().dtype(out_type))};
   }
-  const auto tok = tokens_i64(tokens, r.z);
-  const at::Tensor coef = side_f32(coef_in, r.z, kNumCoefs, "coef");
-  std::optional<at::Tensor> policy;
-  if (policy_in.has_value() && policy_in->defined()) policy = side_f32(*policy_in, r.z, 3, "policy");
-  at::Tensor stats = at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
   at::Tensor dz = at::empty({r.n_rows, z_cols}, r.z.options().dtype(out_type));
-  at::Tensor workspace;
+  return {row_stats_grad_to(r, tokens, coef_in, policy_in, clip_eps, inv_temp, plan, dz), dz};
+}
 
-  RowStatsGradArgs args;
-  args.z = r.z.data_ptr();
-  args.u = r.u.data_ptr();
-  args.tokens = tok ? tok->data_ptr<int64_t>() : nullptr;
-  args.coef = coef.data_ptr<float>();
-  args.policy = policy ? policy->data_ptr<float>() : nullptr;
-  args.clip_low = static_cast<float>(1.0 - clip_eps);
-  args.clip_high = static_cast<float>(1.0 + clip_eps);
-  args.stats = stats.data_ptr<float>();
-  args.dz = dz.data_ptr();
-  args.n_rows = r.n_rows;
-  args.z_stride = row_stride(r.z);
-  args.u_stride = row_stride(r.u);
-  args.vocab = r.vocab;
-  args.z_cols = static_cast<int>(z_cols);
-  args.inv_temp = static_cast<float>(inv_temp);
-  args.plan = plan;
-  if (plan.workspace_floats(r.n_rows) > 0) {
-    workspace = at::empty({plan.workspace_floats(r.n_rows)}, stats.options());
-    args.workspace = workspace.data_ptr<float>();
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_grad(r, out_type, [&](auto zt, auto ut, auto ot) {
-    using Tz = typename decltype(zt)::type;
-    using Tu = typename decltype(ut)::type;
-    using To = typename decltype(ot)::type;
-    check_cuda_ok(launch_row_stats_grad<Tz, Tu, To>(args, stream), "row_stats_grad");
-  });
-  return {stats, dz};
+// row_stats_grad with dz written into `out` (e.g. rows of a 16-bit buffer the caller owns: [N, V_s], unit column
+// stride, any row stride), always by the two passes in L2 (make_l2_plan; MINILLM_FAST_FUSED_PLAN "l2[s][:R]" still
+// picks its variant), which take any rows. Returns the statistics.
+at::Tensor row_stats_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_in,
+                                    const std::optional<at::Tensor>& tokens, const at::Tensor& coef_in,
+                                    const std::optional<at::Tensor>& policy_in, double clip_eps, double inv_temp,
+                                    at::Tensor& out) {
+  const Rows r = check_rows(z_in, u_in);
+  check_grad_out(out, r, "row_stats_grad_into");
+  const c10::cuda::CUDAGuard guard(r.z.device());
+  const int64_t z_cols = r.z.size(1);
+  const char* forced = std::getenv("MINILLM_FAST_FUSED_PLAN");
+  const L2Request l2 = forced_l2(forced);
+  const FusedDevice device = fused_device();
+  const FusedPlan plan = make_l2_plan(
+      r.n_rows, z_cols, r.vocab, pair_vec(r), out_vec(r, out),
+      z_cols * static_cast<int64_t>(r.z.element_size() + out.element_size()) + r.vocab * r.u.element_size(),
+      device.l2_bytes, device.num_sms, l2.rows, !l2.serial && device.max_cluster > 1);
+  if (r.n_rows == 0 || z_cols == 0) return at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
+  return row_stats_grad_to(r, tokens, coef_in, policy_in, clip_eps, inv_temp, plan, out);
 }
 
 // x *= factor in place (factor: a float32 scalar on x's device), skipped on the device when factor is 1.
@@ -484,5 +531,6 @@ TORCH_LIBRARY_IMPL(minillm_fast, CUDA, m) {
   m.impl("jsd_grad", &minillm_fast::cuda::jsd_grad_cuda);
   m.impl("sample_rows", &minillm_fast::cuda::sample_rows_cuda);
   m.impl("row_stats_grad", &minillm_fast::cuda::row_stats_grad_cuda);
+  m.impl("row_stats_grad_into", &minillm_fast::cuda::row_stats_grad_into_cuda);
   m.impl("scale_unless_one_", &minillm_fast::cuda::scale_unless_one_cuda);
 }

@@ -153,7 +153,7 @@ struct JsdArgs {
 
 // ---------------------------------------------------------------------------------------------------------------
 // row_stats_grad: row_stats and logits_grad in one kernel that reads each row once (row_stats_grad.cu), for
-// coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (contiguous, dtype To) as
+// coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (row stride dz_stride, dtype To) as
 // logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight) the c_q and
 // c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
 // distribution get zeros. Two plans:
@@ -282,8 +282,9 @@ struct RowStatsGradArgs {
   const float* policy = nullptr;    // [N, 3] or null
   float clip_low = 0.8f, clip_high = 1.2f;  // (float)(1 - eps), (float)(1 + eps)
   float* stats = nullptr;           // [N, 10]
-  float* workspace = nullptr;       // [N, cluster, 8] when plan.cluster > 1
+  float* workspace = nullptr;       // plan.workspace_floats(n_rows) floats
   void* dz = nullptr;               // [N, z_cols]
+  int64_t dz_stride = 0;            // dz's row stride in elements (the one-pass plan: z_cols)
   int64_t n_rows = 0;
   int64_t z_stride = 0, u_stride = 0;
   int vocab = 0;

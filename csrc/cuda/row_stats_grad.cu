@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const Row
     const int64_t next = row + clusters;
     const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
     const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-    To* __restrict__ out = static_cast<To*>(args.dz) + row * static_cast<int64_t>(args.z_cols);
+    To* __restrict__ out = static_cast<To*>(args.dz) + row * args.dz_stride;
 
     RowInputs in;
     if (threadIdx.x == 0) in = load_row_inputs<Tz, Tu>(args, row, z, u);
@@ -256,8 +256,8 @@ cudaError_t launch_two_passes_in_l2(const RowStatsGradArgs& args, cudaStream_t s
     grad.tokens = stats.tokens;
     grad.stats = stats.stats;
     grad.coef = args.coef + a * kNumCoefs;
-    grad.dz = static_cast<To*>(args.dz) + a * args.z_cols;
-    grad.dz_stride = args.z_cols;
+    grad.dz = static_cast<To*>(args.dz) + a * args.dz_stride;
+    grad.dz_stride = args.dz_stride;
     grad.n_rows = rows;
     grad.z_stride = args.z_stride;
     grad.u_stride = args.u_stride;
@@ -289,7 +289,7 @@ cudaError_t launch_row_stats_grad(const RowStatsGradArgs& args, cudaStream_t str
   if (args.n_rows <= 0 || args.z_cols <= 0) return cudaSuccess;
   if (plan.chunk_rows > 0) return launch_two_passes_in_l2<Tz, Tu, To>(args, stream);
   if (plan.cluster < 1 || plan.cluster > kMaxCluster || plan.vec != kVec || plan.slice % (kFusedThreads * kVec) != 0 ||
-      (plan.cluster > 1 && !args.workspace)) {
+      (plan.cluster > 1 && !args.workspace) || (args.n_rows > 1 && args.dz_stride != args.z_cols)) {
     return cudaErrorInvalidValue;
   }
   const auto kernel = row_stats_grad_kernel<Tz, Tu, To, kVec>;

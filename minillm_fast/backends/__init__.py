@@ -51,6 +51,9 @@ Optional (a backend may have them; the ops fall back without them):
     in minillm_fast.loss); rows with an empty distribution get dz = 0. dz is in ``grad_dtype`` (default z's).
     Where the kernel has no plan for the rows (too long, not aligned for vector loads, ...) dz comes back empty
     and the caller runs logits_grad itself. Reference: ``minillm_fast.loss.row_stats_grad_composed``.
+``row_stats_grad_into(z, u, tokens, coef, policy, clip_eps, inv_temp, out) -> stats`` (CUDA): row_stats_grad with
+    dz written into ``out`` ([N, V_s], unit column stride, any row stride, dtype as ``logits_grad_into``'s), for any
+    rows (always the two passes chunk by chunk of rows held in L2): the fused-linear blocked path's opt-in.
 ``scale_unless_one_(x, factor)`` (CUDA): x *= factor in place, skipped on the device when factor (a float32
     scalar tensor) is 1, so that the common upstream gradient 1.0 costs neither a pass nor a host sync.
 ``logits_grad_(z, u, tokens, stats, coef, inv_temp)`` (CPU): logits_grad written over z.

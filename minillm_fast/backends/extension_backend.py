@@ -12,7 +12,7 @@ class ExtensionBackend:
         self.name = name
         # The optional primitives (minillm_fast._library.OPTIONAL_SCHEMAS) the extension has, as attributes.
         key = "CPU" if name == "cpu" else "CUDA"
-        for op in ("logits_grad_", "logits_grad_into", "row_stats_grad", "scale_unless_one_"):
+        for op in ("logits_grad_", "logits_grad_into", "row_stats_grad", "row_stats_grad_into", "scale_unless_one_"):
             if torch._C._dispatch_has_kernel_for_dispatch_key(f"minillm_fast::{op}", key):
                 setattr(self, op, getattr(torch.ops.minillm_fast, op))
 

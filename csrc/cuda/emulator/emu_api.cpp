@@ -107,21 +107,32 @@ int emu_sample_rows(int zc, int uc, const void* z, const void* u, const bool* us
   return err;
 }
 // max_cluster: 8 as on sm_90, or 1 as on older GPUs; max_smem: the opt-in shared memory per block (H100: 232448);
-// num_sms, l2_bytes: for the two-pass plan in L2. plan_out = (vec, cluster, slice, stages, chunk_rows, chained);
-// neither a cluster nor chunk_rows: no plan (nothing launched).
-int emu_row_stats_grad(int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens, const float* coef,
-                       const float* policy, float clip_low, float clip_high, float* stats, void* dz, int64_t n,
-                       int64_t zs, int64_t us, int vocab, int z_cols, float it, int max_cluster, int max_smem,
-                       int num_sms, int64_t l2_bytes, int* plan_out) {
+// num_sms, l2_bytes: for the two-pass plan in L2. into: row_stats_grad_into (dz with row stride ds; always the L2
+// plan), else row_stats_grad (contiguous dz). plan_out = (vec, cluster, slice, stages, chunk_rows, chained); neither
+// a cluster nor chunk_rows: no plan (nothing launched).
+int emu_row_stats_grad(int into, int zc, int uc, int oc, const void* z, const void* u, const int64_t* tokens,
+                       const float* coef, const float* policy, float clip_low, float clip_high, float* stats, void* dz,
+                       int64_t ds, int64_t n, int64_t zs, int64_t us, int vocab, int z_cols, float it,
+                       int max_cluster, int max_smem, int num_sms, int64_t l2_bytes, int* plan_out) {
   RowStatsGradArgs a;
   a.z = z; a.u = u; a.tokens = tokens; a.coef = coef; a.policy = policy; a.clip_low = clip_low;
-  a.clip_high = clip_high; a.stats = stats; a.dz = dz; a.n_rows = n; a.z_stride = zs; a.u_stride = us;
-  a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
+  a.clip_high = clip_high; a.stats = stats; a.dz = dz; a.dz_stride = ds; a.n_rows = n; a.z_stride = zs;
+  a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
   FusedDevice device;
   device.max_cluster = max_cluster; device.max_smem = max_smem; device.num_sms = num_sms; device.l2_bytes = l2_bytes;
-  a.plan = choose_fused_plan(n, z_cols, vocab, pair_vec(z, zs, zc, u, us, uc, vocab, -1),
-                             pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), esize(zc), esize(uc), esize(oc), device,
-                             std::getenv("MINILLM_FAST_FUSED_PLAN"));
+  const char* forced = std::getenv("MINILLM_FAST_FUSED_PLAN");
+  const int stats_vec = pair_vec(z, zs, zc, u, us, uc, vocab, -1);
+  int grad_vec = pair_vec(z, zs, zc, u, us, uc, vocab, ds);
+  if (grad_vec > 1 && !rows_aligned(dz, ds, esize(oc), grad_vec)) grad_vec = 1;
+  if (into) {
+    const L2Request l2 = forced_l2(forced);
+    a.plan = make_l2_plan(n, z_cols, vocab, stats_vec, grad_vec,
+                          static_cast<int64_t>(z_cols) * (esize(zc) + esize(oc)) + static_cast<int64_t>(vocab) * esize(uc),
+                          l2_bytes, num_sms, l2.rows, !l2.serial && max_cluster > 1);
+  } else {
+    a.plan = choose_fused_plan(n, z_cols, vocab, stats_vec, grad_vec, esize(zc), esize(uc), esize(oc), device,
+                               forced);
+  }
   plan_out[0] = a.plan.vec; plan_out[1] = a.plan.cluster; plan_out[2] = a.plan.slice; plan_out[3] = a.plan.stages;
   plan_out[4] = static_cast<int>(a.plan.chunk_rows);
   plan_out[5] = a.plan.stats_plan.chained;

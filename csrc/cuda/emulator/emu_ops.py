@@ -106,32 +106,41 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
     LAST_PLAN["sample"] = list(pl)
     return out
 
-def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=8,
-                   max_smem=232448):
-    """(stats, dz) as the CUDA op (max_cluster, max_smem: an H100's limits by default); dz is empty when there is no
-    fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages,
-    chunk_rows, chained)."""
+def _row_stats_grad(into, z, u, tokens, coef, policy, clip_eps, inv_temp, dz, max_cluster, max_smem):
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
-    out_dtype = grad_dtype or z.dtype
     tok = tokens.to(torch.int64).contiguous() if tokens is not None else None
     coef = coef.contiguous()
     policy = policy.contiguous() if policy is not None else None
     stats = torch.full((n, 10), 777.0)
-    dz = torch.full(z.shape, 555.0).to(out_dtype)
     pl = _plan(6)
     if n and z.size(1):
-        r = _lib.emu_row_stats_grad(CODE[z.dtype], CODE[u.dtype], CODE[out_dtype], _ptr(z), _ptr(u), _ptr(tok),
-                                    _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),
-                                    ctypes.c_float(1.0 + clip_eps), _ptr(stats), _ptr(dz), I64(n),
+        r = _lib.emu_row_stats_grad(ctypes.c_int(into), CODE[z.dtype], CODE[u.dtype], CODE[dz.dtype], _ptr(z), _ptr(u),
+                                    _ptr(tok), _ptr(coef), _ptr(policy), ctypes.c_float(1.0 - clip_eps),
+                                    ctypes.c_float(1.0 + clip_eps), _ptr(stats), _ptr(dz), I64(_stride(dz)), I64(n),
                                     I64(_stride(z)), I64(_stride(u)), ctypes.c_int(vocab), ctypes.c_int(z.size(1)),
                                     ctypes.c_float(inv_temp), ctypes.c_int(max_cluster), ctypes.c_int(max_smem),
                                     ctypes.c_int(NUM_SMS), I64(L2_BYTES), pl)
         assert r == 0
     LAST_PLAN["row_stats_grad"] = list(pl)
-    if not n or not z.size(1) or (pl[1] == 0 and pl[4] == 0):
+    return stats, pl
+
+def row_stats_grad(z, u, tokens, coef, policy, clip_eps, inv_temp, grad_dtype=None, max_cluster=8,
+                   max_smem=232448):
+    """(stats, dz) as the CUDA op (max_cluster, max_smem: an H100's limits by default); dz is empty when there is no
+    fused plan (then stats come from row_stats). LAST_PLAN["row_stats_grad"] = (vec, cluster, slice, stages,
+    chunk_rows, chained)."""
+    out_dtype = grad_dtype or z.dtype
+    dz = torch.full(z.shape, 555.0).to(out_dtype)
+    stats, pl = _row_stats_grad(0, z, u, tokens, coef, policy, clip_eps, inv_temp, dz, max_cluster, max_smem)
+    if not z.size(0) or not z.size(1) or (pl[1] == 0 and pl[4] == 0):
         return row_stats(z, u, tokens, inv_temp), torch.empty(0, dtype=out_dtype)
     return stats, dz
+
+def row_stats_grad_into(z, u, tokens, coef, policy, clip_eps, inv_temp, out):
+    """The CUDA op: stats returned, dz written into ``out`` (any row stride) by the two passes in L2."""
+    assert out.shape == z.shape and (out.size(1) <= 1 or out.stride(1) == 1)
+    return _row_stats_grad(1, z, u, tokens, coef, policy, clip_eps, inv_temp, out, 8, 232448)[0]
 
 def scale_unless_one_(x, factor):
     assert x.is_contiguous()

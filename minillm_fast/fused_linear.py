@@ -34,6 +34,16 @@ costs the two backward matmuls even if backward never runs; under ``torch.no_gra
 requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row) cannot be applied to a weight
 gradient after the fact: it recomputes the logits block by block in backward instead (6 matmuls in all).
 
+Tuning knob (read on each call): ``MINILLM_FAST_FUSED_LINEAR_BLOCKS="n,G"`` sets the tokens per block n and per
+group G (a multiple of n) in place of what ``rows_per_block`` / ``rows_per_block_and_group`` choose, both clamped to
+N rows; "n" alone sets the block size (where 16-bit matmuls form a gradient, with groups of GROUP_BLOCKS blocks).
+The budgets above then no longer apply: a block takes BYTES_PER_LOGIT n V bytes (8 n V where the backend writes dz
+into the group's buffer) and the group's 16-bit buffer 2 G V; each block's forward matmuls read both [V, H] weights
+once, and each group's pull-back reads and writes the whole [V, H] weight gradient once. Unset or empty: the
+defaults. A malformed value raises ``ValueError`` naming the variable. With ``process_group`` every rank must set the
+same value (the ranks' blocks run the same collectives). The on-chip path (``backend="triton"``) has no blocks and
+ignores it (``benchmarks/fused_linear_ops.py --blocks`` measures candidates).
+
 ``backend="triton"``: the on-chip path (``backends/triton_fused_linear.py``, kernels in ``kernels/fused_linear.py``).
 No block of logits exists in any memory: a statistics kernel forms logit tiles in registers (one tile matmul per
 model) and folds them into the per-row online-softmax state; a gradient kernel recomputes the tiles from those
@@ -51,6 +61,7 @@ and bias gradients are the local rows'; the hidden states' gradient is summed ov
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +118,48 @@ def rows_per_block_and_group(n_rows: int, vocab: int) -> tuple[int, int]:
     adds 1 byte per logit of a block (31.3 MiB)."""
     rows = rows_per_block(n_rows, vocab, BYTES_PER_LOGIT + 2 * GROUP_BLOCKS, MAX_GROUPED_BYTES)
     return rows, GROUP_BLOCKS * rows
+
+
+BLOCKS_ENV = "MINILLM_FAST_FUSED_LINEAR_BLOCKS"
+
+
+def blocks_override() -> tuple[int, int | None] | None:
+    """``MINILLM_FAST_FUSED_LINEAR_BLOCKS`` as (n, G), G None where only "n" is given; None where unset or empty.
+    Raises ``ValueError`` naming the variable unless it is "n" or "n,G" with integers n >= 1 and G a positive
+    multiple of n."""
+    text = os.environ.get(BLOCKS_ENV, "").strip()
+    if not text:
+        return None
+    expected = 'expected "n,G" (tokens per block, tokens per group: integers, n >= 1, G a multiple of n) or "n"'
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{BLOCKS_ENV}={text!r}: not integers; {expected}") from None
+    if len(values) > 2:
+        raise ValueError(f"{BLOCKS_ENV}={text!r}: {len(values)} numbers; {expected}")
+    if values[0] < 1:
+        raise ValueError(f"{BLOCKS_ENV}={text!r}: n = {values[0]} < 1; {expected}")
+    if len(values) == 1:
+        return values[0], None
+    if values[1] < 1 or values[1] % values[0]:
+        raise ValueError(f"{BLOCKS_ENV}={text!r}: G = {values[1]} is not a positive multiple of n = {values[0]}; "
+                         f"{expected}")
+    return values[0], values[1]
+
+
+def block_sizes(n_rows: int, vocab: int, grouped: bool,
+                override: tuple[int, int | None] | None = None) -> tuple[int, int | None]:
+    """(n, G): tokens per block, and per group where 16-bit matmuls form a gradient (``grouped``; else G is None).
+    Without ``override`` (``blocks_override()``: the tuning knob), ``rows_per_block_and_group`` or
+    ``rows_per_block``; with it, its n and G (G = GROUP_BLOCKS n where it gives only n), each clamped to [1, N]
+    (G = N is one group of all rows, whatever n)."""
+    if override is None:
+        return rows_per_block_and_group(n_rows, vocab) if grouped else (rows_per_block(n_rows, vocab), None)
+    n, group = override
+    if not grouped:
+        return max(1, min(n_rows, n)), None
+    group = GROUP_BLOCKS * n if group is None else group
+    return max(1, min(n_rows, n)), max(1, min(n_rows, group))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,6 +476,7 @@ class _Problem:
     group: object = None  # vocabulary-parallel: the process group (weights are this rank's vocabulary shard)
     shard: distributed.VocabShard | None = None  # and this rank's columns of the global vocabulary
     owned: torch.Tensor | None = None  # set with the token ids: whether this rank's shard holds each row's token
+    block_override: tuple | None = None  # BLOCKS_ENV as read when the call began (blocks_override())
     # While blocks() runs: the float32 logit buffers (per head, None where a 16-bit matmul makes its own) and, where
     # 16-bit matmuls form a gradient, the 16-bit logit gradient of a group of group_rows rows.
     _buffers = None
@@ -439,13 +493,13 @@ class _Problem:
 
     def blocks(self, with_grad: bool):
         """Row ranges (a, b), and the buffers every block reuses: sized by ``rows_per_block``, or where 16-bit
-        matmuls form a gradient (``with_grad``) by ``rows_per_block_and_group``, with the group's buffer."""
+        matmuls form a gradient (``with_grad``) by ``rows_per_block_and_group``, with the group's buffer (either
+        overridden by ``block_override``: ``block_sizes``)."""
         # Sharded: sized by the global vocabulary, so that every rank runs the same blocks (and collectives).
         vocab = self.shard.vocab if self.shard is not None else max(head.weight.shape[0]
                                                                     for head in (self.student, self.teacher))
         grouped = with_grad and self.student.matmul_dtype != torch.float32
-        step, self.group_rows = (rows_per_block_and_group(self.n_rows, vocab) if grouped
-                                 else (rows_per_block(self.n_rows, vocab), None))
+        step, self.group_rows = block_sizes(self.n_rows, vocab, grouped, self.block_override)
 
         def buffer(head, dtype, rows):
             return torch.empty(min(rows, self.n_rows), head.weight.shape[0], dtype=dtype, device=head.weight.device)
@@ -723,6 +777,7 @@ def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, *, 
         mask=_validate.check_mask(mask, lead, device), backend=_dispatch.get_backend(backend, device),
         student_inputs=(student_hidden, student_weight, student_bias), group=group,
         shard=None if group is None else distributed.vocab_shard(student_weight.shape[0], group, device=device),
+        block_override=blocks_override(),
     )
 
 

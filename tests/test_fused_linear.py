@@ -611,7 +611,8 @@ def _count_blocks(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 2, 3, 8])
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "jsd_0.3", "minillm", "pt", "token_stats"])
 def test_many_blocks_equal_one_block(fast_backend, op, rows, gen, monkeypatch):
-    """Blocks of 1..8 rows (N = 37: a partial last block) give the single-block result."""
+    """Blocks of 1..8 rows (N = 37: a partial last block), by the budget or by the knob, give the single-block
+    result."""
     op, _, reduction = op.partition("/")
     n, vs, vt = 37, 61, 64
     s, t = make_head(gen, (n,), 8, vs, bias=True), make_head(gen, (n,), 6, vt, bias=True)
@@ -630,12 +631,28 @@ def test_many_blocks_equal_one_block(fast_backend, op, rows, gen, monkeypatch):
     calls.clear()
     many = run_fused(op, s, t, one.aux, upstream=one.upstream, softcap=(None, 5.0), backend=fast_backend, **kw)
     assert len([c for c in calls if c[0] == 0]) >= 1 and max(b - a for a, b in calls) == rows
-    assert sorted({c for c in calls}) == [(a, min(n, a + rows)) for a in range(0, n, rows)]
-    for name in one.out:
-        assert_close_rel(many.out[name], one.out[name], 1e-6, what=name)
-    for name, x, y in zip(("hidden", "weight", "bias"), grads_of(many.student), grads_of(one.student)):
+    blocks = [(a, min(n, a + rows)) for a in range(0, n, rows)]
+    assert sorted({c for c in calls}) == blocks
+    assert_same_results(many, one, 1e-6)
+
+    # The knob (MINILLM_FAST_FUSED_LINEAR_BLOCKS: "n", or "n,G" whose G float32 matmuls do not use) sets the same
+    # blocks whatever the budget.
+    monkeypatch.setattr(fused_linear, "BLOCK_SHARE", 0.25)
+    for knob in (f"{rows}", f"{rows},{2 * rows}"):
+        monkeypatch.setenv(fused_linear.BLOCKS_ENV, knob)
+        calls.clear()
+        forced = run_fused(op, s, t, one.aux, upstream=one.upstream, softcap=(None, 5.0), backend=fast_backend, **kw)
+        assert sorted({c for c in calls}) == blocks
+        assert_same_results(forced, one, 1e-6)
+
+
+def assert_same_results(got: Result, want: Result, tol_grad: float) -> None:
+    """Two runs of one op on the same inputs: the same values (to 1e-6) and student gradients (to ``tol_grad``)."""
+    for name in want.out:
+        assert_close_rel(got.out[name], want.out[name], 1e-6, what=name)
+    for name, x, y in zip(("hidden", "weight", "bias"), grads_of(got.student), grads_of(want.student)):
         if y is not None:
-            assert_close_rel(x, y, 1e-6, what=f"d/d {name}")
+            assert_close_rel(x, y, tol_grad, what=f"d/d {name}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1276,3 +1293,92 @@ def test_sixteen_bit_no_rows(monkeypatch, gen):
     res = run_fused("reverse_kl", s, t, (), backend="torch")
     assert res.value == 0 and pulled == [(0, 0, BF16, 0)]
     assert (res.student.weight.grad == 0).all() and (res.student.bias.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The block-size knob (MINILLM_FAST_FUSED_LINEAR_BLOCKS)
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, want", [("", None), ("  ", None), ("8,16", (8, 16)), (" 8 , 24 ", (8, 24)),
+                                         ("8", (8, None)), ("1,1", (1, 1)), ("512,1536", (512, 1536))])
+def test_blocks_knob_parses(value, want, monkeypatch):
+    monkeypatch.setenv(fused_linear.BLOCKS_ENV, value)
+    assert fused_linear.blocks_override() == want
+
+
+def test_blocks_knob_unset(monkeypatch):
+    monkeypatch.delenv(fused_linear.BLOCKS_ENV, raising=False)
+    assert fused_linear.blocks_override() is None
+
+
+@pytest.mark.parametrize("value", ["a", "8,x", "8.0", "8;16", "0", "-1", "0,8", "8,12", "8,0", "8,-8", "8,4",
+                                   "8,16,32", ",16", "8,"])
+def test_blocks_knob_rejects_malformed_values(value, monkeypatch, gen):
+    """A malformed value is a ValueError naming the variable: from the parser and from an op (read per call)."""
+    monkeypatch.setenv(fused_linear.BLOCKS_ENV, value)
+    with pytest.raises(ValueError, match=fused_linear.BLOCKS_ENV):
+        fused_linear.blocks_override()
+    s, t = make_head(gen, (5,), 4, 11), make_head(gen, (5,), 4, 11)
+    with pytest.raises(ValueError, match=fused_linear.BLOCKS_ENV):
+        loss.fused_linear_reverse_kl(s.hidden, s.weight, t.hidden, t.weight, backend="torch")
+
+
+def test_block_sizes():
+    """Without the knob, ``block_sizes`` is ``rows_per_block`` / ``rows_per_block_and_group`` (the default is
+    unchanged); with it, the knob's sizes clamped to [1, N], G = GROUP_BLOCKS n where it gives only n, and no
+    group where the matmuls run in float32."""
+    for n_rows, v in ((1, 7), (37, 1000), (8192, 128256), (65536, 152064), (0, 30)):
+        assert fused_linear.block_sizes(n_rows, v, False) == (fused_linear.rows_per_block(n_rows, v), None)
+        assert fused_linear.block_sizes(n_rows, v, True) == fused_linear.rows_per_block_and_group(n_rows, v)
+    n, v = 8192, 128256
+    assert fused_linear.block_sizes(n, v, True, (512, 1024)) == (512, 1024)
+    assert fused_linear.block_sizes(n, v, False, (512, 1024)) == (512, None)
+    assert fused_linear.block_sizes(n, v, True, (384, None)) == (384, 384 * fused_linear.GROUP_BLOCKS)
+    assert fused_linear.block_sizes(n, v, False, (384, None)) == (384, None)
+    assert fused_linear.block_sizes(100, v, True, (64, 128)) == (64, 100)  # one group of all rows
+    assert fused_linear.block_sizes(100, v, True, (512, 1024)) == (100, 100)
+    assert fused_linear.block_sizes(100, v, False, (512, None)) == (100, None)
+    assert fused_linear.block_sizes(0, v, True, (8, 16)) == (1, 1)
+
+
+@pytest.mark.parametrize("knob, groups", [("5,10", [(0, 10), (10, 20), (20, 30), (30, 40), (40, 41)]),
+                                          ("5,15", [(0, 15), (15, 30), (30, 41)]),
+                                          ("5", [(0, 20), (20, 40), (40, 41)]),  # G = GROUP_BLOCKS (4 here) n
+                                          ("64,128", [(0, 41)])])
+@pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "minillm"])
+def test_blocks_knob_sets_the_groups(op, knob, groups, gen, monkeypatch):
+    """16-bit matmuls (``sixteen_bit_matmuls``: blocks of 3 rows in groups of 12 by default, N = 41): the knob's
+    blocks and groups are the ones run; values and gradients those of the default blocks (checked against the
+    float64 reference), the weight gradient, accumulated in bf16 once per group, to bf16 rounding."""
+    op, _, reduction = op.partition("/")
+    n, vs, vt = 41, 61, 64
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, vt)
+    calls = _count_blocks(monkeypatch)
+    s, t = make_head(gen, (n,), 8, vs, BF16, bias=True), make_head(gen, (n,), 6, vt, BF16, bias=True)
+    kw = dict(mask=seeded_mask(gen, (n,)), **({"reduction": reduction} if reduction else {}))
+    monkeypatch.delenv(fused_linear.BLOCKS_ENV, raising=False)
+    default = check_fused(op, "torch", s, t, gen=gen, **kw)
+    assert [p[:2] for p in pulled] == [(0, 12), (12, 24), (24, 36), (36, 41)]
+    monkeypatch.setenv(fused_linear.BLOCKS_ENV, knob)
+    pulled.clear()
+    calls.clear()
+    forced = run_fused(op, s, t, default.aux, upstream=default.upstream, backend="torch", **kw)
+    assert pulled == [(a, b, BF16, b - a) for a, b in groups]
+    step = min(n, int(knob.split(",")[0]))
+    assert calls[-len(range(0, n, step)):] == [(a, min(n, a + step)) for a in range(0, n, step)]
+    assert_same_results(forced, default, grad_tol(BF16))
+
+
+def test_blocks_knob_is_read_when_the_call_begins(gen, monkeypatch):
+    """reduction="none" recomputes the blocks in backward with the sizes read when the call began."""
+    n = 23
+    s, t = make_head(gen, (n,), 8, 30), make_head(gen, (n,), 6, 30)
+    calls = _count_blocks(monkeypatch)
+    monkeypatch.setenv(fused_linear.BLOCKS_ENV, "4")
+    student = leaves(s, (True, True, False))
+    out = loss.fused_linear_reverse_kl(student.hidden, student.weight, t.hidden, t.weight, reduction="none",
+                                       backend="torch")
+    monkeypatch.delenv(fused_linear.BLOCKS_ENV)
+    calls.clear()
+    out.backward(torch.ones(n))
+    assert calls == [(a, min(n, a + 4)) for a in range(0, n, 4)]

@@ -8,9 +8,22 @@ For each shape (N tokens, hidden size H, vocabulary V) and forward+backward:
                 the gradient pass recomputes them: 6 matmul-equivalents instead of 4), CUDA only;
 * ``matmuls``   the four matmuls alone (student and teacher logits, then d hidden and d weight from a logits-sized
                 gradient): what any exact method must at least compute, measured, not typed;
+* ``matmuls-blocked`` the same four matmuls in the shapes ours runs them (``fused_linear.block_sizes``, the tuning
+                knob included): per block of n rows both models' float32 logits [n, H] x [H, V] (each reads a
+                whole [V, H] weight); per group of G rows (16-bit matmuls; float32: per block, dz = the block's
+                student logits) d hidden = dz [G, V] @ W and d W += dz^T @ h[G rows] (each reads and writes the
+                whole [V, H] weight gradient). ours' own matmul calls (``_Head.logits`` / ``pull_back``) with
+                nothing else but ours' zeroed weight gradient and d hidden copies (bf16, H100 shape: ~1.3 GB
+                written, ~0.4 ms): no row kernels, no dz formed (16 bits: a [G, V] dz buffer filled once, outside
+                the timed calls), so ``ours`` minus this is the passes over the logits;
 * ``eager``     plain PyTorch: materialise both logits, log-softmax, reverse KL, autograd;
 * ``liger``     Liger-Kernel's chunked fused-linear JSD loss (``LigerFusedLinearJSDLoss``, beta=1 = reverse KL, hard
                 loss weight 0), and on CUDA also ``LigerFusedLinearJSD`` (beta=1), when liger-kernel is installed.
+
+``--blocks "256,2048;512,1024"``: ``ours[n,G]`` and ``matmuls-blocked[n,G]`` once per configuration, with
+``MINILLM_FAST_FUSED_LINEAR_BLOCKS`` set to it around each call (see ``minillm_fast/fused_linear.py``: "n,G" tokens
+per block and per group, or "n"), timed and measured like the others; "ours is × faster" of an ``ours[n,G]`` row is
+its time over the default ``ours``'s (below 1: that configuration is faster).
 
 Timing: one warm-up call each, then rounds in which every implementation runs once (interleaved, so that a noisy
 moment hits all alike; each call synchronised on a GPU); the median over rounds. Columns: median time; TFLOP/s counting 8 N V H (four matmuls); % of the FLOP floor (8 N V H over a measured
@@ -21,7 +34,9 @@ the hidden states' gradient against the float64 reference on the first rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
+from minillm_fast import fused_linear
 from minillm_fast import loss as mloss
 from minillm_fast import reference
 
@@ -104,6 +120,78 @@ def four_matmuls(p: Problem):
         return z @ p.w, z.t() @ p.h
 
 
+def blocked_matmuls():
+    """``matmuls-blocked``: a callable(problem) running the four matmuls as ours does, block by block and group by
+    group (``fused_linear``'s own head: the same matmul calls), sizes from ``fused_linear.block_sizes`` and the
+    knob as set at the call. Its 16-bit dz buffer ([G, V], random, as a logit gradient is) is made on first use
+    and kept for later calls (not in the timings)."""
+    dz_buffers: dict = {}
+
+    def call(p: Problem):
+        with torch.no_grad():
+            head = fused_linear._Head(p.h.detach(), p.w.detach(), None, None, None)
+            teacher = fused_linear._Head(p.ht, p.wt, None, None, None)
+            n_rows, vocab = p.h.shape[0], max(p.w.shape[0], p.wt.shape[0])
+            grouped = head.matmul_dtype != torch.float32  # where ours groups (a gradient is always formed here)
+            step, group = fused_linear.block_sizes(n_rows, vocab, grouped, fused_linear.blocks_override())
+            grads = fused_linear._Grads.zeros_for(head, (True, True, False))
+            buffers = [None if grouped else torch.empty(min(step, n_rows), x.weight.shape[0], device=p.h.device)
+                       for x in (head, teacher)]
+            if grouped:
+                key = (min(group, n_rows), p.w.shape[0], head.matmul_dtype, p.w.device)
+                if key not in dz_buffers:
+                    dz_buffers.clear()
+                    dz_buffers[key] = (torch.randn(key[:2], device=key[3]) * 1e-3).to(key[2])
+                dz_group = dz_buffers[key]
+            for a in range(0, n_rows, step):
+                b = min(n_rows, a + step)
+                z = head.logits(a, b, buffers[0])
+                teacher.logits(a, b, buffers[1])
+                if not grouped:
+                    head.pull_back(z, a, b, grads)
+                elif b == min(n_rows, a - a % group + group):  # the group's last block: pull the group back
+                    start = a - a % group
+                    head.pull_back(dz_group[: b - start], start, b, grads)
+            return None
+    return call
+
+
+@contextlib.contextmanager
+def blocks_env(blocks: str | None):
+    """``MINILLM_FAST_FUSED_LINEAR_BLOCKS`` set to ``blocks`` (None: unset) inside, restored after."""
+    name = fused_linear.BLOCKS_ENV
+    saved = os.environ.get(name)
+    if blocks is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = blocks
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def _with_blocks(fn, blocks: str):
+    """``fn`` called with the knob set to ``blocks`` (a scalar loss's gradient is formed inside the call)."""
+    def call(p: Problem):
+        with blocks_env(blocks):
+            return fn(p)
+    return call
+
+
+def parse_blocks(text: str) -> tuple[str, ...]:
+    """``--blocks`` "n,G;n,G;...": the configurations (spaces dropped), each checked by ``fused_linear``'s parser
+    (ValueError naming the variable where one is malformed)."""
+    configs = tuple(c.replace(" ", "") for c in text.split(";") if c.strip())
+    for config in configs:
+        with blocks_env(config):
+            fused_linear.blocks_override()
+    return configs
+
+
 def _liger(kind: str, device):
     """A callable for Liger's fused-linear JSD with beta = 1 (reverse KL), or a string saying why not."""
     try:
@@ -122,10 +210,15 @@ def _liger(kind: str, device):
         return "liger-kernel not installed"
 
 
-def implementations(op: str, device) -> dict:
-    """name -> callable(problem) returning a differentiable scalar (None: no backward), or a reason string."""
-    impls = {"ours": ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss,
-             "ours-on-chip": _on_chip(op, device), "matmuls": four_matmuls}
+def implementations(op: str, device, blocks: tuple[str, ...] = ()) -> dict:
+    """name -> callable(problem) returning a differentiable scalar (None: no backward), or a reason string;
+    ``blocks``: also ``ours[n,G]`` and ``matmuls-blocked[n,G]`` per configuration (``parse_blocks``)."""
+    ours = ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss
+    impls = {"ours": ours}
+    impls.update({f"ours[{config}]": _with_blocks(ours, config) for config in blocks})
+    impls.update({"ours-on-chip": _on_chip(op, device), "matmuls": four_matmuls,
+                  "matmuls-blocked": blocked_matmuls()})
+    impls.update({f"matmuls-blocked[{config}]": _with_blocks(blocked_matmuls(), config) for config in blocks})
     if op == "fused_linear_reverse_kl":
         impls["eager"] = eager_reverse_kl
         impls["liger-chunked"] = _liger("liger-chunked", device)
@@ -180,7 +273,7 @@ def build_memory_runs(job: dict) -> list:
 
     def builder(run):
         def build():
-            call = _step(implementations(run["op"], device)[run["impl"]], p)
+            call = _step(implementations(run["op"], device, tuple(job.get("blocks", ())))[run["impl"]], p)
             kept = []
             return call, lambda: kept.append((call(), p.h.grad, p.w.grad))
         return build
@@ -189,12 +282,12 @@ def build_memory_runs(job: dict) -> list:
     return [(i, builder(run)) for i, run in zip(indices, job["runs"])]
 
 
-def _cpu_extra_memory(runs, n, h, v, dtype, timeout_s=120.0) -> list:
+def _cpu_extra_memory(runs, n, h, v, dtype, blocks=(), timeout_s=120.0) -> list:
     """Peak RSS growth beyond inputs, weights and one set of gradients of each (op, impl) in ``runs``, each in
     its own fresh process (forks of one child that builds the problem once); None where it failed."""
     job = {"builder": "benchmarks.fused_linear_ops:build_memory_runs", "n": n, "h": h, "v": v,
            "dtype": str(dtype).split(".")[-1], "threads": torch.get_num_threads(),
-           "runs": [{"op": op, "impl": name} for op, name in runs]}
+           "runs": [{"op": op, "impl": name} for op, name in runs], "blocks": list(blocks)}
     grad_bytes = (n * h + v * h) * torch.empty((), dtype=dtype).element_size()  # d hidden and d weight
     measured = harness.cpu_peaks_in_children(job, [timeout_s] * len(runs))
     return [peak - grad_bytes if peak is not None else None for peak, _ in measured]
@@ -243,8 +336,8 @@ def _interleaved_medians(impls: dict, p: Problem, device, repeats: int) -> dict:
 
 
 def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: int = 3, memory: bool = True,
-        progress=None) -> list[dict]:
-    """Rows of the fused-linear table (one per op, shape and implementation)."""
+        progress=None, blocks: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of the fused-linear table (one per op, shape and implementation; ``blocks``: ``parse_blocks``)."""
     rate = harness.matmul_rate(device, dtype)
     rows = []
     for n, h, v in shapes:
@@ -252,7 +345,7 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
         flops = 8 * n * v * h
         cpu_memory = []  # (op, impl, row): measured together after the timings (one child builds the problem once)
         for op in ops:
-            impls = implementations(op, device)
+            impls = implementations(op, device, blocks)
             timings = _interleaved_medians(impls, p, device, repeats)
             if progress is not None:
                 progress(f"{op} {n}x{h}x{v}")
@@ -268,12 +361,12 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
                     row["pct_of_floor"] = 100 * (flops / rate) / t
                     row["ours_speedup"] = t / ours_t if isinstance(ours_t, float) else None
                     fn = impls[name]
-                    if name != "matmuls":
+                    if not name.startswith("matmuls"):  # no loss: nothing to check, no memory claim
                         try:
                             row["max_rel_error"] = _error(op, fn, p, reference_cache)
                         except Exception as exc:  # noqa: BLE001
                             row["note"] = f"error check failed: {harness.describe_error(exc)}"
-                    if memory and name != "matmuls":
+                    if memory and not name.startswith("matmuls"):
                         if device.type == "cuda":
                             row["extra_peak_bytes"] = _cuda_extra_memory(fn, p, device)
                         else:
@@ -281,7 +374,7 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
                     row["logits_buffer_bytes"] = n * v * 4
                 rows.append(row)
         if cpu_memory:
-            peaks = _cpu_extra_memory([(op, name) for op, name, _ in cpu_memory], n, h, v, dtype)
+            peaks = _cpu_extra_memory([(op, name) for op, name, _ in cpu_memory], n, h, v, dtype, blocks)
             for (_, _, row), peak in zip(cpu_memory, peaks):
                 row["extra_peak_bytes"] = peak
         del p
@@ -313,6 +406,10 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None, help="comma-separated NxHxV, e.g. 8192x4096x128256 (default: the "
                                                        "device's list)")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {', '.join(OPS)}")
+    parser.add_argument("--blocks", default="", help='semicolon-separated block configurations "n,G" (or "n"), '
+                                                     'e.g. "256,2048;512,1024": ours[n,G] and matmuls-blocked[n,G] '
+                                                     'rows with MINILLM_FAST_FUSED_LINEAR_BLOCKS set to each')
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median over them; default 3)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -323,10 +420,16 @@ def main(argv=None):
     unknown = set(ops) - set(OPS)
     if unknown:
         parser.error(f"--ops: unknown {sorted(unknown)}; expected some of {', '.join(OPS)}")
+    try:
+        blocks = parse_blocks(args.blocks)
+    except ValueError as exc:
+        parser.error(f"--blocks: {exc}")
+    if args.repeats < 1:
+        parser.error("--repeats: expected at least 1")
     start = time.perf_counter()
     rows = []
     for shape in shapes:  # the table so far after each shape: a run cut short keeps what it measured
-        rows += run(device, dtype, [shape], ops=ops)
+        rows += run(device, dtype, [shape], ops=ops, repeats=args.repeats, blocks=blocks)
         print(markdown(rows), flush=True)
         print(f"({time.perf_counter() - start:.0f} s)", flush=True)
 

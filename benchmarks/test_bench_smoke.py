@@ -4,11 +4,13 @@ The default test run (``pytest`` / ``pytest tests``) does not collect this folde
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from benchmarks import harness, ops, run
+from benchmarks import fused_linear_ops, harness, ops, run
+from minillm_fast import fused_linear
 
 
 def test_smoke_quick_run_writes_every_output(tmp_path, capsys):
@@ -60,3 +62,47 @@ def test_smoke_alternatives_match_the_reference(name):
                                   mode)
         if op.reference is not None:
             assert checked["err"] < 1e-4, (mode, checked)
+
+
+def test_smoke_fused_linear_blocks(monkeypatch):
+    """fused_linear_ops with block configurations (``--blocks``): ours[n,G] and matmuls-blocked[n,G] rows next to
+    the default ours and matmuls-blocked, timed, error-checked and memory-measured (a child per run) like ours;
+    each configuration's knob is set only around its calls, and drives the blocks of both."""
+    monkeypatch.delenv(fused_linear.BLOCKS_ENV, raising=False)
+    blocks = fused_linear_ops.parse_blocks("8,16; 16")
+    assert blocks == ("8,16", "16")
+    rows = fused_linear_ops.run(torch.device("cpu"), torch.float32, [(40, 16, 300)], ops=("fused_linear_reverse_kl",),
+                                repeats=1, blocks=blocks)
+    by_impl = {r["impl"]: r for r in rows}
+    for name in ("ours", "ours[8,16]", "ours[16]", "matmuls-blocked", "matmuls-blocked[8,16]",
+                 "matmuls-blocked[16]"):
+        assert by_impl[name]["time_s"] > 0, by_impl[name]
+    for name in ("ours[8,16]", "ours[16]"):
+        assert by_impl[name]["max_rel_error"] < 1e-4 and by_impl[name]["extra_peak_bytes"] is not None
+        assert by_impl[name]["ours_speedup"] > 0
+    assert "extra_peak_bytes" not in by_impl["matmuls-blocked[8,16]"]
+    assert "ours[8,16]" in fused_linear_ops.markdown(rows)
+    assert fused_linear.BLOCKS_ENV not in os.environ
+
+    blocked, pulled = [], []
+    original_block, original_pull = fused_linear._Problem.block, fused_linear._Head.pull_back
+
+    def block(self, a, b, *args):
+        blocked.append((a, b))
+        return original_block(self, a, b, *args)
+
+    def pull_back(self, dz, a, b, grads):
+        pulled.append((a, b))
+        return original_pull(self, dz, a, b, grads)
+    monkeypatch.setattr(fused_linear._Problem, "block", block)
+    monkeypatch.setattr(fused_linear._Head, "pull_back", pull_back)
+    p = fused_linear_ops.Problem.make(20, 16, 300, torch.float32, torch.device("cpu"))
+    impls = fused_linear_ops.implementations("fused_linear_reverse_kl", torch.device("cpu"), blocks)
+    impls["ours[8,16]"](p)
+    impls["matmuls-blocked[8,16]"](p)
+    assert blocked == [(0, 8), (8, 16), (16, 20)] and pulled == 2 * blocked  # float32: pulled back per block
+
+
+def test_smoke_fused_linear_blocks_rejects_malformed():
+    with pytest.raises(SystemExit):
+        fused_linear_ops.main(["--device", "cpu", "--quick", "--blocks", "8,12"])

@@ -647,9 +647,11 @@ def test_many_blocks_equal_one_block(fast_backend, op, rows, gen, monkeypatch):
 
 
 def assert_same_results(got: Result, want: Result, tol_grad: float) -> None:
-    """Two runs of one op on the same inputs: the same values (to 1e-6) and student gradients (to ``tol_grad``)."""
+    """Two runs of one op on the same inputs: the same values (to 1e-6, and 1e-6 absolute: MiniLLM's pg_loss is a
+    mean of O(1) terms that nearly cancel, so float32 rounding of the logits, which differs with the block shape,
+    moves it by ~2e-7 on ~0.06) and student gradients (to ``tol_grad``)."""
     for name in want.out:
-        assert_close_rel(got.out[name], want.out[name], 1e-6, what=name)
+        assert_close_rel(got.out[name], want.out[name], 1e-6, abs_slack=1e-6, what=name)
     for name, x, y in zip(("hidden", "weight", "bias"), grads_of(got.student), grads_of(want.student)):
         if y is not None:
             assert_close_rel(x, y, tol_grad, what=f"d/d {name}")

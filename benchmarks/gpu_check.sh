@@ -12,9 +12,9 @@
 # shorter list of steps' work, e.g. skip the sanitizers, when the device window is shorter).
 #
 # GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first: build, the CUDA kernel and
-# op tests, the one-pass kernel's plan sweep (benchmarks/logits_fused_plans.py), the logits target (reverse_kl and
-# minillm_loss at [8192, 128256] vs torch.compile), the fused-linear target (one shape, blocked vs on-chip), the
-# fused-linear GPU tests, racecheck and synccheck. The fused-linear target also runs 4 block configurations
+# op tests, the row_stats_grad plan sweep (benchmarks/logits_fused_plans.py: the one-pass kernel and the two passes
+# in L2), the logits target (reverse_kl and minillm_loss at [8192, 128256] vs torch.compile), the fused-linear target
+# (one shape, blocked vs on-chip), the fused-linear GPU tests, racecheck and synccheck. The fused-linear target also runs 4 block configurations
 # (--blocks "n,G": tokens per block and per group, MINILLM_FAST_FUSED_LINEAR_BLOCKS; 256,2048 is the default) as
 # ours[n,G] and matmuls-blocked[n,G] rows, 5 timed rounds: about 1 s more a round than without them; its limit is
 # 200 s (was 130; the last H100 run of the step without them took 48 s).
@@ -55,7 +55,7 @@ print('built in %.0f s; backends:' % (time.time() - t), available_backends())"
 if [ "${GPU_CHECK_PLAN:-all}" = targets ]; then
   step cuda_kernel_tests 150 $PY -m pytest -q -rf --tb=short tests/test_cuda_backend.py tests/test_gpu_ops.py \
     tests/test_grad_in_pass.py -p no:cacheprovider
-  step fused_plans 90 $PY -m benchmarks.logits_fused_plans
+  step fused_plans 120 $PY -m benchmarks.logits_fused_plans
   step logits_target 150 $PY -m benchmarks.run --device cuda --ops reverse_kl,minillm_loss --shapes 8192x128256 \
     --modes fwd+bwd --backends cuda,triton --alts compile --time-limit 130 --no-plots --out "$OUT_DIR/bench"
   step fused_linear_target 200 $PY -m benchmarks.fused_linear_ops --device cuda --shapes 8192x4096x128256 \

@@ -567,10 +567,11 @@ def test_row_stats_grad_one_buffer(monkeypatch):
 
 @pytest.mark.parametrize("plan", ["l2", "l2:2", "l2s:3"])
 def test_row_stats_grad_two_passes_in_l2(monkeypatch, plan):
-    # MINILLM_FAST_FUSED_PLAN=l2[s][:R]: row_stats then logits_grad per chunk of R rows (the last one partial), split
-    # rows' states merged by logits_grad; the kernels chained (programmatic dependent launch) unless "l2s". Every dtype pair at a size that splits rows (few rows: many blocks per row)
-    # and one that does not, odd strides (no vector loads: this plan needs none), -inf and empty rows, both policy
-    # branches, a padded student and 16-bit dz of float32 rows.
+    # MINILLM_FAST_FUSED_PLAN=l2[s][:R]: row_stats then logits_grad per chunk of R rows (the last one partial),
+    # split rows' states merged by logits_grad; the kernels chained (programmatic dependent launch) unless "l2s".
+    # Every dtype pair at a size that splits rows (few rows: many blocks per row) and one that does not, odd strides
+    # (no vector loads: this plan needs none), -inf and empty rows, both policy branches, a padded student and
+    # 16-bit dz of float32 rows.
     monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
     n = 7
     for (zt, ut), v in zip(PAIRS, [40, 4096, 32003, 50000, 40, 4096, 32003, 50000, 1000]):

@@ -4,6 +4,8 @@ For each shape (N tokens, hidden size H, vocabulary V) and forward+backward:
 
 * ``ours``      ``loss.fused_linear_reverse_kl`` / ``fused_linear_minillm_loss`` (gradients to the student's hidden
                 states and weight);
+* ``ours-in-pass`` the same, opted in to forming each block's logit gradient in its statistics' pass
+                (``MINILLM_FAST_GRAD_IN_PASS=1``: ``row_stats_grad_into``, the rows read once from memory), CUDA only;
 * ``ours-on-chip`` the same ops with ``backend="triton"``: the on-chip kernels (logit tiles never leave the chip;
                 the gradient pass recomputes them: 6 matmul-equivalents instead of 4), CUDA only;
 * ``matmuls``   the four matmuls alone (student and teacher logits, then d hidden and d weight from a logits-sized
@@ -25,11 +27,12 @@ For each shape (N tokens, hidden size H, vocabulary V) and forward+backward:
 per block and per group, or "n"), timed and measured like the others; "ours is × faster" of an ``ours[n,G]`` row is
 its time over the default ``ours``'s (below 1: that configuration is faster).
 
-Timing: one warm-up call each, then rounds in which every implementation runs once (interleaved, so that a noisy
-moment hits all alike; each call synchronised on a GPU); the median over rounds. Columns: median time; TFLOP/s counting 8 N V H (four matmuls); % of the FLOP floor (8 N V H over a measured
-square-GEMM rate); ratio to each alternative; extra peak memory beyond inputs, weights and their gradients
-(CPU: a child process's peak RSS; GPU: ``torch.cuda.max_memory_allocated``); the relative error of the loss and of
-the hidden states' gradient against the float64 reference on the first rows.
+Timing: one warm-up call each, then rounds in which every implementation runs once (interleaved, so that a noisy moment
+hits all alike; each call synchronised on a GPU); the median over rounds. Columns: median time; TFLOP/s counting 8 N V H
+(four matmuls); % of the FLOP floor (8 N V H over a measured square-GEMM rate); ratio to each alternative; extra peak
+memory beyond inputs, weights and their gradients (CPU: a child process's peak RSS; GPU:
+``torch.cuda.max_memory_allocated``); the relative error of the loss and of the hidden states' gradient against the
+float64 reference on the first rows.
 """
 from __future__ import annotations
 
@@ -156,15 +159,19 @@ def blocked_matmuls():
     return call
 
 
-@contextlib.contextmanager
 def blocks_env(blocks: str | None):
     """``MINILLM_FAST_FUSED_LINEAR_BLOCKS`` set to ``blocks`` (None: unset) inside, restored after."""
-    name = fused_linear.BLOCKS_ENV
+    return env_var(fused_linear.BLOCKS_ENV, blocks)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Environment variable ``name`` set to ``value`` (None: unset) inside, restored after."""
     saved = os.environ.get(name)
-    if blocks is None:
+    if value is None:
         os.environ.pop(name, None)
     else:
-        os.environ[name] = blocks
+        os.environ[name] = value
     try:
         yield
     finally:
@@ -178,6 +185,18 @@ def _with_blocks(fn, blocks: str):
     """``fn`` called with the knob set to ``blocks`` (a scalar loss's gradient is formed inside the call)."""
     def call(p: Problem):
         with blocks_env(blocks):
+            return fn(p)
+    return call
+
+
+def _in_pass(fn, device):
+    """``fn`` opted in to forming each block's gradient in its statistics' pass (``MINILLM_FAST_GRAD_IN_PASS=1``:
+    the cuda backend's ``row_stats_grad_into``, the two passes chunk by chunk in L2), or why not."""
+    if device.type != "cuda":
+        return "CUDA only (row_stats_grad_into)"
+
+    def call(p: Problem):
+        with env_var(mloss.GRAD_IN_PASS_ENV, "1"):
             return fn(p)
     return call
 
@@ -214,7 +233,7 @@ def implementations(op: str, device, blocks: tuple[str, ...] = ()) -> dict:
     """name -> callable(problem) returning a differentiable scalar (None: no backward), or a reason string;
     ``blocks``: also ``ours[n,G]`` and ``matmuls-blocked[n,G]`` per configuration (``parse_blocks``)."""
     ours = ours_reverse_kl if op == "fused_linear_reverse_kl" else ours_minillm_loss
-    impls = {"ours": ours}
+    impls = {"ours": ours, "ours-in-pass": _in_pass(ours, device)}
     impls.update({f"ours[{config}]": _with_blocks(ours, config) for config in blocks})
     impls.update({"ours-on-chip": _on_chip(op, device), "matmuls": four_matmuls,
                   "matmuls-blocked": blocked_matmuls()})

@@ -47,6 +47,12 @@ def fused_linear_ops(backend: str) -> None:
     loss.fused_linear_reverse_kl(hs, w, ht, wt, logit_scale=0.5, backend=backend).backward()
     loss.fused_linear_minillm_loss(hs, w, ht, wt, t, torch.randn(n, device="cuda"), torch.zeros(n, device="cuda"),
                                    torch.ones(n, device="cuda"), mask=None, backend=backend).loss.backward()
+    if backend == "cuda":  # opted in: each block's dz written by its statistics' pass (row_stats_grad_into)
+        os.environ[loss.GRAD_IN_PASS_ENV] = "1"
+        loss.fused_linear_minillm_loss(hs, w, ht, wt, t, torch.randn(n, device="cuda"),
+                                       torch.zeros(n, device="cuda"), torch.ones(n, device="cuda"), mask=None,
+                                       backend=backend).loss.backward()
+        os.environ.pop(loss.GRAD_IN_PASS_ENV)
 
 
 def main(argv=None) -> None:

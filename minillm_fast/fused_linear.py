@@ -34,6 +34,12 @@ costs the two backward matmuls even if backward never runs; under ``torch.no_gra
 requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row) cannot be applied to a weight
 gradient after the fact: it recomputes the logits block by block in backward instead (6 matmuls in all).
 
+Opt-in (``MINILLM_FAST_GRAD_IN_PASS=1``, as for the logits ops; CUDA backend, 16-bit matmuls, no student soft-cap,
+no process group): the statistics' pass of a block also writes its dz into the group buffer (``row_stats_grad_into``:
+the two passes chunk by chunk of rows held in L2), with coefficients planned from the mask (the kernel drops rows
+found empty, as ``valid`` does, and forms MiniLLM's policy factor), so that the block's float32 logits are read once
+from memory instead of twice (``_Problem.block``). Not yet measured on a GPU.
+
 Tuning knob (read on each call): ``MINILLM_FAST_FUSED_LINEAR_BLOCKS="n,G"`` sets the tokens per block n and per
 group G (a multiple of n) in place of what ``rows_per_block`` / ``rows_per_block_and_group`` choose, both clamped to
 N rows; "n" alone sets the block size (where 16-bit matmuls form a gradient, with groups of GROUP_BLOCKS blocks).
@@ -67,7 +73,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _dispatch, _validate, distributed
-from .loss import (FORWARD_KL_GRAD, REVERSE_KL_GRAD, MiniLLMLoss, PTLoss, TokenStats, _attach_grad, _coefs,
+from .loss import (FORWARD_KL_GRAD, GRAD_IN_PASS_ENV, REVERSE_KL_GRAD, MiniLLMLoss, PTLoss, TokenStats, _attach_grad,
+                   _coefs,
                    _denominator, _forward_kl_rows, _minillm_grad_columns, _own_token_terms, _policy_gradient_rows,
                    _pt_grad_columns, _pt_rows, _reduce, _reverse_kl_rows, _token_stats_from_rows, _valid_rows)
 
@@ -300,6 +307,7 @@ class _Block:
     inv_temp: float
     group: object = None  # vocabulary-parallel: the process group
     owned: torch.Tensor | None = None  # vocabulary-parallel: whether this rank's shard holds each row's token
+    grad_written: bool = False  # the statistics' pass also wrote the block's dz into its group buffer rows
 
     def rows(self, i: int, j: int) -> "_Block":
         """Rows i:j of this block (views)."""
@@ -386,6 +394,12 @@ class _Loss:
         """(d hidden, d weight, d bias) of sum_r weight_r (row value r), from the on-chip gradient kernel."""
         return block.pull_back(block.coefs(weight, self.grad_columns(values)), needs)
 
+    def in_pass(self, a: int, b: int):
+        """(logits_grad columns, policy [b - a, 3] or None, clip_eps) with which rows a:b's dz can be formed in
+        their statistics' pass (``row_stats_grad_into``: coefficients known before the statistics, or such times
+        MiniLLM's per-row policy factor, which the kernel forms); None where it cannot."""
+        return None
+
 
 class _Divergence(_Loss):
     def __init__(self, per_row_fn, columns):
@@ -396,6 +410,9 @@ class _Divergence(_Loss):
 
     def grad_columns(self, values):
         return self.columns
+
+    def in_pass(self, a, b):
+        return self.columns, None, 0.0
 
 
 class _JSD(_Loss):
@@ -438,6 +455,10 @@ class _MiniLLM(_Loss):
     def grad_columns(self, values):
         return _minillm_grad_columns(values["d_pg"], self.single_step)
 
+    def in_pass(self, a, b):
+        policy = torch.stack((self.adv[a:b], self.old[a:b], self.w[a:b]), 1).to(torch.float32)
+        return _minillm_grad_columns(1.0, self.single_step), policy, self.clip_eps
+
 
 class _PT(_Loss):
     def __init__(self, kd_ratio):
@@ -449,6 +470,9 @@ class _PT(_Loss):
 
     def grad_columns(self, values):
         return _pt_grad_columns(self.kd_ratio)
+
+    def in_pass(self, a, b):
+        return _pt_grad_columns(self.kd_ratio), None, 0.0
 
 
 class _Stats(_Loss):
@@ -518,16 +542,52 @@ class _Problem:
         start = a - a % self.group_rows
         return start, min(self.n_rows, start + self.group_rows)
 
-    def block(self, a, b, tokens, stats=None) -> _Block:
+    def grad_target(self, a: int, b: int) -> tuple:
+        """Where the logit gradient of the block a:b goes: (start, end, gathered, target), ``gathered`` the dz of
+        rows start:end that one pull-back takes (the group's rows of the 16-bit buffer, or without one the block's
+        own float32 student logits: pass ``None``, filled in by the caller) and ``target`` the block's rows of it."""
+        if self.grad_buffer is None:
+            return a, b, None, None
+        start, end = self.group_of(a)
+        gathered = self.grad_buffer[: end - start]
+        return start, end, gathered, gathered[a - start: b - start]
+
+    def grad_in_pass(self, loss: "_Loss", a: int, b: int):
+        """``loss.in_pass(a, b)`` where the block's dz is to be written into its group buffer rows by its statistics'
+        pass (``row_stats_grad_into``, the CUDA extension's; opt-in: ``MINILLM_FAST_GRAD_IN_PASS=1``, as for the
+        logits ops), else None: needs 16-bit matmuls forming a gradient (a group buffer), no soft-cap on the
+        student (its derivative needs the logits), no process group (the statistics are merged across ranks
+        first), eager mode, and a loss whose coefficients are known before the statistics."""
+        if (self.grad_buffer is None or self.student.softcap is not None or self.group is not None
+                or not hasattr(self.backend, "row_stats_grad_into") or os.environ.get(GRAD_IN_PASS_ENV) != "1"
+                or torch.compiler.is_compiling()):
+            return None
+        return loss.in_pass(a, b)
+
+    def block(self, a, b, tokens, stats=None, grad_loss: "_Loss | None" = None) -> _Block:
+        """The block of rows a:b: both models' logits, and their statistics (given, or computed; merged across
+        ranks). With ``grad_loss`` (the forward's sweep forming a gradient), the statistics' pass also writes the
+        loss's dz (per valid token, times the logit scale) into the block's group buffer rows where
+        ``grad_in_pass`` allows: the rows are then read once from memory (the second pass finds them in L2).
+        Its coefficients take the mask for the valid rows; the kernel zeroes rows found empty, as ``valid`` does."""
         z, u = (head.logits(a, b, buf) for head, buf in zip((self.student, self.teacher), self._buffers))
         tok = None if tokens is None else tokens[a:b]
         owned = None if self.owned is None else self.owned[a:b]
-        if stats is None:
+        in_pass = None if stats is not None or grad_loss is None else self.grad_in_pass(grad_loss, a, b)
+        if in_pass is not None:
+            columns, policy, clip_eps = in_pass
+            planned = torch.ones(b - a, device=z.device) if self.mask is None else self.mask[a:b].to(torch.float32)
+            scale = self.inv_temp * (1.0 if self.student.logit_scale is None else self.student.logit_scale)
+            coef = _coefs(b - a, z.device, planned * scale, columns)
+            stats = self.backend.row_stats_grad_into(z, u, tok, coef, policy, clip_eps, self.inv_temp,
+                                                     self.grad_target(a, b)[3])
+        elif stats is None:
             stats = self.backend.row_stats(z, u, tok, self.inv_temp)
             if self.group is not None:
                 stats = distributed.all_reduce_row_stats(stats, self.group, owned=owned, with_tokens=tok is not None)
         valid = _valid_rows(None if self.mask is None else self.mask[a:b], stats)
-        return _Block(a, b, z, u, tok, stats, valid, self.backend, self.inv_temp, self.group, owned)
+        return _Block(a, b, z, u, tok, stats, valid, self.backend, self.inv_temp, self.group, owned,
+                      grad_written=in_pass is not None)
 
     def hidden_grad_over_ranks(self, grads: "_Grads") -> None:
         """Sharded: every rank holds all hidden states, and the loss depends on them through every shard, so
@@ -544,15 +604,15 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
     the matmuls are 16-bit it goes to the block's rows of the group's 16-bit buffer instead -- written there
     directly by the backend where it can (``logits_grad_into``, CUDA; without a soft-cap, whose derivative needs
     the logits, the logit scale folded into the weights) -- and the matmuls run once per group, with its last block
-    (so the sweep's last block pulls back the last group)."""
+    (so the sweep's last block pulls back the last group). Where the statistics' pass already wrote it
+    (``block.grad_written``), only the pull-back is left."""
     head, n = problem.student, block.b - block.a
-    if problem.grad_buffer is None:
-        start, end, gathered = block.a, block.b, block.z
-    else:
-        start, end = problem.group_of(block.a)
-        gathered = problem.grad_buffer[: end - start]
-    target = gathered[block.a - start: block.b - start]
-    if loss.in_place and problem.grad_buffer is not None and block.writes_grad_into and head.softcap is None:
+    start, end, gathered, target = problem.grad_target(block.a, block.b)
+    if gathered is None:
+        gathered = target = block.z
+    if block.grad_written:  # by the statistics' pass (_Problem.block)
+        pass
+    elif loss.in_place and problem.grad_buffer is not None and block.writes_grad_into and head.softcap is None:
         scale = 1.0 if head.logit_scale is None else head.logit_scale
         loss.grad(block, values, weight * scale, out=target)
     elif loss.in_place and block.has_in_place_grad and head.softcap is None:
@@ -575,7 +635,7 @@ def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
     ``grads``, also accumulates the gradient of sum over valid rows of the loss's row value (the "sum" form)."""
     values, stats, valid = [], [], []
     for a, b in problem.blocks(with_grad=grads is not None):
-        block = problem.block(a, b, tokens)
+        block = problem.block(a, b, tokens, grad_loss=None if grads is None else loss)
         row_values = loss.rows(block)
         if grads is not None:
             _accumulate_grad(problem, loss, block, row_values, block.valid.to(torch.float32), grads)

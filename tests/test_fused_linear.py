@@ -1384,3 +1384,39 @@ def test_blocks_knob_is_read_when_the_call_begins(gen, monkeypatch):
     calls.clear()
     out.backward(torch.ones(n))
     assert calls == [(a, min(n, a + 4)) for a in range(0, n, 4)]
+
+
+@pytest.mark.parametrize("op,extra", [("reverse_kl", {}), ("reverse_kl/sum", {}), ("reverse_kl/none", {}),
+                                      ("forward_kl", {}), ("minillm", {}), ("minillm", {"single_step": False}),
+                                      ("pt", {}), ("jsd_0.3", {})])
+@pytest.mark.parametrize("logit_scale", [None, 0.7])
+def test_sixteen_bit_groups_grad_in_pass(op, extra, logit_scale, gen, monkeypatch):
+    """Opted in (``MINILLM_FAST_GRAD_IN_PASS=1``), where the backend has ``row_stats_grad_into`` (the CUDA
+    extension's; here the torch backend given its composition), a block's statistics' pass also writes its dz into
+    its rows of the 16-bit group buffer, with coefficients planned from the mask (policy factor in the kernel for
+    MiniLLM, logit scale folded in): once per block of the forward's sweep; not for reduction="none" (backward
+    recomputes the blocks with the forward's statistics) nor JSD. Values and gradients against the float64
+    reference and the logits op (the kernel itself, empty rows included: tests/test_cuda_backend.py)."""
+    from minillm_fast.loss import row_stats_grad_composed
+    op, _, reduction = op.partition("/")
+    n, vs, vt = 41, 61, 64
+    pulled = sixteen_bit_matmuls(monkeypatch, 3, 4, vt)
+    monkeypatch.setenv("MINILLM_FAST_GRAD_IN_PASS", "1")
+    passes = []
+
+    def row_stats_grad_into(z, u, tokens, coef, policy, clip_eps, inv_temp, out):
+        assert out.dtype == BF16 and out.shape == z.shape and coef.shape == (z.shape[0], 4)
+        passes.append(out.shape[0])
+        stats, dz = row_stats_grad_composed(torch_backend, z, u, tokens, coef, policy, clip_eps, inv_temp, out.dtype)
+        out.copy_(dz)
+        return stats
+    monkeypatch.setattr(torch_backend, "row_stats_grad_into", row_stats_grad_into, raising=False)
+    s, t = make_head(gen, (n,), 8, vs, BF16, bias=True), make_head(gen, (n,), 6, vt, BF16, bias=True)
+    kw = dict(mask=seeded_mask(gen, (n,))) if op != "pt" else {}
+    kw.update(extra)
+    if reduction:
+        kw["reduction"] = reduction
+    check_fused(op, "torch", s, t, gen=gen, logit_scale=logit_scale, compare_logits_op=True, **kw)
+    assert pulled == [(a, b, BF16, b - a) for a, b in [(0, 12), (12, 24), (24, 36), (36, 41)]]
+    blocks = [min(n, a + 3) - a for a in range(0, n, 3)]
+    assert passes == ([] if op.startswith("jsd") or reduction == "none" else blocks)

@@ -36,6 +36,33 @@ def inputs(n, hs, ht, vs, vt, dtype, seed=0):
                                                   ("pt", "mean", None)])
 def test_matches_float64(backend, dtype, op, reduction, softcap, monkeypatch):
     monkeypatch.setattr(fused_linear, "MAX_BLOCK_BYTES", 40 * 5003 * fused_linear.BYTES_PER_LOGIT)  # 40-row blocks
+    check_matches_float64(backend, dtype, op, reduction, softcap)
+
+
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="the cuda extension did not build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", ["reverse_kl", "minillm", "pt"])
+def test_gradient_formed_in_the_row_pass(dtype, op, monkeypatch):
+    """Opted in (MINILLM_FAST_GRAD_IN_PASS=1): the cuda backend's row_stats_grad_into writes each block's dz into
+    its rows of the 16-bit group buffer during the statistics' pass (the two passes in L2, 7 rows per chunk); 40-row
+    blocks in groups of 80 rows, the last group partial."""
+    from minillm_fast import _dispatch
+    monkeypatch.setenv(loss.GRAD_IN_PASS_ENV, "1")
+    monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", "l2:7")
+    monkeypatch.setenv(fused_linear.BLOCKS_ENV, "40,80")
+    backend = _dispatch.get_backend("cuda", torch.device("cuda"))
+    calls = []
+    original = backend.row_stats_grad_into
+
+    def counted(z, *args):
+        calls.append(z.shape[0])
+        return original(z, *args)
+    monkeypatch.setattr(backend, "row_stats_grad_into", counted)
+    check_matches_float64("cuda", dtype, op, "mean", None)
+    assert calls == [40, 40, 40, 37], calls
+
+
+def check_matches_float64(backend, dtype, op, reduction, softcap):
     n, hs, ht, vs, vt = 157, 64, 96, 5003, 4999
     h, w, b, th, tw = inputs(n, hs, ht, vs, vt, dtype)
     g = torch.Generator().manual_seed(1)

@@ -667,7 +667,7 @@ def _on_chip_block(problem: _Problem, tokens, stats=None) -> _OnChipBlock:
             stats = distributed.all_reduce_row_stats(stats, problem.group, owned=owned, with_tokens=tokens is not None)
     valid = _valid_rows(problem.mask, stats)
     return _OnChipBlock(0, problem.n_rows, None, None, tokens, stats, valid, problem.backend, problem.inv_temp,
-                        problem.group, owned, problem.student, problem.teacher)
+                        problem.group, owned, student=problem.student, teacher=problem.teacher)
 
 
 def _pull_back_on_chip(problem: _Problem, loss: _Loss, block: _OnChipBlock, values: dict, weight: torch.Tensor,

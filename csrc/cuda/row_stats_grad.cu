@@ -221,9 +221,19 @@ __global__ void __launch_bounds__(256) scale_unless_one_kernel(const ScaleArgs a
   }
 }
 
-}  // namespace
-
-namespace {
+// The fields row_stats' and logits_grad's arguments share, for rows [a, a + rows) of row_stats_grad's.
+template <typename Tz, typename Tu, typename ChunkArgs>
+void chunk_of(const RowStatsGradArgs& args, int64_t a, int64_t rows, ChunkArgs& out) {
+  out.z = static_cast<const Tz*>(args.z) + a * args.z_stride;
+  out.u = static_cast<const Tu*>(args.u) + a * args.u_stride;
+  out.tokens = args.tokens != nullptr ? args.tokens + a : nullptr;
+  out.stats = args.stats + a * kNumStats;
+  out.n_rows = rows;
+  out.z_stride = args.z_stride;
+  out.u_stride = args.u_stride;
+  out.vocab = args.vocab;
+  out.inv_temp = args.inv_temp;
+}
 
 // The two-pass plan over chunks of rows held in L2: per chunk, row_stats (its split rows' states left unmerged) and
 // then logits_grad in_pass, which merges them, writes the statistics and reads the chunk's rows back from L2.
@@ -235,35 +245,19 @@ cudaError_t launch_two_passes_in_l2(const RowStatsGradArgs& args, cudaStream_t s
   for (int64_t a = 0; a < args.n_rows; a += plan.chunk_rows) {
     const int64_t rows = args.n_rows - a < plan.chunk_rows ? args.n_rows - a : plan.chunk_rows;
     RowStatsArgs stats;
-    stats.z = static_cast<const Tz*>(args.z) + a * args.z_stride;
-    stats.u = static_cast<const Tu*>(args.u) + a * args.u_stride;
-    stats.tokens = args.tokens != nullptr ? args.tokens + a : nullptr;
-    stats.stats = args.stats + a * kNumStats;
+    chunk_of<Tz, Tu>(args, a, rows, stats);
     stats.workspace = args.workspace;  // reused by every chunk: the launches are ordered on the stream
-    stats.n_rows = rows;
-    stats.z_stride = args.z_stride;
-    stats.u_stride = args.u_stride;
-    stats.vocab = args.vocab;
-    stats.inv_temp = args.inv_temp;
     stats.plan = plan.stats_plan;
     stats.leave_partials = true;
     cudaError_t err = launch_row_stats<Tz, Tu>(stats, stream);
     if (err != cudaSuccess) return err;
 
     LogitsGradArgs grad;
-    grad.z = stats.z;
-    grad.u = stats.u;
-    grad.tokens = stats.tokens;
-    grad.stats = stats.stats;
+    chunk_of<Tz, Tu>(args, a, rows, grad);
     grad.coef = args.coef + a * kNumCoefs;
     grad.dz = static_cast<To*>(args.dz) + a * args.dz_stride;
     grad.dz_stride = args.dz_stride;
-    grad.n_rows = rows;
-    grad.z_stride = args.z_stride;
-    grad.u_stride = args.u_stride;
-    grad.vocab = args.vocab;
     grad.z_cols = args.z_cols;
-    grad.inv_temp = args.inv_temp;
     grad.plan = plan.grad_plan;
     grad.in_pass = true;
     grad.policy = args.policy != nullptr ? args.policy + a * 3 : nullptr;

@@ -87,9 +87,9 @@ def test_smoke_fused_linear_blocks(monkeypatch):
     blocked, pulled = [], []
     original_block, original_pull = fused_linear._Problem.block, fused_linear._Head.pull_back
 
-    def block(self, a, b, *args):
+    def block(self, a, b, *args, **kwargs):
         blocked.append((a, b))
-        return original_block(self, a, b, *args)
+        return original_block(self, a, b, *args, **kwargs)
 
     def pull_back(self, dz, a, b, grads):
         pulled.append((a, b))

@@ -14,10 +14,10 @@
 # GPU_CHECK_PLAN=targets: only what the open issues' targets need, most important first: build, the CUDA kernel and
 # op tests, the row_stats_grad plan sweep (benchmarks/logits_fused_plans.py: the one-pass kernel and the two passes
 # in L2), the logits target (reverse_kl and minillm_loss at [8192, 128256] vs torch.compile), the fused-linear target
-# (one shape, blocked vs on-chip), the fused-linear GPU tests, racecheck and synccheck. The fused-linear target also runs 4 block configurations
-# (--blocks "n,G": tokens per block and per group, MINILLM_FAST_FUSED_LINEAR_BLOCKS; 256,2048 is the default) as
-# ours[n,G] and matmuls-blocked[n,G] rows, 5 timed rounds: about 1 s more a round than without them; its limit is
-# 200 s (was 130; the last H100 run of the step without them took 48 s).
+# (one shape, blocked vs on-chip), the fused-linear GPU tests, racecheck and synccheck. The fused-linear target also
+# runs 4 block configurations (--blocks "n,G": tokens per block and per group, MINILLM_FAST_FUSED_LINEAR_BLOCKS;
+# 256,2048 is the default) as ours[n,G] and matmuls-blocked[n,G] rows, 5 timed rounds: about 1 s more a round than
+# without them; its limit is 200 s (was 130; the last H100 run of the step without them took 48 s).
 set -uo pipefail
 OUT_DIR=${1:?usage: [GPU_CHECK_PLAN=targets] gpu_check.sh OUT_DIR [WHEEL_DIR]}
 WHEELS=${2:-.whl}

@@ -21,12 +21,46 @@ config (``config.get_text_config()``), as their forwards do:
 
 Models whose head does more than that (a second projection, per-token scaling, a scale this module does not know,
 several scale entries at once) are rejected, not computed wrongly.
+
+``unshadow_hf_kernels()`` keeps ``transformers`` importable from a checkout of this repository (see there).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
+
+
+def unshadow_hf_kernels() -> None:
+    """Import Hugging Face's ``kernels`` package (a dependency of recent ``transformers``, which imports it when it is
+    installed) where this checkout's top-level ``kernels/`` folder would shadow it. That folder holds our Triton
+    kernels (installed as ``minillm_fast.kernels``); with the checkout's root on ``sys.path`` (``python -m`` run from
+    the root, pytest's ``pythonpath = .``), ``import kernels`` finds it first and ``import transformers`` fails.
+    Called before ``transformers`` is imported (the trainer package, the test suite). Does nothing where that package
+    is not installed, is already imported, or no ``sys.path`` entry holds our folder."""
+    if "kernels" in sys.modules:
+        return
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+
+    def holds_ours(entry: str) -> bool:  # our kernels/ folder, recognised by one of its files
+        return os.path.isfile(os.path.join(entry or os.getcwd(), "kernels", "online_softmax.py"))
+    if not any(holds_ours(entry) for entry in sys.path):
+        return
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if not holds_ours(entry)]
+    try:
+        importlib.import_module("kernels")
+    except Exception:  # noqa: BLE001 - a broken install: transformers reports it on its own import
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved
 
 
 @dataclass(frozen=True)

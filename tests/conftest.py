@@ -25,6 +25,10 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from minillm_fast.hf import unshadow_hf_kernels  # noqa: E402
+
+unshadow_hf_kernels()  # test modules import transformers; pytest.ini puts the checkout's root (and kernels/) on sys.path
+
 from _helpers import ALL_BACKENDS, backend_unavailable_reason  # noqa: E402
 # The accuracy helpers live in _helpers.py (importable by test modules); re-exported here for discoverability.
 from _helpers import assert_close_rel, grad_tol, loss_tol  # noqa: E402,F401

@@ -8,11 +8,15 @@ Command line: ``python -m minillm_fast.trainer.cli train CONFIG.yaml [key=value 
 key with its default); under ``torchrun`` (DDP or FSDP2, see ``parallel.py``) every rank runs the same command.
 Methods: ``minillm``, ``sft``, ``kd``, ``seqkd``, ``gkd``; see ``loop.py`` for the loop.
 """
-from .config import METHODS, TrainConfig
-from .data import DataError
-from .evaluate import evaluate, rouge_l
-from .tokenizer import CharTokenizer
-from .loop import NonFiniteLossError, train
+from ..hf import unshadow_hf_kernels
+
+unshadow_hf_kernels()  # before any module of the trainer imports transformers
+
+from .config import METHODS, TrainConfig  # noqa: E402
+from .data import DataError  # noqa: E402
+from .evaluate import evaluate, rouge_l  # noqa: E402
+from .tokenizer import CharTokenizer  # noqa: E402
+from .loop import NonFiniteLossError, train  # noqa: E402
 
 __all__ = ["METHODS", "TrainConfig", "train", "evaluate", "rouge_l", "CharTokenizer", "DataError",
            "NonFiniteLossError"]

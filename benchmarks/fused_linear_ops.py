@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
-from minillm_fast import fused_linear
+from minillm_fast import fused_linear, hf
 from minillm_fast import loss as mloss
 from minillm_fast import reference
 
@@ -213,6 +213,7 @@ def parse_blocks(text: str) -> tuple[str, ...]:
 
 def _liger(kind: str, device):
     """A callable for Liger's fused-linear JSD with beta = 1 (reverse KL), or a string saying why not."""
+    hf.unshadow_hf_kernels()  # Liger's modules import transformers
     try:
         if kind == "liger-chunked":
             from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from minillm_fast import hf
 from minillm_fast import loss as mloss
 from minillm_fast import reference as ref
 from minillm_fast import sampling as msampling
@@ -201,6 +202,7 @@ def _liger_jsd(beta: float):
 
     def run(z, u):
         if not module:
+            hf.unshadow_hf_kernels()  # liger_kernel.transformers imports transformers
             from liger_kernel.transformers import LigerJSD  # imported lazily: optional, CUDA only
             module.append(LigerJSD(beta=beta))
         return {"loss": module[0](torch.log_softmax(z, dim=-1, dtype=torch.float32),
@@ -346,6 +348,7 @@ def alternative_unavailable(kind: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return "n/a (Liger-Kernel needs a CUDA GPU)"
         try:
+            hf.unshadow_hf_kernels()
             import liger_kernel.transformers  # noqa: F401
         except Exception:  # noqa: BLE001
             return "n/a (not installed)"

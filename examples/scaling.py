@@ -62,6 +62,9 @@ def worker(args) -> None:
     rss_imports = _rss_mib()
     import torch
     import torch.distributed as dist
+
+    from minillm_fast.hf import unshadow_hf_kernels
+    unshadow_hf_kernels()  # this checkout's root is on sys.path
     from transformers import LlamaForCausalLM  # noqa: F401  (counted in the baseline)
 
     from minillm_fast.trainer import TrainConfig, synthetic, train

@@ -544,8 +544,8 @@ class _Problem:
 
     def grad_target(self, a: int, b: int) -> tuple:
         """Where the logit gradient of the block a:b goes: (start, end, gathered, target), ``gathered`` the dz of
-        rows start:end that one pull-back takes (the group's rows of the 16-bit buffer, or without one the block's
-        own float32 student logits: pass ``None``, filled in by the caller) and ``target`` the block's rows of it."""
+        rows start:end that one pull-back takes (the group's rows of the 16-bit buffer) and ``target`` the block's
+        rows of it. Without a group buffer (a, b, None, None): the block's own float32 student logits take dz."""
         if self.grad_buffer is None:
             return a, b, None, None
         start, end = self.group_of(a)

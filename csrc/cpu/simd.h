@@ -4,7 +4,10 @@
 //
 // Two implementations with the same interface:
 //   * AVX-512 (F, BW, VL, DQ): 16 lanes; chosen whenever the compiler targets it (the JIT build uses -march=native);
-//   * scalar: 1 lane, portable (MINILLM_FAST_PORTABLE=1 builds for generic x86-64 or any other CPU).
+//   * portable: 8 lanes as a GCC vector type, which the compiler maps to the target's instructions (AVX2 on an
+//     AVX2-only CPU with -march=native; MINILLM_FAST_PORTABLE=1 builds for generic x86-64 or any other CPU). Several
+//     lanes also keep the row sums' rounding error near the AVX-512 build's (one sequential float32 sum over 10^5
+//     columns does not meet the accuracy table).
 // The kernels are written once against this interface. Knows nothing of PyTorch.
 //
 // Padding convention: `load_tail` fills the lanes past the end of a row with -inf. Every kernel treats a -inf
@@ -14,8 +17,8 @@
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, the Cephes expf polynomial for e^r, then scaling by 2^n
 // (vscalefps, which also produces the denormal results); measured over every float in [-110, 90]: max error
 // 0.9 ulp, relative error < 8e-8 in the normal range. Inputs are clamped to [-104, 88.8]: exactly 0 below -104
-// (the true value rounds to 0 there) and for -inf, +inf above 88.73; NaN propagates. The scalar fallback evaluates
-// the very same formula (explicit fma), so both builds round the same way.
+// (the true value rounds to 0 there) and for -inf, +inf above 88.73; NaN propagates. The scalar exp_scalar evaluates
+// the very same formula (explicit fma), and so does the portable build's, so all builds round the same way.
 #pragma once
 
 #include <cmath>
@@ -199,61 +202,111 @@ inline Vec log1p_unit(Vec t) {
   return {_mm512_add_ps(lw, correction)};
 }
 
-#else  // scalar fallback: one lane
+#else  // portable: 8 lanes as a GCC vector, compiled for the target (AVX2 with -march=native there, else SSE/scalar)
 
-constexpr int kWidth = 1;
-using Mask = bool;
+constexpr int kWidth = 8;
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+using Mask = I8;  // -1 where true, 0 where false
 
 struct Vec {
-  float v;
+  F8 v;
 };
 
-inline Vec set1(float x) { return {x}; }
-inline Vec zero() { return {0.0f}; }
+inline Vec set1(float x) { return {F8{} + x}; }
+inline Vec zero() { return {F8{}}; }
 inline Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
 inline Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
 inline Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
-inline Vec scale(Vec x, Vec inv_temp) {  // see the AVX-512 version; volatile keeps the product unfused
-  volatile float product = x.v * inv_temp.v;
+// See the AVX-512 version: the product goes through memory, so that -ffp-contract=fast cannot fuse it into a
+// following subtraction.
+inline Vec scale(Vec x, Vec inv_temp) {
+  F8 product = x.v * inv_temp.v;
+  asm("" : "+m"(product));
   return {product};
 }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return {std::fma(a.v, b.v, c.v)}; }
+inline F8 fma8(F8 a, F8 b, F8 c) {  // lane-wise fma (vfmadd where the target has it)
+  F8 r;
+  for (int i = 0; i < kWidth; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+}
+inline Vec fmadd(Vec a, Vec b, Vec c) { return {fma8(a.v, b.v, c.v)}; }
 inline Vec max(Vec a, Vec b) { return {b.v != b.v ? b.v : (a.v > b.v ? a.v : b.v)}; }  // like maxps: NaN b wins
 inline Vec min(Vec a, Vec b) { return {b.v != b.v ? b.v : (a.v < b.v ? a.v : b.v)}; }
 inline Mask gt(Vec a, Vec b) { return a.v > b.v; }
 inline Mask eq(Vec a, Vec b) { return a.v == b.v; }
-inline Vec select(Mask k, Vec a, Vec b) { return k ? a : b; }
-inline Vec select_or_zero(Mask k, Vec a) { return k ? a : Vec{0.0f}; }
-inline Vec mask_fmadd(Vec a, Vec b, Vec c, Mask k) { return k ? Vec{std::fma(a.v, b.v, c.v)} : c; }
-inline Vec mask_fnmadd(Vec a, Vec b, Vec c, Mask k) { return k ? Vec{std::fma(-a.v, b.v, c.v)} : c; }
-inline Vec mask_add(Vec a, Vec b, Mask k) { return k ? Vec{a.v + b.v} : a; }
-inline Mask lane_mask(int) { return true; }
-inline float reduce_add(Vec a) { return a.v; }
-inline float reduce_max(Vec a) { return a.v; }
+inline Vec select(Mask k, Vec a, Vec b) { return {k ? a.v : b.v}; }
+inline Vec select_or_zero(Mask k, Vec a) { return {k ? a.v : F8{}}; }
+inline Vec mask_fmadd(Vec a, Vec b, Vec c, Mask k) { return {k ? fma8(a.v, b.v, c.v) : c.v}; }
+inline Vec mask_fnmadd(Vec a, Vec b, Vec c, Mask k) { return {k ? fma8(-a.v, b.v, c.v) : c.v}; }
+inline Vec mask_add(Vec a, Vec b, Mask k) { return {k ? a.v + b.v : a.v}; }
+inline Mask lane_mask(int lane) {
+  Mask k{};
+  k[lane] = -1;
+  return k;
+}
+inline float reduce_add(Vec a) {  // a fixed pairwise tree
+  return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
+}
+inline float reduce_max(Vec a) {
+  Vec r = set1(a.v[0]);
+  for (int i = 1; i < kWidth; ++i) r = max(r, set1(a.v[i]));
+  return r.v[0];
+}
 
+// Widening loads. `load_tail` reads lanes [0, n) and fills the others with -inf (0 < n < 8).
 template <class T>
 inline Vec load(const T* p) {
-  return {to_float(*p)};
+  Vec r;
+  for (int i = 0; i < kWidth; ++i) r.v[i] = to_float(p[i]);
+  return r;
 }
 template <class T>
-inline Vec load_tail(const T* p, int) {  // never called with kWidth == 1
-  return {to_float(*p)};
+inline Vec load_tail(const T* p, int n) {
+  Vec r = set1(kNegInf);
+  for (int i = 0; i < n; ++i) r.v[i] = to_float(p[i]);
+  return r;
 }
 template <class T>
 inline void store(T* p, Vec a) {
-  *p = from_float<T>(a.v);
+  for (int i = 0; i < kWidth; ++i) p[i] = from_float<T>(a.v[i]);
 }
 template <class T>
-inline void store_tail(T* p, Vec a, int) {
-  *p = from_float<T>(a.v);
+inline void store_tail(T* p, Vec a, int n) {
+  for (int i = 0; i < n; ++i) p[i] = from_float<T>(a.v[i]);
+}
+
+// exp_scalar's arithmetic lane by lane, vectorisable: the final ldexp(p, n) (one rounding, n in [-150, 128]) as
+// (p 2^a) 2^b with a = floor(n / 2), b = n - a: both powers of two are normal floats built from their bits, the
+// first product is exact, the second rounds once, as ldexp does. NaN lanes return NaN.
+inline F8 exp8(F8 x) {
+  const Mask nan = x != x;
+  F8 c = x < kExpLo ? F8{} + kExpLo : x;
+  c = c > kExpHi ? F8{} + kExpHi : c;
+  c = nan ? F8{} : c;
+  const F8 n = fma8(c, F8{} + kLog2e, F8{} + kRoundMagic) - kRoundMagic;
+  F8 r = fma8(-n, F8{} + kLn2Hi, c);
+  r = fma8(-n, F8{} + kLn2Lo, r);
+  const float coeffs[7] = {kExpP1, kExpP2, kExpP3, kExpP4, kExpP5, 1.0f, 1.0f};
+  F8 p = F8{} + kExpP0;
+  for (float coeff : coeffs) p = fma8(p, r, F8{} + coeff);
+  const I8 ni = __builtin_convertvector(n, I8);
+  const I8 a = ni >> 1, b = ni - a;
+  const F8 pa = (F8)((a + 127) << 23);  // a vector cast reinterprets the bits
+  const F8 pb = (F8)((b + 127) << 23);
+  return nan ? x : (p * pa) * pb;
 }
 
 template <int K>
 inline void exp_n(Vec* x) {
-  for (int k = 0; k < K; ++k) x[k].v = exp_scalar(x[k].v);
+  for (int k = 0; k < K; ++k) x[k].v = exp8(x[k].v);
 }
-inline Vec exp(Vec x) { return {exp_scalar(x.v)}; }
-inline Vec log1p_unit(Vec t) { return {std::log1p(t.v)}; }
+inline Vec exp(Vec x) { return {exp8(x.v)}; }
+inline Vec log1p_unit(Vec t) {
+  Vec r;
+  for (int i = 0; i < kWidth; ++i) r.v[i] = std::log1p(t.v[i]);
+  return r;
+}
 
 #endif
 

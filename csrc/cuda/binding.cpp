@@ -361,8 +361,8 @@ std::tuple<at::Tensor, at::Tensor> row_stats_grad_cuda(const at::Tensor& z_in, c
 }
 
 // row_stats_grad with dz written into `out` (e.g. rows of a 16-bit buffer the caller owns: [N, V_s], unit column
-// stride, any row stride), always by the two passes in L2 (make_l2_plan; MINILLM_FAST_FUSED_PLAN "l2[s][:R]" still
-// picks its variant), which take any rows. Returns the statistics.
+// stride, any row stride), always by the two passes in L2 (choose_fused_plan's l2_only; MINILLM_FAST_FUSED_PLAN
+// "l2[s][:R]" still picks its variant), which take any rows. Returns the statistics.
 at::Tensor row_stats_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_in,
                                     const std::optional<at::Tensor>& tokens, const at::Tensor& coef_in,
                                     const std::optional<at::Tensor>& policy_in, double clip_eps, double inv_temp,
@@ -371,13 +371,10 @@ at::Tensor row_stats_grad_into_cuda(const at::Tensor& z_in, const at::Tensor& u_
   check_grad_out(out, r, "row_stats_grad_into");
   const c10::cuda::CUDAGuard guard(r.z.device());
   const int64_t z_cols = r.z.size(1);
-  const char* forced = std::getenv("MINILLM_FAST_FUSED_PLAN");
-  const L2Request l2 = forced_l2(forced);
-  const FusedDevice device = fused_device();
-  const FusedPlan plan = make_l2_plan(
-      r.n_rows, z_cols, r.vocab, pair_vec(r), out_vec(r, out),
-      z_cols * static_cast<int64_t>(r.z.element_size() + out.element_size()) + r.vocab * r.u.element_size(),
-      device.l2_bytes, device.num_sms, l2.rows, !l2.serial && device.max_cluster > 1);
+  const FusedPlan plan = choose_fused_plan(
+      r.n_rows, z_cols, r.vocab, pair_vec(r), out_vec(r, out), static_cast<int>(r.z.element_size()),
+      static_cast<int>(r.u.element_size()), static_cast<int>(out.element_size()), fused_device(),
+      std::getenv("MINILLM_FAST_FUSED_PLAN"), /*l2_only=*/true);
   if (r.n_rows == 0 || z_cols == 0) return at::empty({r.n_rows, kNumStats}, r.z.options().dtype(at::kFloat));
   return row_stats_grad_to(r, tokens, coef_in, policy_in, clip_eps, inv_temp, plan, out);
 }

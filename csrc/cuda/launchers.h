@@ -152,10 +152,10 @@ struct JsdArgs {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// row_stats_grad: row_stats and logits_grad in one kernel that reads each row once (row_stats_grad.cu), for
-// coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (row stride dz_stride, dtype To) as
-// logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight) the c_q and
-// c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
+// row_stats_grad: row_stats and logits_grad in one call that reads each row once from memory (row_stats_grad.cu),
+// for coefficients known before the statistics. stats[N, 10] as row_stats; dz[N, z_cols] (row stride dz_stride,
+// dtype To) as logits_grad with coef[N, 4], where with policy [N, 3] = (advantage, old log-prob, importance weight)
+// the c_q and c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
 // distribution get zeros. Two plans:
 // - one pass (cluster > 0): a row is split across a cluster of plan.cluster blocks of kFusedThreads threads, each
 //   holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace [N, cluster, 8].
@@ -261,13 +261,14 @@ struct FusedDevice {
   int64_t l2_bytes = 0;
 };
 
-// row_stats_grad's plan: make_l2_plan's when `forced` (MINILLM_FAST_FUSED_PLAN) is "l2[s][:R]", else
-// make_fused_plan's. z_bytes, u_bytes, out_bytes: element sizes of the student, teacher and dz.
+// row_stats_grad's plan: make_l2_plan's when `forced` (MINILLM_FAST_FUSED_PLAN) is "l2[s][:R]" or `l2_only`
+// (row_stats_grad_into, whose variant an "l2[s][:R]" value still picks), else make_fused_plan's. z_bytes, u_bytes,
+// out_bytes: element sizes of the student, teacher and dz.
 inline FusedPlan choose_fused_plan(int64_t n_rows, int64_t z_cols, int64_t vocab, int stats_vec, int grad_vec,
                                    int z_bytes, int u_bytes, int out_bytes, const FusedDevice& device,
-                                   const char* forced) {
+                                   const char* forced, bool l2_only = false) {
   const L2Request l2 = forced_l2(forced);
-  if (!l2.requested) {
+  if (!l2.requested && !l2_only) {
     return make_fused_plan(z_cols, grad_vec, z_bytes + u_bytes, device.max_cluster, device.max_smem, forced);
   }
   return make_l2_plan(n_rows, z_cols, vocab, stats_vec, grad_vec, z_cols * (z_bytes + out_bytes) + vocab * u_bytes,

@@ -120,19 +120,11 @@ int emu_row_stats_grad(int into, int zc, int uc, int oc, const void* z, const vo
   a.u_stride = us; a.vocab = vocab; a.z_cols = z_cols; a.inv_temp = it;
   FusedDevice device;
   device.max_cluster = max_cluster; device.max_smem = max_smem; device.num_sms = num_sms; device.l2_bytes = l2_bytes;
-  const char* forced = std::getenv("MINILLM_FAST_FUSED_PLAN");
   const int stats_vec = pair_vec(z, zs, zc, u, us, uc, vocab, -1);
   int grad_vec = pair_vec(z, zs, zc, u, us, uc, vocab, ds);
   if (grad_vec > 1 && !rows_aligned(dz, ds, esize(oc), grad_vec)) grad_vec = 1;
-  if (into) {
-    const L2Request l2 = forced_l2(forced);
-    a.plan = make_l2_plan(n, z_cols, vocab, stats_vec, grad_vec,
-                          static_cast<int64_t>(z_cols) * (esize(zc) + esize(oc)) + static_cast<int64_t>(vocab) * esize(uc),
-                          l2_bytes, num_sms, l2.rows, !l2.serial && max_cluster > 1);
-  } else {
-    a.plan = choose_fused_plan(n, z_cols, vocab, stats_vec, grad_vec, esize(zc), esize(uc), esize(oc), device,
-                               forced);
-  }
+  a.plan = choose_fused_plan(n, z_cols, vocab, stats_vec, grad_vec, esize(zc), esize(uc), esize(oc), device,
+                             std::getenv("MINILLM_FAST_FUSED_PLAN"), into != 0);
   plan_out[0] = a.plan.vec; plan_out[1] = a.plan.cluster; plan_out[2] = a.plan.slice; plan_out[3] = a.plan.stages;
   plan_out[4] = static_cast<int>(a.plan.chunk_rows);
   plan_out[5] = a.plan.stats_plan.chained;

@@ -181,12 +181,18 @@ def env_var(name: str, value: str | None):
             os.environ[name] = saved
 
 
-def _with_blocks(fn, blocks: str):
-    """``fn`` called with the knob set to ``blocks`` (a scalar loss's gradient is formed inside the call)."""
+def _with_env(fn, name: str, value: str):
+    """``fn`` called with environment variable ``name`` set to ``value`` (a scalar loss's gradient is formed inside
+    the call, so the forward is all that needs it)."""
     def call(p: Problem):
-        with blocks_env(blocks):
+        with env_var(name, value):
             return fn(p)
     return call
+
+
+def _with_blocks(fn, blocks: str):
+    """``fn`` called with the block-size knob set to ``blocks``."""
+    return _with_env(fn, fused_linear.BLOCKS_ENV, blocks)
 
 
 def _in_pass(fn, device):
@@ -194,11 +200,7 @@ def _in_pass(fn, device):
     the cuda backend's ``row_stats_grad_into``, the two passes chunk by chunk in L2), or why not."""
     if device.type != "cuda":
         return "CUDA only (row_stats_grad_into)"
-
-    def call(p: Problem):
-        with env_var(mloss.GRAD_IN_PASS_ENV, "1"):
-            return fn(p)
-    return call
+    return _with_env(fn, mloss.GRAD_IN_PASS_ENV, "1")
 
 
 def parse_blocks(text: str) -> tuple[str, ...]:

@@ -28,6 +28,30 @@ at::Tensor unit_stride(const at::Tensor& x) {
   return (x.size(1) <= 1 || x.stride(1) == 1) && x.stride(0) >= 0 ? x : x.contiguous();
 }
 
+// float32 [N, V] logits stored vocabulary-major: a row-major [V, ld] buffer (ld >= N) seen through a transpose, as
+// the fused-linear ops form a block's logits (W h^T). row_stats and logits_grad read them in place
+// (vocab_major_kernels.cpp); the other ops copy them to unit stride.
+// Readable as vocabulary-major: entry (r, v) at data[v * stride(1) + r] (a single row with any column stride too).
+bool readable_by_vocab(const at::Tensor& x) {
+  return x.dim() == 2 && x.scalar_type() == at::kFloat && (x.size(0) <= 1 || x.stride(0) == 1) &&
+         x.stride(1) >= std::max<int64_t>(1, x.size(0));
+}
+
+// Vocabulary-major proper: the row-major kernels would need a copy.
+bool vocab_major(const at::Tensor& x) {
+  return readable_by_vocab(x) && x.size(1) > 1 && x.stride(1) != 1;
+}
+
+// Whether row_stats / logits_grad read z and u vocabulary-major (and logits_grad writes dz so): where one of them is
+// and the other can be read so too.
+bool by_vocab(const at::Tensor& z, const at::Tensor& u) {
+  return (vocab_major(z) || vocab_major(u)) && readable_by_vocab(z) && readable_by_vocab(u);
+}
+
+minillm::cpu::VocabMajor vocab_major_of(const at::Tensor& x) {
+  return {x.data_ptr<float>(), x.stride(1)};
+}
+
 bool is_logits_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -126,11 +150,18 @@ at::Tensor row_stats_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const s
                          double inv_temp) {
   check_logits("row_stats", z_in, u_in);
   check_inv_temp("row_stats", inv_temp);
-  const at::Tensor z = unit_stride(z_in), u = unit_stride(u_in);
+  const bool vocab_first = by_vocab(z_in, u_in);
+  const at::Tensor z = vocab_first ? z_in : unit_stride(z_in), u = vocab_first ? u_in : unit_stride(u_in);
   const int64_t n_rows = z.size(0), vocab = std::min(z.size(1), u.size(1));
   const at::Tensor tokens = checked_tokens("row_stats", tokens_in, n_rows, vocab);
   at::Tensor out = at::empty({n_rows, NUM_STATS}, z.options().dtype(at::kFloat));
   if (n_rows == 0) return out;
+  if (vocab_first) {
+    minillm::cpu::row_stats_vocab_major(vocab_major_of(z), vocab_major_of(u), n_rows, vocab,
+                                        tokens.defined() ? tokens.data_ptr<int64_t>() : nullptr,
+                                        static_cast<float>(inv_temp), out.data_ptr<float>());
+    return out;
+  }
   dispatch_pair(z.scalar_type(), u.scalar_type(), [&](auto zt, auto ut) {
     using TZ = typename decltype(zt)::type;
     using TU = typename decltype(ut)::type;
@@ -141,18 +172,27 @@ at::Tensor row_stats_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const s
   return out;
 }
 
-// dz = logits_grad(z, u, ...) written into `dz` ([n_rows, z.size(1)], z's dtype, contiguous); dz may be z itself:
-// every column tile is read before it is written.
+// dz = logits_grad(z, u, ...) written into `dz` ([n_rows, z.size(1)], z's dtype; vocabulary-major where
+// by_vocab(z, u), else contiguous); dz may be z itself: every element is read before it is written.
 void logits_grad_into(const char* op, const at::Tensor& z_in, const at::Tensor& u_in,
                       const std::optional<at::Tensor>& tokens_in, const at::Tensor& stats_in,
                       const at::Tensor& coef_in, double inv_temp, at::Tensor& dz) {
   check_logits(op, z_in, u_in);
   check_inv_temp(op, inv_temp);
-  const at::Tensor z = unit_stride(z_in), u = unit_stride(u_in);
+  const bool vocab_first = by_vocab(z_in, u_in);
+  const at::Tensor z = vocab_first ? z_in : unit_stride(z_in), u = vocab_first ? u_in : unit_stride(u_in);
   const int64_t n_rows = z.size(0), vocab = std::min(z.size(1), u.size(1));
   const at::Tensor tokens = checked_tokens(op, tokens_in, n_rows, vocab);
   const at::Tensor stats = rows_param(op, "stats", stats_in, n_rows, NUM_STATS, at::kFloat);
   const at::Tensor coef = rows_param(op, "coef", coef_in, n_rows, NUM_COEFS, at::kFloat);
+  if (vocab_first) {
+    minillm::cpu::logits_grad_vocab_major(vocab_major_of(z), vocab_major_of(u), n_rows, vocab,
+                                          tokens.defined() ? tokens.data_ptr<int64_t>() : nullptr,
+                                          stats.data_ptr<float>(), coef.data_ptr<float>(),
+                                          static_cast<float>(inv_temp), dz.data_ptr<float>(), dz.stride(1),
+                                          z.size(1));
+    return;
+  }
   dispatch_pair(z.scalar_type(), u.scalar_type(), [&](auto zt, auto ut) {
     using TZ = typename decltype(zt)::type;
     using TU = typename decltype(ut)::type;
@@ -165,7 +205,8 @@ void logits_grad_into(const char* op, const at::Tensor& z_in, const at::Tensor& 
 
 at::Tensor logits_grad_cpu(const at::Tensor& z, const at::Tensor& u, const std::optional<at::Tensor>& tokens,
                            const at::Tensor& stats, const at::Tensor& coef, double inv_temp) {
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dz = by_vocab(z, u) ? at::empty({z.size(1), z.size(0)}, z.options()).t()
+                                      : at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(dz);
   logits_grad_into("logits_grad", z, u, tokens, stats, coef, inv_temp, dz);
   return dz;
@@ -174,9 +215,12 @@ at::Tensor logits_grad_cpu(const at::Tensor& z, const at::Tensor& u, const std::
 // In place: z receives its own gradient (saves a [N, V] buffer where z is a scratch copy, as in the fused-linear ops).
 void logits_grad_inplace_cpu(at::Tensor z, const at::Tensor& u, const std::optional<at::Tensor>& tokens,
                              const at::Tensor& stats, const at::Tensor& coef, double inv_temp) {
-  TORCH_CHECK(z.dim() == 2 && z.is_contiguous(), "logits_grad_: z must be a contiguous 2-D tensor (it receives "
-              "the gradient in place), got sizes ", z.sizes(), " and strides ", z.strides());
-  logits_grad_into("logits_grad_", z, u, tokens, stats, coef, inv_temp, z);
+  TORCH_CHECK(z.dim() == 2 && (z.is_contiguous() || vocab_major(z)), "logits_grad_: z must be a contiguous 2-D "
+              "tensor or float32 vocabulary-major (a transposed [V, ld] buffer): it receives the gradient in place; "
+              "got sizes ", z.sizes(), " and strides ", z.strides());
+  // Vocabulary-major z is written by the vocabulary-major kernel, which needs u readable so too.
+  const bool copy_u = vocab_major(z) && !readable_by_vocab(u);
+  logits_grad_into("logits_grad_", z, copy_u ? u.t().contiguous().t() : u, tokens, stats, coef, inv_temp, z);
 }
 
 at::Tensor jsd_rows_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const at::Tensor& stats_in, double beta,

@@ -84,22 +84,8 @@ void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv
 template <class TZ, class TU>
 void write_stats(float* out, const OnlinePair& state, const TZ* z, const TU* u, const int64_t* tokens, int64_t r,
                  float inv_temp) {
-  out[M_Q] = state.q.m;
-  out[LOGS_Q] = state.q.log_s();
-  out[M_P] = state.p.m;
-  out[LOGS_P] = state.p.log_s();
-  out[EQ_D] = state.mean_d_q();
-  out[EQ_ZC] = state.q.mean_centred();
-  out[EP_D] = state.mean_d_p();
-  out[EP_UC] = state.p.mean_centred();
-  if (tokens != nullptr) {
-    const int64_t y = tokens[r];
-    out[ZY] = to_float(z[y]) * inv_temp;
-    out[UY] = to_float(u[y]) * inv_temp;
-  } else {
-    out[ZY] = 0.0f;
-    out[UY] = 0.0f;
-  }
+  const int64_t y = tokens != nullptr ? tokens[r] : -1;
+  store_row_stats(out, state, y >= 0 ? to_float(z[y]) * inv_temp : 0.0f, y >= 0 ? to_float(u[y]) * inv_temp : 0.0f);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

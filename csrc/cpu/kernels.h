@@ -8,12 +8,14 @@
 //   * q = softmax(z'), p = softmax(u'); all sums in float32 per block, double across blocks;
 //   * stats is float32 [n_rows, 10] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
 //     EP_D, EP_UC, ZY, UY); log-probabilities are always formed as (x' - m) - log s, never x' - lse;
-//   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included.
+//   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included;
+//   * float32 logits may also be vocabulary-major (VocabMajor): row_stats and logits_grad have versions for them.
 #pragma once
 
 #include <cstdint>
 
 #include "cpu/dtypes.h"
+#include "cpu/row_state.h"
 
 namespace minillm {
 namespace cpu {
@@ -21,6 +23,20 @@ namespace cpu {
 // Column indices of the stats rows and of the coefficient rows.
 enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, NUM_STATS };
 enum Coef : int { C_KL = 0, C_Q, C_P, C_Y, NUM_COEFS };
+
+// A row's stats from its finished online state; z_y, u_y are the token's scaled logits (0 without tokens).
+inline void store_row_stats(float* out, const OnlinePair& state, float z_y, float u_y) {
+  out[M_Q] = state.q.m;
+  out[LOGS_Q] = state.q.log_s();
+  out[M_P] = state.p.m;
+  out[LOGS_P] = state.p.log_s();
+  out[EQ_D] = state.mean_d_q();
+  out[EQ_ZC] = state.q.mean_centred();
+  out[EP_D] = state.mean_d_p();
+  out[EP_UC] = state.p.mean_centred();
+  out[ZY] = z_y;
+  out[UY] = u_y;
+}
 
 template <class T>
 struct Rows {
@@ -50,6 +66,24 @@ void jsd_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float
 template <class TZ, class TU>
 void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, const float* jsd,
               const float* coef, double beta, float inv_temp, TZ* dz, int64_t dz_cols);
+
+// Vocabulary-major float32 logits: entry (r, v) at data[v * ld + r], ld >= n_rows (a row-major [V, ld] buffer seen
+// as [N, V] through a transpose, as the fused-linear ops form a block's logits on a CPU). vocab_major_kernels.cpp.
+struct VocabMajor {
+  const float* data;
+  int64_t ld;
+  const float* at(int64_t r, int64_t v) const { return data + v * ld + r; }
+};
+
+// row_stats of vocabulary-major rows: the same statistics (summed in a different order: equal to rounding).
+void row_stats_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t vocab, const int64_t* tokens,
+                           float inv_temp, float* stats);
+
+// logits_grad of vocabulary-major rows into vocabulary-major dz ([dz_cols, ld_dz], ld_dz >= n_rows; dz may be z
+// itself, with ld_dz = z.ld): every element bit-identical to logits_grad's.
+void logits_grad_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t vocab, const int64_t* tokens,
+                             const float* stats, const float* coef, float inv_temp, float* dz, int64_t ld_dz,
+                             int64_t dz_cols);
 
 // Inverse-CDF draw per row from softmax(u') where use_teacher[r] else softmax(z'), with uniform[r] in [0, 1);
 // -1 for a row whose chosen distribution is empty. Only the chosen row is read.

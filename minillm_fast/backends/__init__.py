@@ -31,6 +31,10 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     every op is such a combination (the 1/tau factor is folded into coef). Rows whose four coefficients are all
     zero are written as zeros without reading the logits; columns >= V are zero.
 
+    The ``cpu`` backend also reads float32 logits stored *vocabulary-major* in row_stats, logits_grad and
+    logits_grad_ (``z.stride(0) == 1``, ``z.stride(1) >= N``: a [V, ld] buffer seen through a transpose, as the
+    fused-linear ops form their CPU blocks), in place, and then returns dz in that layout too.
+
 ``jsd_rows(z, u, stats, beta, inv_temp) -> float32 [N, 2]``
     Second pass for 0 < beta < 1: (JSD_beta, E_q[g]) with g_v = log q_v - log m_v, m = beta p + (1-beta) q.
 

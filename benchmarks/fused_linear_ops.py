@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import harness
-from minillm_fast import fused_linear, hf
+from minillm_fast import _dispatch, fused_linear, hf
 from minillm_fast import loss as mloss
 from minillm_fast import reference
 
@@ -136,10 +136,10 @@ def blocked_matmuls():
             teacher = fused_linear._Head(p.ht, p.wt, None, None, None)
             n_rows, vocab = p.h.shape[0], max(p.w.shape[0], p.wt.shape[0])
             grouped = head.matmul_dtype != torch.float32  # where ours groups (a gradient is always formed here)
-            step, group = fused_linear.block_sizes(n_rows, vocab, grouped, fused_linear.blocks_override())
+            vocab_major = fused_linear.vocab_major_blocks(_dispatch.get_backend("auto", p.h.device), grouped)
+            step, group = fused_linear.block_sizes(n_rows, vocab, grouped, fused_linear.blocks_override(), vocab_major)
             grads = fused_linear._Grads.zeros_for(head, (True, True, False))
-            buffers = [None if grouped else torch.empty(min(step, n_rows), x.weight.shape[0], device=p.h.device)
-                       for x in (head, teacher)]
+            buffers = [x.logit_buffer(min(step, n_rows), vocab_major) for x in (head, teacher)]
             if grouped:
                 key = (min(group, n_rows), p.w.shape[0], head.matmul_dtype, p.w.device)
                 if key not in dz_buffers:
@@ -148,8 +148,8 @@ def blocked_matmuls():
                 dz_group = dz_buffers[key]
             for a in range(0, n_rows, step):
                 b = min(n_rows, a + step)
-                z = head.logits(a, b, buffers[0])
-                teacher.logits(a, b, buffers[1])
+                z = head.logits(a, b, buffers[0], vocab_major)
+                teacher.logits(a, b, buffers[1], vocab_major)
                 if not grouped:
                     head.pull_back(z, a, b, grads)
                 elif b == min(n_rows, a - a % group + group):  # the group's last block: pull the group back

@@ -238,9 +238,14 @@ def run_fused(op_name, s: Head, t: Head, aux, *, needs=(True, True, True), upstr
 
 def check_fused(op_name, backend, s: Head, t: Head, *, gen, needs=(True, True, True), softcap=None,
                 logit_scale=None, upstream=None, compare_logits_op=False, tol_loss=None, tol_grad=None,
-                token_pool=None, **kw) -> Result:
+                token_pool=None, float32_slack=False, **kw) -> Result:
     """The fused op against the float64 reference (and optionally the logits op): values and the gradients
-    with respect to every student tensor that requires grad (None for the others)."""
+    with respect to every student tensor that requires grad (None for the others).
+
+    ``float32_slack``: the gradients' tolerance grows by twice the relative error of the plain float32 logits path
+    (float32 matmuls and autograd, the torch backend's logits op): the part of the error that float32 matmuls
+    cause whatever their order (the forward's logits |z| 2^-24 off, the pull-back summing over V terms), large where
+    the gradients nearly cancel (logits ~1e4, nearly one-hot rows)."""
     op = OPS[op_name]
     (cap_s, cap_t), (scale_s, scale_t) = per_model(softcap), per_model(logit_scale)
     lead, vocab = s.hidden.shape[:-1], min(s.weight.shape[0], t.weight.shape[0])
@@ -257,6 +262,17 @@ def check_fused(op_name, backend, s: Head, t: Head, *, gen, needs=(True, True, T
     ref_value, ref_out = outputs(op, op.ref(z64, u64, *aux, **op_kwargs(op, kw, fused=False)))
     if ref_value is not None and ref_value.requires_grad:
         ref_value.backward(None if upstream is None else upstream.to(torch.float64))
+
+    if float32_slack:
+        float32 = leaves(s, needs)
+        z32 = head_logits(*float32.tensors(), scale_s, cap_s, F32)
+        with torch.no_grad():
+            u32 = head_logits(*t.tensors(), scale_t, cap_t, F32)
+        value, _ = outputs(op, op.logits(z32, u32, *aux, backend="torch", **op_kwargs(op, kw, fused=False)))
+        value.backward(upstream)
+        changes = [(x.grad.double() - y.grad).norm() / y.grad.norm().clamp(min=1e-300)
+                   for x, y in zip(float32.tensors(), s64.tensors()) if x is not None and x.grad is not None]
+        tol_grad = (tol_grad if tol_grad is not None else grad_tol(s.hidden.dtype)) + 2 * float(max(changes))
 
     res = run_fused(op_name, s, t, aux, needs=needs, upstream=upstream, softcap=softcap, logit_scale=logit_scale,
                     backend=backend, **kw)
@@ -608,10 +624,12 @@ def _count_blocks(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+# rows * 9 / 8 rounds down to rows: the same blocks from the budget with the vocabulary-major blocks' 8 bytes per
+# logit (the cpu backend; fused_linear.VOCAB_MAJOR_BYTES_PER_LOGIT) as with BYTES_PER_LOGIT.
+@pytest.mark.parametrize("rows", [1, 2, 3, 7])
 @pytest.mark.parametrize("op", ["reverse_kl", "reverse_kl/none", "jsd_0.3", "minillm", "pt", "token_stats"])
 def test_many_blocks_equal_one_block(fast_backend, op, rows, gen, monkeypatch):
-    """Blocks of 1..8 rows (N = 37: a partial last block), by the budget or by the knob, give the single-block
+    """Blocks of 1..7 rows (N = 37: a partial last block), by the budget or by the knob, give the single-block
     result."""
     op, _, reduction = op.partition("/")
     n, vs, vt = 37, 61, 64
@@ -698,7 +716,9 @@ def test_teacher_only_neg_inf_gives_inf_reverse_kl(fused_backend, gen):
 
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "jsd_0.5", "minillm", "pt"])
 def test_extreme_logits(fused_backend, op, gen):
-    """Logits ~1e3-1e4 (nearly one-hot rows): the loss within 2e-5, the gradient finite and within 2e-2.
+    """Logits ~1e3-1e4 (nearly one-hot rows): the loss within 2e-5, the gradient finite and within 2e-2 plus twice
+    the plain float32 logits path's own error (``float32_slack``: the gradients of such rows nearly cancel, so
+    float32 matmuls move them by a few percent or more, depending on the draw and on the matmuls' summation order).
 
     Except MiniLLM's policy-gradient term: its ratio exp(log q(y) - old_logprob) inherits the absolute error of
     float32 logits of size |z| (|z| 2^-24 ~ 1e-3 at 1e4, a relative error of the ratio that no float32 lm_head
@@ -709,7 +729,7 @@ def test_extreme_logits(fused_backend, op, gen):
     kw = dict(mask=None) if op == "minillm" else {}
     tol = dict(pg_loss=2e-3, loss=2e-3) if op == "minillm" else {}
     res = check_fused(op, fused_backend, s, t, gen=gen, tol_loss=dict(dict.fromkeys(("value", "reg_loss", "lm_loss",
-                      "kd_loss", "clip_fraction"), 2e-5), **tol), tol_grad=2e-2, **kw)
+                      "kd_loss", "clip_fraction"), 2e-5), **tol), tol_grad=2e-2, float32_slack=True, **kw)
     for x in grads_of(res.student):
         assert torch.isfinite(x).all()
 

@@ -51,8 +51,25 @@ def _row_stats_fake(z, u, tokens, inv_temp):
     return z.new_empty((z.shape[0], NUM_STATS), dtype=torch.float32)
 
 
+def _readable_by_vocab(x) -> bool:
+    return (x.dim() == 2 and x.dtype == torch.float32 and (x.shape[0] <= 1 or x.stride(0) == 1)
+            and x.stride(1) >= max(1, x.shape[0]))
+
+
+def grad_is_vocab_major(z, u) -> bool:
+    """Whether the CPU kernels read z and u vocabulary-major and return logits_grad's dz so (csrc/cpu/binding.cpp's
+    ``by_vocab``, mirrored here for the fake implementation's strides): float32 CPU rows of which at least one is a
+    transposed [V, ld] buffer and both can be read as one."""
+    def vocab_major(x):
+        return _readable_by_vocab(x) and x.shape[1] > 1 and x.stride(1) != 1
+    return (z.device.type == "cpu" and (vocab_major(z) or vocab_major(u)) and _readable_by_vocab(z)
+            and _readable_by_vocab(u))
+
+
 @torch.library.register_fake("minillm_fast::logits_grad")
 def _logits_grad_fake(z, u, tokens, stats, coef, inv_temp):
+    if grad_is_vocab_major(z, u):
+        return z.new_empty((z.shape[1], z.shape[0])).t()
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 

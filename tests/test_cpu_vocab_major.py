@@ -134,3 +134,15 @@ def test_many_rows_and_threads():
     torch.testing.assert_close(stats[finite], want[finite], rtol=2e-5, atol=2e-2)
     coef = coefficients(n, 10)
     assert same(ops.logits_grad(zv, uv, None, stats, coef, 1.0), ops.logits_grad(z, u, None, stats, coef, 1.0))
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_fake_implementation_has_the_real_layout(n):
+    """torch.compile traces with the ops' fake implementations: logits_grad's must give dz the real strides."""
+    z, u = special_logits(n, 40, 11), special_logits(n, 40, 12)
+    zv, uv = vocab_major(z), vocab_major(u, 1)
+    stats = ops.row_stats(z, u, None, 1.0)
+    coef = coefficients(n, 13)
+    for args in ((zv, uv), (zv, u), (z, uv), (z, u)):
+        torch.library.opcheck(ops.logits_grad, (*args, None, stats, coef, 1.0), test_utils="test_faketensor")
+        torch.library.opcheck(ops.row_stats, (*args, None, 1.0), test_utils="test_faketensor")

@@ -136,10 +136,11 @@ def blocked_matmuls():
             teacher = fused_linear._Head(p.ht, p.wt, None, None, None)
             n_rows, vocab = p.h.shape[0], max(p.w.shape[0], p.wt.shape[0])
             grouped = head.matmul_dtype != torch.float32  # where ours groups (a gradient is always formed here)
-            vocab_major = fused_linear.vocab_major_blocks(_dispatch.get_backend("auto", p.h.device), grouped)
+            backend = _dispatch.get_backend("auto", p.h.device)
+            vocab_major = fused_linear.vocab_major_blocks(backend, grouped)
             step, group = fused_linear.block_sizes(n_rows, vocab, grouped, fused_linear.blocks_override(), vocab_major)
-            grads = fused_linear._Grads.zeros_for(head, (True, True, False))
-            buffers = [x.logit_buffer(min(step, n_rows), vocab_major) for x in (head, teacher)]
+            grads = fused_linear._Grads.zeros_for(head, (True, True, False), backend)
+            buffers = [x.logit_buffer(min(step, n_rows), vocab_major, backend) for x in (head, teacher)]
             if grouped:
                 key = (min(group, n_rows), p.w.shape[0], head.matmul_dtype, p.w.device)
                 if key not in dz_buffers:

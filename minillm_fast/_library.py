@@ -30,6 +30,8 @@ SCHEMAS = {
 # the caller owns). The CUDA extension's: logits_grad_into (written into a buffer the caller owns, e.g. in 16 bits),
 # row_stats_grad and scale_unless_one_ (row_stats and logits_grad in one call, each row read once from memory, and
 # the in-place scaling of its gradient in backward), row_stats_grad_into (the same, dz into a buffer the caller owns).
+# advise_huge_pages_ (the CPU extension): ask the kernel for transparent huge pages under a large buffer before its
+# first touch (each 4 KiB page fault costs more than the work on it on a VM: the fused-linear ops' CPU buffers).
 OPTIONAL_SCHEMAS = {
     "logits_grad_": "(Tensor(a!) z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp) -> ()",
     "logits_grad_into": "(Tensor z, Tensor u, Tensor? tokens, Tensor stats, Tensor coef, float inv_temp, "
@@ -39,6 +41,7 @@ OPTIONAL_SCHEMAS = {
     "row_stats_grad_into": "(Tensor z, Tensor u, Tensor? tokens, Tensor coef, Tensor? policy, float clip_eps, "
                            "float inv_temp, Tensor(a!) out) -> Tensor",
     "scale_unless_one_": "(Tensor(a!) x, Tensor factor) -> ()",
+    "advise_huge_pages_": "(Tensor(a!) x) -> ()",
 }
 
 _LIB = torch.library.Library("minillm_fast", "DEF")
@@ -97,6 +100,11 @@ def _row_stats_grad_into_fake(z, u, tokens, coef, policy, clip_eps, inv_temp, ou
 
 @torch.library.register_fake("minillm_fast::scale_unless_one_")
 def _scale_unless_one_fake(x, factor):
+    return None
+
+
+@torch.library.register_fake("minillm_fast::advise_huge_pages_")
+def _advise_huge_pages_fake(x):
     return None
 
 

@@ -215,6 +215,16 @@ def _mm_float32_out(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.mm(x, w_t).float()
 
 
+def _fresh(shape, dtype, device, backend, zero: bool = False) -> torch.Tensor:
+    """torch.empty (or zeros), with the backend's ``advise_huge_pages_`` hint given before the first touch where it
+    has one (the CPU extension: a 4 KiB page fault on a VM costs more than the work on its floats)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    advise = getattr(backend, "advise_huge_pages_", None)
+    if advise is not None:
+        advise(out)
+    return out.zero_() if zero else out
+
+
 @dataclass
 class _Head:
     """One model's last hidden states (as rows) and lm_head, with what it takes to form and pull back logits."""
@@ -237,13 +247,13 @@ class _Head:
         return torch.float32 if self.weight.dtype == torch.float32 or self._fp32_weight is not None else \
             self.weight.dtype
 
-    def logit_buffer(self, rows: int, vocab_major: bool) -> torch.Tensor | None:
+    def logit_buffer(self, rows: int, vocab_major: bool, backend=None) -> torch.Tensor | None:
         """The float32 buffer every block's logits are formed in (fresh pages cost more than the matmul on a CPU):
         [rows, V], or [V, rows] for vocabulary-major logits; None where a 16-bit matmul makes its own."""
         if self.matmul_dtype != torch.float32:
             return None
         shape = (self.weight.shape[0], rows) if vocab_major else (rows, self.weight.shape[0])
-        return torch.empty(shape, dtype=torch.float32, device=self.weight.device)
+        return _fresh(shape, torch.float32, self.weight.device, backend)
 
     def _matmul_weight_t(self, x: torch.Tensor, out: torch.Tensor | None, vocab_major: bool) -> torch.Tensor:
         """x @ W^T in float32, written into ``out`` (``logit_buffer``) where the matmul runs in float32; a new tensor
@@ -304,13 +314,13 @@ class _Grads:
     bias: torch.Tensor | None
 
     @classmethod
-    def zeros_for(cls, head: _Head, needs: tuple[bool, bool, bool]) -> "_Grads":
+    def zeros_for(cls, head: _Head, needs: tuple[bool, bool, bool], backend=None) -> "_Grads":
         # The weight gradient accumulates over blocks: in float32 where the matmuls run in float32, else (CUDA
         # bf16/fp16) in its own dtype, rounded once per group of blocks.
         acc = head.matmul_dtype
         return cls(
             hidden=torch.empty(head.hidden.shape, dtype=torch.float32, device=head.hidden.device) if needs[0] else None,
-            weight=torch.zeros(head.weight.shape, dtype=acc, device=head.weight.device) if needs[1] else None,
+            weight=_fresh(head.weight.shape, acc, head.weight.device, backend, zero=True) if needs[1] else None,
             bias=torch.zeros(head.bias.shape[0], dtype=torch.float32, device=head.weight.device) if needs[2] else None,
         )
 
@@ -567,7 +577,8 @@ class _Problem:
         in_place = self.vocab_major and loss.in_place and self.student.softcap is None  # no dz slices
         step, self.group_rows = block_sizes(self.n_rows, vocab, grouped, self.block_override, in_place)
         rows = min(step, self.n_rows)
-        self._buffers = [head.logit_buffer(rows, self.vocab_major) for head in (self.student, self.teacher)]
+        self._buffers = [head.logit_buffer(rows, self.vocab_major, self.backend)
+                         for head in (self.student, self.teacher)]
         self.grad_buffer = None
         if grouped:
             self.grad_buffer = torch.empty(min(self.group_rows, self.n_rows), self.student.weight.shape[0],
@@ -737,7 +748,7 @@ def _forward(problem: _Problem, loss: _Loss, tokens, needs, on_chip: bool):
     kernels (``on_chip``), else from the blocks."""
     if on_chip:
         return _sweep_on_chip(problem, loss, tokens, needs)
-    grads = None if needs is None else _Grads.zeros_for(problem.student, needs)
+    grads = None if needs is None else _Grads.zeros_for(problem.student, needs, problem.backend)
     values, stats, valid = _sweep(problem, loss, tokens, grads)
     if grads is not None:
         problem.hidden_grad_over_ranks(grads)
@@ -779,7 +790,7 @@ def _run(problem: _Problem, loss: _Loss, tokens, finish):
 def _recompute_blocks(problem: _Problem, loss: _Loss, tokens, stats, row_weight, needs) -> _Grads:
     """reduction="none" on the blocked path: the gradients of sum_r row_weight_r * (row value r), each block's
     logits recomputed (with the forward's statistics)."""
-    grads = _Grads.zeros_for(problem.student, needs)
+    grads = _Grads.zeros_for(problem.student, needs, problem.backend)
     for a, b in problem.blocks(True, loss):
         block = problem.block(a, b, tokens, stats[a:b])
         _accumulate_grad(problem, loss, block, loss.rows(block), row_weight[a:b], grads)

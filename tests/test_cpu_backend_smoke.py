@@ -273,3 +273,12 @@ def test_offsets_beyond_2_pow_31():
     zz.copy_(torch.randn(2, v, generator=g))
     uu = torch.randn(2, v, generator=g)
     _check_stats(zz, uu, None, 1.0, "row_stats row offset > 2^31")
+
+
+def test_advise_huge_pages_keeps_values():
+    """advise_huge_pages_ (the fused-linear ops' CPU buffers) is only a hint: values and shape are untouched, small
+    and odd-sized tensors included."""
+    for numel in (3, (8 << 20) // 4 + 5):
+        x = torch.arange(numel, dtype=torch.float32)
+        ops.advise_huge_pages_(x)
+        assert torch.equal(x, torch.arange(numel, dtype=torch.float32))

@@ -286,6 +286,8 @@ at::Tensor sample_rows_cpu(const at::Tensor& z_in, const at::Tensor& u_in, const
   return out;
 }
 
+void advise_huge_pages_cpu(at::Tensor x) { advise_huge_pages(x); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minillm_fast, CPU, m) {
@@ -295,4 +297,5 @@ TORCH_LIBRARY_IMPL(minillm_fast, CPU, m) {
   m.impl("jsd_rows", &jsd_rows_cpu);
   m.impl("jsd_grad", &jsd_grad_cpu);
   m.impl("sample_rows", &sample_rows_cpu);
+  m.impl("advise_huge_pages_", &advise_huge_pages_cpu);
 }

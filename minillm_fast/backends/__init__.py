@@ -61,6 +61,8 @@ Optional (a backend may have them; the ops fall back without them):
 ``scale_unless_one_(x, factor)`` (CUDA): x *= factor in place, skipped on the device when factor (a float32
     scalar tensor) is 1, so that the common upstream gradient 1.0 costs neither a pass nor a host sync.
 ``logits_grad_(z, u, tokens, stats, coef, inv_temp)`` (CPU): logits_grad written over z.
+``advise_huge_pages_(x)`` (CPU): a hint that x's pages be transparent huge pages (Linux ``madvise``; a no-op
+    elsewhere, for buffers under 8 MiB, or with ``MINILLM_FAST_NO_HUGEPAGES=1``), given before x is first touched.
 ``logits_grad_into(z, u, tokens, stats, coef, inv_temp, out)`` (CUDA): logits_grad written into ``out`` ([N, V_s],
     unit column stride, any row stride), in z's dtype or, for float32 rows, bfloat16 / float16: the fused-linear
     blocked path writes a block's gradient straight into its 16-bit group buffer.

@@ -16,7 +16,8 @@ class ExtensionBackend:
         # transposed [V, ld] buffer) in place, and logits_grad returns dz in that layout for them: the fused-linear
         # ops form their CPU blocks so (``fused_linear.vocab_major_blocks``).
         self.reads_vocab_major = name == "cpu"
-        for op in ("logits_grad_", "logits_grad_into", "row_stats_grad", "row_stats_grad_into", "scale_unless_one_"):
+        for op in ("logits_grad_", "logits_grad_into", "row_stats_grad", "row_stats_grad_into", "scale_unless_one_",
+                   "advise_huge_pages_"):
             if torch._C._dispatch_has_kernel_for_dispatch_key(f"minillm_fast::{op}", key):
                 setattr(self, op, getattr(torch.ops.minillm_fast, op))
 

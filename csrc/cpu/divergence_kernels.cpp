@@ -42,22 +42,12 @@ constexpr int64_t kTile = 16384;
 
 template <class TZ, class TU>
 void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv_temp, OnlinePair& state) {
-  const Vec it = simd::set1(inv_temp), zero = simd::zero();
+  const Vec it = simd::set1(inv_temp);
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
     state.rescale_to(range_max(z, b, e) * inv_temp, range_max(u, b, e) * inv_temp);
     const Vec shift_q = simd::set1(state.q.shift()), shift_p = simd::set1(state.p.shift());
-    Vec sq = zero, cq = zero, aq = zero, sp = zero, cp = zero, ap = zero;
-    auto accumulate = [&](Vec xq, Vec xp, Vec eq, Vec ep) {
-      const Vec d = xq - xp;
-      const Mask kq = simd::gt(eq, zero), kp = simd::gt(ep, zero);
-      sq = sq + eq;
-      cq = simd::mask_fmadd(eq, xq, cq, kq);
-      aq = simd::mask_fmadd(eq, d, aq, kq);
-      sp = sp + ep;
-      cp = simd::mask_fmadd(ep, xp, cp, kp);
-      ap = simd::mask_fnmadd(ep, d, ap, kp);
-    };
+    StatsSums sums;
     // Two vectors of each row per step, their four exps interleaved (exp_n); the remainder one at a time.
     int64_t i0 = b;
     for (; i0 + 2 * simd::kWidth <= e; i0 += 2 * simd::kWidth) {
@@ -67,17 +57,17 @@ void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv
                         simd::scale(simd::load(u + i0 + simd::kWidth), it) - shift_p};
       Vec ex[4] = {x[0], x[1], x[2], x[3]};
       simd::exp_n<4>(ex);
-      accumulate(x[0], x[2], ex[0], ex[2]);
-      accumulate(x[1], x[3], ex[1], ex[3]);
+      sums.add(x[0], x[2], ex[0], ex[2]);
+      sums.add(x[1], x[3], ex[1], ex[3]);
     }
     for_each_vector(i0, e, [&](int64_t i, int n, auto tag) {
       const Vec x[2] = {simd::scale(ld(z + i, n, tag), it) - shift_q, simd::scale(ld(u + i, n, tag), it) - shift_p};
       Vec ex[2] = {x[0], x[1]};
       simd::exp_n<2>(ex);
-      accumulate(x[0], x[1], ex[0], ex[1]);
+      sums.add(x[0], x[1], ex[0], ex[1]);
     });
-    state.add(simd::reduce_add(sq), simd::reduce_add(cq), simd::reduce_add(aq), simd::reduce_add(sp),
-              simd::reduce_add(cp), simd::reduce_add(ap));
+    state.add(simd::reduce_add(sums.sq), simd::reduce_add(sums.cq), simd::reduce_add(sums.aq),
+              simd::reduce_add(sums.sp), simd::reduce_add(sums.cp), simd::reduce_add(sums.ap));
   }
 }
 

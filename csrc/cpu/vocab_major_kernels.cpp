@@ -21,6 +21,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "cpu/row_loops.h"
 #include "cpu/row_state.h"
 #include "cpu/simd.h"
 
@@ -55,7 +56,7 @@ inline Vec load_vector(const float* p, int lanes) {
 template <bool FullVec>
 void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, int64_t e, float inv_temp,
                   OnlinePair* state) {
-  const Vec it = simd::set1(inv_temp), zero = simd::zero();
+  const Vec it = simd::set1(inv_temp);
   Vec max_q[2] = {simd::set1(simd::kNegInf), simd::set1(simd::kNegInf)}, max_p[2] = {max_q[0], max_q[0]};
   for (int64_t v = b; v < e; ++v) {
     max_q[v & 1] = simd::max(max_q[v & 1], load_vector<FullVec>(z.at(r, v), lanes));
@@ -70,17 +71,7 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
     lane_p[l] = state[l].p.shift();
   }
   const Vec shift_q = simd::load(lane_q), shift_p = simd::load(lane_p);
-  Vec sq = zero, cq = zero, aq = zero, sp = zero, cp = zero, ap = zero;
-  auto accumulate = [&](Vec xq, Vec xp, Vec eq, Vec ep) {
-    const Vec d = xq - xp;
-    const Mask kq = simd::gt(eq, zero), kp = simd::gt(ep, zero);
-    sq = sq + eq;
-    cq = simd::mask_fmadd(eq, xq, cq, kq);
-    aq = simd::mask_fmadd(eq, d, aq, kq);
-    sp = sp + ep;
-    cp = simd::mask_fmadd(ep, xp, cp, kp);
-    ap = simd::mask_fnmadd(ep, d, ap, kp);
-  };
+  StatsSums sums;
   int64_t v = b;
   for (; v + 2 <= e; v += 2) {
     const Vec x[4] = {simd::scale(load_vector<FullVec>(z.at(r, v), lanes), it) - shift_q,
@@ -89,20 +80,22 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
                       simd::scale(load_vector<FullVec>(u.at(r, v + 1), lanes), it) - shift_p};
     Vec ex[4] = {x[0], x[1], x[2], x[3]};
     simd::exp_n<4>(ex);
-    accumulate(x[0], x[2], ex[0], ex[2]);
-    accumulate(x[1], x[3], ex[1], ex[3]);
+    sums.add(x[0], x[2], ex[0], ex[2]);
+    sums.add(x[1], x[3], ex[1], ex[3]);
   }
   if (v < e) {
     const Vec x[2] = {simd::scale(load_vector<FullVec>(z.at(r, v), lanes), it) - shift_q,
                       simd::scale(load_vector<FullVec>(u.at(r, v), lanes), it) - shift_p};
     Vec ex[2] = {x[0], x[1]};
     simd::exp_n<2>(ex);
-    accumulate(x[0], x[1], ex[0], ex[1]);
+    sums.add(x[0], x[1], ex[0], ex[1]);
   }
-  alignas(64) float sums[6][simd::kWidth];
-  const Vec parts[6] = {sq, cq, aq, sp, cp, ap};
-  for (int j = 0; j < 6; ++j) simd::store(sums[j], parts[j]);
-  for (int l = 0; l < lanes; ++l) state[l].add(sums[0][l], sums[1][l], sums[2][l], sums[3][l], sums[4][l], sums[5][l]);
+  alignas(64) float lane_sums[6][simd::kWidth];
+  const Vec parts[6] = {sums.sq, sums.cq, sums.aq, sums.sp, sums.cp, sums.ap};
+  for (int j = 0; j < 6; ++j) simd::store(lane_sums[j], parts[j]);
+  for (int l = 0; l < lanes; ++l) {
+    state[l].add(lane_sums[0][l], lane_sums[1][l], lane_sums[2][l], lane_sums[3][l], lane_sums[4][l], lane_sums[5][l]);
+  }
 }
 
 // The tile of `rows` rows from r0, vector by vector (the second reads the lines the first brought in).

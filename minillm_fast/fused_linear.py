@@ -22,20 +22,21 @@ block's logit gradient dz is formed at once and pulled back through the lm_head:
 
 (dz first through the soft-cap and scale: d logits / d x = logit_scale * (1 - (logits / softcap)^2)). Where the
 matmuls run in float32 (CPU, float32 weights), dz replaces the block's student logits and is pulled back block by
-block. With the CPU extension's kernels the block is vocabulary-major (``vocab_major_blocks``): formed as
-(W h^T)^T in a [V, n] buffer, which MKL computes ~1.5x faster than h W^T for the ~100-row blocks the budget allows
-and the kernels read in place; such a block takes VOCAB_MAJOR_BYTES_PER_LOGIT (8) bytes per logit and a multiple
-of 16 rows (N = 1024, V = 128256: 96 rows). Where they run in bf16/fp16 (CUDA), each pull-back reads and writes the whole 16-bit [V, H] weight gradient,
-so dz is gathered, in 16 bits, over GROUP_BLOCKS consecutive blocks into one buffer of G = GROUP_BLOCKS n rows (a
-group) and pulled back once per group; a block's temporaries and the group's buffer together stay below the same
-share and ``MAX_GROUPED_BYTES`` (``rows_per_block_and_group``; N = 8192, V = 128256: blocks of 256 rows, groups of
-2048, 4 weight-gradient matmuls). The CUDA backend writes a block's dz straight into its 16-bit rows of that buffer
-(``logits_grad_into``; not with a soft-cap, whose derivative needs the logits). Each logit is computed once: 4
-matmuls in all (8 N V H FLOPs with the teacher's). A scalar loss's gradient is linear in the upstream gradient g, so
-backward only multiplies the saved gradients by g / (number of valid tokens). Computing them in the forward pass
-costs the two backward matmuls even if backward never runs; under ``torch.no_grad()`` or with no student tensor
-requiring grad they are skipped. ``reduction="none"`` (an upstream gradient per row) cannot be applied to a weight
-gradient after the fact: it recomputes the logits block by block in backward instead (6 matmuls in all).
+block. With the CPU extension's kernels the block is vocabulary-major (``vocab_major_blocks``): formed as (W h^T)^T
+in a [V, n] buffer, which MKL computes ~1.5x faster than h W^T for the ~100-row blocks the budget allows and the
+kernels read in place; such a block takes VOCAB_MAJOR_BYTES_PER_LOGIT (8) bytes per logit and a multiple of 16 rows
+(N = 1024, V = 128256: 96 rows). Where the matmuls run in bf16/fp16 (CUDA), each pull-back reads and writes the
+whole 16-bit [V, H] weight gradient, so dz is gathered, in 16 bits, over GROUP_BLOCKS consecutive blocks into one
+buffer of G = GROUP_BLOCKS n rows (a group) and pulled back once per group; a block's temporaries and the group's
+buffer together stay below the same share and ``MAX_GROUPED_BYTES`` (``rows_per_block_and_group``; N = 8192, V =
+128256: blocks of 256 rows, groups of 2048, 4 weight-gradient matmuls). The CUDA backend writes a block's dz
+straight into its 16-bit rows of that buffer (``logits_grad_into``; not with a soft-cap, whose derivative needs the
+logits). Each logit is computed once: 4 matmuls in all (8 N V H FLOPs with the teacher's). A scalar loss's gradient
+is linear in the upstream gradient g, so backward only multiplies the saved gradients by g / (number of valid
+tokens). Computing them in the forward pass costs the two backward matmuls even if backward never runs; under
+``torch.no_grad()`` or with no student tensor requiring grad they are skipped. ``reduction="none"`` (an upstream
+gradient per row) cannot be applied to a weight gradient after the fact: it recomputes the logits block by block in
+backward instead (6 matmuls in all).
 
 Opt-in (``MINILLM_FAST_GRAD_IN_PASS=1``, as for the logits ops; CUDA backend, 16-bit matmuls, no student soft-cap,
 no process group): the statistics' pass of a block also writes its dz into the group buffer (``row_stats_grad_into``:
@@ -89,7 +90,7 @@ __all__ = ["fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_j
 BYTES_PER_LOGIT = 9
 # Vocabulary-major blocks (``vocab_major_blocks``) without a student soft-cap: the two float32 logits only (dz is
 # formed over the student's in place), in blocks of a multiple of 16 rows (the CPU kernels' tiles; MKL's GEMMs
-# also run faster there: 96-row blocks took 3.7 s at N = 1024, H = 256, V = 128256 where 88-row ones took 4.2 s).
+# also run faster there: in one profile at N = 1024, H = 256, V = 128256, 96-row blocks took 3.7 s, 88-row ones 4.2 s).
 VOCAB_MAJOR_BYTES_PER_LOGIT = 8
 VOCAB_MAJOR_ROWS_MULTIPLE = 16
 # Where the matmuls run in bf16/fp16 (CUDA) and a gradient is formed, the pull-back matmuls read the logit gradient

@@ -107,13 +107,6 @@ void grad_tiles(int64_t n_rows, int64_t vocab, TZ* dz, int64_t dz_cols, const Pr
 // x_p = u' - sh_p (sh = m, or 0 for an empty distribution), d = x_q - x_p, q_v = exp(x_q - log s_q),
 // p_v = exp(x_p - log s_p); the c_kl product is masked where q_v = 0.
 
-struct LogitsGradRow {
-  bool active;
-  float shift_q, logs_q, shift_p, logs_p, eq_d;
-  float c_kl, c_q, c_p, c_y;
-  int64_t y;  // -1: no token
-};
-
 template <bool KL, bool P, class TZ, class TU>
 void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, const LogitsGradRow& g, float inv_temp,
                       TZ* out) {
@@ -222,23 +215,7 @@ void row_stats(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int6
 template <class TZ, class TU>
 void logits_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, const float* stats,
                  const float* coef, float inv_temp, TZ* dz, int64_t dz_cols) {
-  auto prepare = [&](int64_t r) {
-    const float* c = coef + r * NUM_COEFS;
-    const float* s = stats + r * NUM_STATS;
-    LogitsGradRow g;
-    g.active = c[C_KL] != 0.0f || c[C_Q] != 0.0f || c[C_P] != 0.0f || c[C_Y] != 0.0f;
-    g.shift_q = OnlineSoftmax::shift_of(s[M_Q]);
-    g.logs_q = s[LOGS_Q];
-    g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
-    g.logs_p = s[LOGS_P];
-    g.eq_d = s[EQ_D];
-    g.c_kl = c[C_KL];
-    g.c_q = c[C_Q];
-    g.c_p = c[C_P];
-    g.c_y = c[C_Y];
-    g.y = (tokens != nullptr && c[C_Y] != 0.0f) ? tokens[r] : -1;
-    return g;
-  };
+  auto prepare = [&](int64_t r) { return logits_grad_row(stats, coef, tokens, r); };
   auto span = [&](const LogitsGradRow& g, int64_t r, int64_t c0, int64_t c1, TZ* out) {
     const TZ* zr = z.row(r);
     const TU* ur = u.row(r);

@@ -38,6 +38,34 @@ inline void store_row_stats(float* out, const OnlinePair& state, float z_y, floa
   out[UY] = u_y;
 }
 
+// A row's logits_grad parameters from its stats and coefficients (shared by the row-major and vocabulary-major
+// kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the four coefficients,
+// whether any is nonzero (`active`: else the row's gradient is zero) and the token (-1: none, or c_y = 0).
+struct LogitsGradRow {
+  bool active;
+  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float c_kl, c_q, c_p, c_y;
+  int64_t y;
+};
+
+inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, const int64_t* tokens, int64_t r) {
+  const float* c = coef + r * NUM_COEFS;
+  const float* s = stats + r * NUM_STATS;
+  LogitsGradRow g;
+  g.active = c[C_KL] != 0.0f || c[C_Q] != 0.0f || c[C_P] != 0.0f || c[C_Y] != 0.0f;
+  g.shift_q = OnlineSoftmax::shift_of(s[M_Q]);
+  g.logs_q = s[LOGS_Q];
+  g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
+  g.logs_p = s[LOGS_P];
+  g.eq_d = s[EQ_D];
+  g.c_kl = c[C_KL];
+  g.c_q = c[C_Q];
+  g.c_p = c[C_P];
+  g.c_y = c[C_Y];
+  g.y = (tokens != nullptr && c[C_Y] != 0.0f) ? tokens[r] : -1;
+  return g;
+}
+
 template <class T>
 struct Rows {
   const T* data;

@@ -126,16 +126,13 @@ GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows) 
   alignas(64) float lanes[11][kTileRows] = {};
   GradTile g;
   for (int l = 0; l < rows; ++l) {
-    const float* s = stats + (r0 + l) * NUM_STATS;
-    const float* c = coef + (r0 + l) * NUM_COEFS;
-    const bool active = c[C_KL] != 0.0f || c[C_Q] != 0.0f || c[C_P] != 0.0f || c[C_Y] != 0.0f;
-    const float values[11] = {OnlineSoftmax::shift_of(s[M_Q]), s[LOGS_Q], OnlineSoftmax::shift_of(s[M_P]), s[LOGS_P],
-                              s[EQ_D], c[C_KL], c[C_Q], c[C_P], active ? 1.0f : 0.0f,
-                              c[C_KL] != 0.0f ? 1.0f : 0.0f, c[C_P] != 0.0f ? 1.0f : 0.0f};
+    const LogitsGradRow row = logits_grad_row(stats, coef, nullptr, r0 + l);  // the token term: added afterwards
+    const float values[11] = {row.shift_q, row.logs_q, row.shift_p, row.logs_p, row.eq_d, row.c_kl, row.c_q, row.c_p,
+                              row.active ? 1.0f : 0.0f, row.c_kl != 0.0f ? 1.0f : 0.0f, row.c_p != 0.0f ? 1.0f : 0.0f};
     for (int j = 0; j < 11; ++j) lanes[j][l] = values[j];
-    g.any_active |= active;
-    g.any_kl |= c[C_KL] != 0.0f;
-    g.any_p |= c[C_P] != 0.0f;
+    g.any_active |= row.active;
+    g.any_kl |= row.c_kl != 0.0f;
+    g.any_p |= row.c_p != 0.0f;
   }
   const Vec zero = simd::zero();
   for (int k = 0; k < kVecs; ++k) {

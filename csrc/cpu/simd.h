@@ -32,6 +32,9 @@
 #include <immintrin.h>
 #else
 #define MINILLM_SIMD_AVX512 0
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #endif
 
 namespace minillm {
@@ -287,17 +290,29 @@ inline void store_tail(T* p, Vec a, int n) {
 // ldexp(p, n) (one rounding, n in [-150, 128]) as (p 2^a) 2^b with a = floor(n / 2), b = n - a: both powers of two
 // are normal floats built from their bits, the first product is exact, the second rounds once, as ldexp does.
 // NaN lanes return NaN.
+// x clamped to [kExpLo, kExpHi]. With AVX: vmaxps / vminps taking x as the second operand, so NaN lanes stay NaN
+// and carry through the arithmetic below to a NaN result; without: NaN lanes become 0 here and exp_n puts x back.
+#if defined(__AVX__)
+constexpr bool kExpArgKeepsNaN = true;
+inline F8 exp_arg(F8 x) {
+  return (F8)_mm256_min_ps(_mm256_set1_ps(kExpHi), _mm256_max_ps(_mm256_set1_ps(kExpLo), (__m256)x));
+}
+#else
+constexpr bool kExpArgKeepsNaN = false;
+inline F8 exp_arg(F8 x) {
+  F8 c = x < kExpLo ? F8{} + kExpLo : x;
+  c = c > kExpHi ? F8{} + kExpHi : c;
+  return x != x ? F8{} : c;
+}
+#endif
+
 template <int K>
 inline void exp_n(Vec* x) {
   const float coeffs[7] = {kExpP1, kExpP2, kExpP3, kExpP4, kExpP5, 1.0f, 1.0f};
-  Mask nan[K];
   F8 n[K], r[K], p[K];
 #pragma GCC unroll 8
   for (int k = 0; k < K; ++k) {
-    nan[k] = x[k].v != x[k].v;
-    F8 c = x[k].v < kExpLo ? F8{} + kExpLo : x[k].v;
-    c = c > kExpHi ? F8{} + kExpHi : c;
-    r[k] = nan[k] ? F8{} : c;
+    r[k] = exp_arg(x[k].v);
     n[k] = fma8(r[k], F8{} + kLog2e, F8{} + kRoundMagic) - kRoundMagic;
   }
 #pragma GCC unroll 8
@@ -317,7 +332,8 @@ inline void exp_n(Vec* x) {
     const I8 a = ni >> 1, b = ni - a;
     const F8 pa = (F8)((a + 127) << 23);  // a vector cast reinterprets the bits
     const F8 pb = (F8)((b + 127) << 23);
-    x[k].v = nan[k] ? x[k].v : (p[k] * pa) * pb;
+    const F8 e = (p[k] * pa) * pb;
+    x[k].v = kExpArgKeepsNaN ? e : (x[k].v != x[k].v ? x[k].v : e);
   }
 }
 inline Vec exp(Vec x) {

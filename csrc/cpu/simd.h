@@ -340,10 +340,28 @@ inline Vec exp(Vec x) {
   exp_n<1>(&x);
   return x;
 }
+// log1p(t) for t in [0, 1]: the AVX-512 build's formula (see there), with the exponent and mantissa of w = 1 + t
+// taken from its bits (w is a normal positive float) and an exact division for the correction's 1 / w.
 inline Vec log1p_unit(Vec t) {
-  Vec r;
-  for (int i = 0; i < kWidth; ++i) r.v[i] = std::log1p(t.v[i]);
-  return r;
+  const F8 one = F8{} + 1.0f;
+  const F8 w = one + t.v;
+  const I8 bits = (I8)w;  // a vector cast reinterprets the bits
+  F8 e = __builtin_convertvector((bits >> 23) - 127, F8);
+  F8 m = (F8)((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const Mask big = m > kSqrt2;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  const F8 f = m - one;
+  const F8 z = f * f;
+  F8 y = F8{} + kLogP[0];
+#pragma GCC unroll 8
+  for (int i = 1; i < 9; ++i) y = fma8(y, f, F8{} + kLogP[i]);
+  y = (y * f) * z;
+  y = fma8(e, F8{} + kLn2Lo, y);
+  y = fma8(F8{} - 0.5f, z, y);
+  F8 lw = f + y;
+  lw = fma8(e, F8{} + kLn2Hi, lw);
+  return {lw + (t.v - (w - one)) / w};
 }
 
 #endif

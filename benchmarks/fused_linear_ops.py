@@ -29,8 +29,9 @@ its time over the default ``ours``'s (below 1: that configuration is faster).
 
 Timing: one warm-up call each, then rounds in which every implementation runs once (interleaved, so that a noisy moment
 hits all alike; each call synchronised on a GPU); the median over rounds. Columns: median time; TFLOP/s counting 8 N V H
-(four matmuls); % of the FLOP floor (8 N V H over a measured square-GEMM rate); ratio to each alternative; extra peak
-memory beyond inputs, weights and their gradients (CPU: a child process's peak RSS; GPU:
+(four matmuls); % of the FLOP floor (8 N V H over a measured square-GEMM rate); ratio to each alternative (the median
+over rounds of its time / ours' in the same round: steadier than the ratio of the medians where the machine's speed
+drifts); extra peak memory beyond inputs, weights and their gradients (CPU: a child process's peak RSS; GPU:
 ``torch.cuda.max_memory_allocated``); the relative error of the loss and of the hidden states' gradient against the
 float64 reference on the first rows.
 """
@@ -332,9 +333,10 @@ def _cuda_extra_memory(fn, p: Problem, device) -> int:
 OPS = ("fused_linear_reverse_kl", "fused_linear_minillm_loss")
 
 
-def _interleaved_medians(impls: dict, p: Problem, device, repeats: int) -> dict:
-    """name -> median seconds (or the reason it did not run): one warm-up call each, then ``repeats`` rounds in
-    which every implementation runs once, so that a noisy moment on a shared machine hits all of them alike."""
+def _interleaved_medians(impls: dict, p: Problem, device, repeats: int) -> tuple[dict, dict]:
+    """(name -> median seconds or the reason it did not run, name -> the seconds of each round): one warm-up call
+    each, then ``repeats`` rounds in which every implementation runs once, so that a noisy moment on a shared
+    machine hits all of them alike."""
     calls, out = {}, {}
     for name, fn in impls.items():
         if isinstance(fn, str):
@@ -355,7 +357,15 @@ def _interleaved_medians(impls: dict, p: Problem, device, repeats: int) -> dict:
             harness.sync(device)
             samples[name].append(time.perf_counter() - start)
     out.update({name: statistics.median(times) for name, times in samples.items()})
-    return {name: out[name] for name in impls}
+    return {name: out[name] for name in impls}, samples
+
+
+def _round_ratio(samples: dict, name: str, base: str = "ours") -> float | None:
+    """The median over rounds of name's time / base's time in the same round (None where either did not run): on
+    a machine whose speed drifts from minute to minute this holds better than the ratio of the two medians."""
+    if name not in samples or base not in samples:
+        return None
+    return statistics.median(a / b for a, b in zip(samples[name], samples[base]))
 
 
 def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: int = 3, memory: bool = True,
@@ -369,10 +379,9 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
         cpu_memory = []  # (op, impl, row): measured together after the timings (one child builds the problem once)
         for op in ops:
             impls = implementations(op, device, blocks)
-            timings = _interleaved_medians(impls, p, device, repeats)
+            timings, samples = _interleaved_medians(impls, p, device, repeats)
             if progress is not None:
                 progress(f"{op} {n}x{h}x{v}")
-            ours_t = timings["ours"]
             reference_cache: dict = {}
             for name, t in timings.items():
                 row = {"op": op, "n": n, "h": h, "v": v, "dtype": str(dtype).split(".")[-1], "impl": name,
@@ -382,7 +391,7 @@ def run(device: torch.device, dtype: torch.dtype, shapes, *, ops=OPS, repeats: i
                 if isinstance(t, float):
                     row["tflops"] = flops / t / 1e12
                     row["pct_of_floor"] = 100 * (flops / rate) / t
-                    row["ours_speedup"] = t / ours_t if isinstance(ours_t, float) else None
+                    row["ours_speedup"] = _round_ratio(samples, name)
                     fn = impls[name]
                     if not name.startswith("matmuls"):  # no loss: nothing to check, no memory claim
                         try:

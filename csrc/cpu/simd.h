@@ -284,12 +284,6 @@ inline void store_tail(T* p, Vec a, int n) {
   for (int i = 0; i < n; ++i) p[i] = from_float<T>(a.v[i]);
 }
 
-// e^x for K vectors at once, in place: exp_scalar's arithmetic lane by lane, the K evaluations interleaved step by
-// step and every loop unrolled (as the AVX-512 build does; GCC leaves a range-for over the coefficients rolled,
-// which serialised the polynomial and kept the vectors on the stack: about 2.5x slower on an AVX2 EPYC). The final
-// ldexp(p, n) (one rounding, n in [-150, 128]) as (p 2^a) 2^b with a = floor(n / 2), b = n - a: both powers of two
-// are normal floats built from their bits, the first product is exact, the second rounds once, as ldexp does.
-// NaN lanes return NaN.
 // x clamped to [kExpLo, kExpHi]. With AVX: vmaxps / vminps taking x as the second operand, so NaN lanes stay NaN
 // and carry through the arithmetic below to a NaN result; without: NaN lanes become 0 here and exp_n puts x back.
 #if defined(__AVX__)
@@ -306,6 +300,12 @@ inline F8 exp_arg(F8 x) {
 }
 #endif
 
+// e^x for K vectors at once, in place: exp_scalar's arithmetic lane by lane, the K evaluations interleaved step by
+// step and every loop unrolled, as the AVX-512 build does (GCC had left a range-for over the coefficients rolled,
+// which serialised the polynomial and kept the vectors on the stack: row_stats ran ~1.8x slower per core on an AVX2
+// EPYC). The final ldexp(p, n) (one rounding, n in [-150, 128]) as (p 2^a) 2^b with a = floor(n / 2), b = n - a:
+// both powers of two are normal floats built from their bits, the first product is exact, the second rounds once,
+// as ldexp does. NaN lanes return NaN.
 template <int K>
 inline void exp_n(Vec* x) {
   const float coeffs[7] = {kExpP1, kExpP2, kExpP3, kExpP4, kExpP5, 1.0f, 1.0f};

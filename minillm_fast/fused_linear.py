@@ -166,16 +166,16 @@ def blocks_override() -> tuple[int, int | None] | None:
 
 
 def block_sizes(n_rows: int, vocab: int, grouped: bool, override: tuple[int, int | None] | None = None,
-                vocab_major: bool = False) -> tuple[int, int | None]:
+                in_place_vocab_major: bool = False) -> tuple[int, int | None]:
     """(n, G): tokens per block, and per group where 16-bit matmuls form a gradient (``grouped``; else G is None).
     Without ``override`` (``blocks_override()``: the tuning knob), ``rows_per_block_and_group`` or
-    ``rows_per_block`` (``vocab_major``: vocabulary-major blocks with dz formed in place, VOCAB_MAJOR_BYTES_PER_LOGIT
-    and VOCAB_MAJOR_ROWS_MULTIPLE); with it, its n and G (G = GROUP_BLOCKS n where it gives only n), each clamped
-    to [1, N] (G = N is one group of all rows, whatever n)."""
+    ``rows_per_block`` (``in_place_vocab_major``: vocabulary-major blocks with dz formed over the student's logits,
+    VOCAB_MAJOR_BYTES_PER_LOGIT and VOCAB_MAJOR_ROWS_MULTIPLE); with it, its n and G (G = GROUP_BLOCKS n where it
+    gives only n), each clamped to [1, N] (G = N is one group of all rows, whatever n)."""
     if override is None:
         if grouped:
             return rows_per_block_and_group(n_rows, vocab)
-        if vocab_major:
+        if in_place_vocab_major:
             return rows_per_block(n_rows, vocab, VOCAB_MAJOR_BYTES_PER_LOGIT,
                                   multiple=VOCAB_MAJOR_ROWS_MULTIPLE), None
         return rows_per_block(n_rows, vocab), None

@@ -23,8 +23,6 @@ inline void parallel_for(int64_t n_tasks, int64_t grain, const F& f) {
   at::parallel_for(0, n_tasks, std::max<int64_t>(grain, 1), f);
 }
 
-inline int64_t thread_count() { return at::get_num_threads(); }
-
 // Tasks per chunk handed to a thread so that each chunk holds at least kMinTaskElements elements.
 inline int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(elements_per_task, 1));
@@ -32,7 +30,7 @@ inline int64_t grain_for(int64_t elements_per_task) {
 
 // Number of column segments per row for a row reduction: 1 unless rows are scarce (< 4 per thread).
 inline int64_t segments_per_row(int64_t n_rows, int64_t vocab, int64_t block) {
-  const int64_t threads = thread_count();
+  const int64_t threads = at::get_num_threads();
   if (n_rows <= 0 || threads <= 1 || n_rows >= 4 * threads) return 1;
   const int64_t wanted = (4 * threads + n_rows - 1) / n_rows;
   const int64_t blocks = (vocab + block - 1) / block;

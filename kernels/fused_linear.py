@@ -75,9 +75,8 @@ path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, jsd_terms, merge_state_pairs, online_update_pair_rows
+from .online_softmax import NUM_STATS, finite_or_zero, jsd_terms, merge_state_pairs, online_update_pair_rows
 
-NUM_STATS = tl.constexpr(10)
 NUM_COEFS = tl.constexpr(4)
 # The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy.
 NUM_PARTIAL = tl.constexpr(10)
@@ -259,6 +258,8 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     tl.store(out + 7, b_p / s_p, mask=row_ok)
     tl.store(out + 8, zy, mask=row_ok)
     tl.store(out + 9, uy, mask=row_ok)
+    tl.store(out + 10, float("nan"), mask=row_ok)  # no anchor (UA, EQ_DA = NaN)
+    tl.store(out + 11, float("nan"), mask=row_ok)
 
 
 @triton.jit

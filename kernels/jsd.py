@@ -11,9 +11,8 @@ With log q_v = (z'_v - M_Q) - LOGS_Q, log p_v = (u'_v - M_P) - LOGS_P and the mi
 import triton
 import triton.language as tl
 
-from .online_softmax import jsd_terms, load_scaled
+from .online_softmax import NUM_STATS, jsd_terms, load_scaled
 
-NUM_STATS = tl.constexpr(10)
 
 
 @triton.jit

@@ -13,9 +13,8 @@ c_p is non-zero for that row. The output is rounded to z's dtype (round to neare
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, load_scaled, log_prob
+from .online_softmax import NUM_STATS, finite_or_zero, load_scaled, log_prob
 
-NUM_STATS = tl.constexpr(10)
 NUM_COEFS = tl.constexpr(4)
 
 

@@ -21,6 +21,9 @@ everywhere in the library. A row with no finite entry keeps m = -inf and s = 0 (
 import triton
 import triton.language as tl
 
+# Columns of a stats row (minillm_fast.backends: M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA).
+NUM_STATS = tl.constexpr(12)
+
 
 @triton.jit
 def load_scaled(row_ptr, cols, mask, inv_temp):

@@ -1,12 +1,12 @@
 """row_stats: per-row statistics of q = softmax(z / tau) and p = softmax(u / tau) in one pass over both rows.
 
-With z' = z / tau, u' = u / tau and d = (z' - M_Q) - (u' - M_P) (z' - u' up to a per-row constant), one program reads row ``row`` of z and u once, block by block, and
-keeps for each distribution the online state of ``online_softmax`` (running max, normaliser, E-numerator of one
-value, centred numerator). At the end of the row (layout of ``minillm_fast.backends``)::
+With z' = z / tau, u' = u / tau and d = (z' - M_Q) - (u' - M_P) (z' - u' up to a per-row constant), one program
+reads row ``row`` of z and u once, block by block, and keeps for each distribution the online state of
+``online_softmax`` (running max, normaliser, E-numerator of one value, centred numerator). At the end of the row (layout of ``minillm_fast.backends``)::
 
     M_Q = max z'      LOGS_Q = log sum exp(z' - M_Q)   EQ_D = E_q[d]    EQ_ZC = E_q[z' - M_Q]
     M_P = max u'      LOGS_P = log sum exp(u' - M_P)   EP_D = E_p[-d]   EP_UC = E_p[u' - M_P]
-    ZY = z'_y, UY = u'_y (HAS_TOKENS), else 0.
+    ZY = z'_y, UY = u'_y (HAS_TOKENS), else 0;   UA = EQ_DA = NaN (no anchor: not tracked here yet).
 
 Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gives M = -inf, LOGS = -inf and
 0 / 0 for its means, exactly as the reference PyTorch backend. Offsets are int64 (row * stride).
@@ -14,9 +14,8 @@ Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gi
 import triton
 import triton.language as tl
 
-from .online_softmax import block_max2, online_update_pair
+from .online_softmax import NUM_STATS, block_max2, online_update_pair
 
-NUM_STATS = tl.constexpr(10)
 
 
 @triton.jit
@@ -71,3 +70,6 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     else:
         tl.store(out_row + 8, 0.0)
         tl.store(out_row + 9, 0.0)
+    # No anchor (UA, EQ_DA = NaN): logits_grad takes d - E_q[d] everywhere.
+    tl.store(out_row + 10, float("nan"))
+    tl.store(out_row + 11, float("nan"))

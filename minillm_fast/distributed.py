@@ -2,7 +2,7 @@
 
 A tensor-parallel lm_head leaves each rank of a process group with a *shard* of every logit row: the columns
 ``[offset, offset + size)`` of the global vocabulary (shards of different sizes are fine). Every op of
-``minillm_fast.loss`` is an O(rows) expression of the 10 row statistics of ``minillm_fast.backends`` plus, for the
+``minillm_fast.loss`` is an O(rows) expression of the row statistics of ``minillm_fast.backends`` plus, for the
 gradient, one pass over the row that needs only those statistics, so a sharded op needs no logits from other
 ranks: each rank runs the backend's one-pass ``row_stats`` on its local columns, the ranks merge those statistics
 with two all-reduces of a few floats per row, and each rank writes the gradient of its own columns from the merged
@@ -31,7 +31,10 @@ Rank r's statistics are relative to its local maxima m_q, m_p (z' = z/tau, u' = 
    These are plain sums over columns, so ``all_reduce(SUM)`` of the 8 values (6 without tokens) gives the
    global ones. One collective, at most 8 floats per row.
 3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, and the same for p; M_Q, M_P are
-   the global maxima; ZY, UY the owner's values.
+   the global maxima; ZY, UY the owner's values. The merged rows carry no anchor (UA = EQ_DA = NaN): re-anchoring
+   every shard at the global argmax would need its u' on every rank first, a third collective. So the sharded
+   gradient takes d - E_q[d] everywhere, and at the argmax of an exactly one-hot row it is ~ulp(|d|) rather than
+   0 (see minillm_fast.backends).
 
 The shift conventions are the backends': a maximum that is not finite shifts by 0 (``shift(m) = m if finite else
 0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
@@ -61,7 +64,7 @@ from typing import Sequence
 
 import torch
 
-from .backends import C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UY, ZY
+from .backends import C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UA, UY, ZY
 
 __all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef", "to_partial_sums",
            "from_partial_sums", "merge_row_stats", "all_reduce_row_stats", "all_reduce_sum", "NUM_SUMS"]
@@ -137,7 +140,7 @@ def _weighted(weight: torch.Tensor, mean: torch.Tensor, empty: torch.Tensor) -> 
 
 def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
     """float32 [n, 8] unnormalised sums (S_q, A_q, B_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
-    ``stats`` [n, 10], relative to the rows' global maxima ``global_max`` [n, 2] = (M_q, M_p). See the module
+    ``stats`` [n, NUM_STATS], relative to the rows' global maxima ``global_max`` [n, 2] = (M_q, M_p). See the module
     docstring; summing these over shards and ``from_partial_sums`` give the statistics of the whole rows."""
     s, gm = stats.to(torch.float64), global_max.to(torch.float64)
     delta_q = _shift(s[:, M_Q]) - _shift(gm[:, 0])
@@ -163,7 +166,7 @@ def _mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
-    """float32 [n, 10] row statistics from the partial sums [n, 8] (or [n, 6]: ZY = UY = 0) summed over all
+    """float32 [n, NUM_STATS] row statistics from the partial sums [n, 8] (or [n, 6]: ZY = UY = 0) summed over all
     shards, and the global maxima [n, 2]."""
     t = sums.to(torch.float64)
     out = torch.zeros(t.shape[0], NUM_STATS, dtype=torch.float64, device=t.device)
@@ -173,6 +176,7 @@ def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Ten
     out[:, EP_D], out[:, EP_UC] = _mean(t[:, A_P], t[:, S_P]), _mean(t[:, B_P], t[:, S_P])
     if t.shape[1] > SUM_UY:
         out[:, ZY], out[:, UY] = t[:, SUM_ZY], t[:, SUM_UY]
+    out[:, UA], out[:, EQ_DA] = math.nan, math.nan  # no anchor across shards (module docstring)
     return out.to(torch.float32)
 
 
@@ -194,8 +198,8 @@ def merge_row_stats(shard_stats: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def all_reduce_row_stats(stats: torch.Tensor, group, *, owned: torch.Tensor | None = None,
                          with_tokens: bool = True) -> torch.Tensor:
-    """Global row statistics float32 [n, 10] from this rank's ``stats`` [n, 10] of its vocabulary shard (the
-    backend's ``row_stats`` on the local columns). Identical on every rank of ``group``.
+    """Global row statistics float32 [n, NUM_STATS] from this rank's ``stats`` [n, NUM_STATS] of its vocabulary shard
+    (the backend's ``row_stats`` on the local columns). Identical on every rank of ``group``.
 
     ZY/UY must hold this rank's token logits where it owns the row's token and 0 elsewhere; pass ``owned`` (bool
     [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 6 columns

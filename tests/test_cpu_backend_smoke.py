@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minillm_fast import _extension
+from minillm_fast.backends import NUM_STATS
 from minillm_fast.backends import torch_backend as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -202,7 +203,7 @@ def test_sample_distribution():
 def test_exp_accuracy_through_logits_grad():
     # with M_Q = LOGS_Q = 0 and only c_q set, logits_grad returns exp(z) itself
     x = torch.linspace(-110.0, 88.0, 1_000_003, dtype=torch.float32)[None]
-    stats = torch.zeros(1, 10)
+    stats = torch.zeros(1, NUM_STATS)
     coef = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     got = ops.logits_grad(x, x, None, stats, coef, 1.0)[0].double()
     want = torch.exp(x[0].double())
@@ -221,7 +222,7 @@ def test_input_errors():
     with pytest.raises(RuntimeError, match="dtype|float32"):
         ops.row_stats(z.double(), z, None, 1.0)
     with pytest.raises(RuntimeError, match="coef"):
-        ops.logits_grad(z, z, None, torch.zeros(3, 10), torch.zeros(3, 3), 1.0)
+        ops.logits_grad(z, z, None, torch.zeros(3, NUM_STATS), torch.zeros(3, 3), 1.0)
 
 
 def test_online_rescale_cross_terms():

@@ -34,8 +34,8 @@ import torch
 
 from _helpers import CPU, NEG_INF, assert_close_rel, backend_unavailable_reason, grad_tol, make_logits
 from minillm_fast import _dispatch, distributed, loss, sampling
-from minillm_fast.backends import (C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, NUM_STATS,
-                                   UY, ZY)
+from minillm_fast.backends import (C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS,
+                                   NUM_STATS, UA, UY, ZY)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 WORLDS = (2, 4)  # group sizes: the 4 processes of one launch, then its two 2-rank subgroups {0, 1} and {2, 3}
@@ -154,8 +154,10 @@ def test_merged_shard_stats_equal_the_whole_rows(backend_name, sizes):
     valid = (whole[:, M_Q] != NEG_INF) & (whole[:, M_P] != NEG_INF)
     assert int(valid.sum()) == 7
     _assert_stats_close(merged, whole, valid)
-    # empty rows: maxima and log-sums -inf, expectations 0 (never NaN), as the ops expect of masked rows
-    assert not torch.isnan(merged).any()
+    # empty rows: maxima and log-sums -inf, expectations 0 (never NaN), as the ops expect of masked rows; the merged
+    # rows carry no argmax anchor (UA = EQ_DA = NaN: the gradient takes d - E_q[d], distributed.py)
+    assert not torch.isnan(merged[:, :UA]).any()
+    assert torch.isnan(merged[:, [UA, EQ_DA]]).all()
     for r in (4, 8, 9):
         empty_q, empty_p = bool((z[r] == NEG_INF).all()), bool((u[r] == NEG_INF).all())
         assert (merged[r, M_Q] == NEG_INF) == empty_q and (merged[r, LOGS_Q] == NEG_INF) == empty_q

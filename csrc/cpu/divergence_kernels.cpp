@@ -33,20 +33,31 @@ constexpr int64_t kTile = 16384;
 // row_stats
 //
 // Per block: the block maxima of z and u first, the pair state moved to the new maxima (one rescale per block,
-// row_state.h), then, with the shifts sh_q, sh_p, x_q = z' - sh_q, x_p = u' - sh_p, d = x_q - x_p and one exp per
-// element per distribution, e_q = exp(x_q), e_p = exp(x_p):
-//     s_q += e_q   c_q += e_q x_q   a_q += e_q d
-//     s_p += e_p   c_p += e_p x_p   a_p -= e_p d
-// so that E_q[d] = a_q / s_q, E_q[z' - m_q] = c_q / s_q, E_p[-d] = a_p / s_p, E_p[u' - m_p] = c_p / s_p.
+// row_state.h; when q's max moves, its anchor moves to the first entry reaching it), then, with the shifts sh_q,
+// sh_p, x_q = z' - sh_q, x_p = u' - sh_p, d = x_q - x_p and one exp per element per distribution, e_q = exp(x_q),
+// e_p = exp(x_p), the seven sums of StatsSums (row_loops.h), so that E_q[d] = a_q / s_q, E_q[z' - m_q] = c_q / s_q,
+// E_q[d - d_a] = a_anchor / s_q, E_p[-d] = a_p / s_p, E_p[u' - m_p] = c_p / s_p.
 // Products with e = 0 are masked (0 * inf = 0: -inf logits, and the -inf padding of the tail vector).
+
+// u'_v at the first v in [begin, end) with z'_v = m (the block's max, scaled).
+template <class TZ, class TU>
+float u_at_first_max(const TZ* z, const TU* u, int64_t begin, int64_t end, float m, float inv_temp) {
+  for (int64_t i = begin; i < end; ++i) {
+    if (to_float(z[i]) * inv_temp == m) return to_float(u[i]) * inv_temp;
+  }
+  return std::numeric_limits<float>::quiet_NaN();  // not reached: m is the block's max
+}
 
 template <class TZ, class TU>
 void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv_temp, OnlinePair& state) {
   const Vec it = simd::set1(inv_temp);
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min(end, b + kBlock);
-    state.rescale_to(range_max(z, b, e) * inv_temp, range_max(u, b, e) * inv_temp);
+    const float m_q = range_max(z, b, e) * inv_temp;
+    const float ua = m_q > state.q.m ? u_at_first_max(z, u, b, e, m_q, inv_temp) : state.ua;
+    state.rescale_to(m_q, range_max(u, b, e) * inv_temp, ua);
     const Vec shift_q = simd::set1(state.q.shift()), shift_p = simd::set1(state.p.shift());
+    const Vec anchor_off = simd::set1(state.ua - state.p.shift());
     StatsSums sums;
     // Two vectors of each row per step, their four exps interleaved (exp_n); the remainder one at a time.
     int64_t i0 = b;
@@ -57,17 +68,18 @@ void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv
                         simd::scale(simd::load(u + i0 + simd::kWidth), it) - shift_p};
       Vec ex[4] = {x[0], x[1], x[2], x[3]};
       simd::exp_n<4>(ex);
-      sums.add(x[0], x[2], ex[0], ex[2]);
-      sums.add(x[1], x[3], ex[1], ex[3]);
+      sums.add(x[0], x[2], ex[0], ex[2], anchor_off);
+      sums.add(x[1], x[3], ex[1], ex[3], anchor_off);
     }
     for_each_vector(i0, e, [&](int64_t i, int n, auto tag) {
       const Vec x[2] = {simd::scale(ld(z + i, n, tag), it) - shift_q, simd::scale(ld(u + i, n, tag), it) - shift_p};
       Vec ex[2] = {x[0], x[1]};
       simd::exp_n<2>(ex);
-      sums.add(x[0], x[1], ex[0], ex[1]);
+      sums.add(x[0], x[1], ex[0], ex[1], anchor_off);
     });
     state.add(simd::reduce_add(sums.sq), simd::reduce_add(sums.cq), simd::reduce_add(sums.aq),
-              simd::reduce_add(sums.sp), simd::reduce_add(sums.cp), simd::reduce_add(sums.ap));
+              simd::reduce_add(sums.an), simd::reduce_add(sums.sp), simd::reduce_add(sums.cp),
+              simd::reduce_add(sums.ap));
   }
 }
 
@@ -105,7 +117,8 @@ void grad_tiles(int64_t n_rows, int64_t vocab, TZ* dz, int64_t dz_cols, const Pr
 // ---------------------------------------------------------------------------------------------------------------
 // logits_grad: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], with x_q = z' - sh_q,
 // x_p = u' - sh_p (sh = m, or 0 for an empty distribution), d = x_q - x_p, q_v = exp(x_q - log s_q),
-// p_v = exp(x_p - log s_p); the c_kl product is masked where q_v = 0.
+// p_v = exp(x_p - log s_p); the c_kl product is masked where q_v = 0. At the anchor (x_q = 0 and x_p =
+// fl(u'_a - sh_p), as row_stats forms it: d_v = d_a) d_v - E_q[d] is -E_q[d - d_a] (kernels.h).
 
 template <bool KL, bool P, class TZ, class TU>
 void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, const LogitsGradRow& g, float inv_temp,
@@ -114,6 +127,7 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
   const Vec shift_q = simd::set1(g.shift_q), logs_q = simd::set1(g.logs_q);
   const Vec shift_p = simd::set1(g.shift_p), logs_p = simd::set1(g.logs_p);
   const Vec eq_d = simd::set1(g.eq_d), c_kl = simd::set1(g.c_kl), c_q = simd::set1(g.c_q);
+  const Vec anchor_off = simd::set1(g.ua - g.shift_p), minus_eq_d_anchor = simd::set1(-g.eq_d_anchor);
   const Vec c_p = simd::set1(g.c_p), c_y = simd::set1(g.c_y);
   for_each_vector(begin, end, [&](int64_t i, int n, auto tag) {
     const Vec xq = simd::scale(ld(z + i, n, tag), it) - shift_q;
@@ -121,7 +135,11 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
     Vec grad = c_q * q;
     if constexpr (KL || P) {
       const Vec xp = simd::scale(ld(u + i, n, tag), it) - shift_p;
-      if constexpr (KL) grad = simd::mask_fmadd(c_kl, q * ((xq - xp) - eq_d), grad, simd::gt(q, zero));
+      if constexpr (KL) {
+        const Vec centred = simd::select(simd::eq(xq, zero) & simd::eq(xp, anchor_off), minus_eq_d_anchor,
+                                         (xq - xp) - eq_d);
+        grad = simd::mask_fmadd(c_kl, q * centred, grad, simd::gt(q, zero));
+      }
       if constexpr (P) grad = simd::fmadd(c_p, simd::exp(xp - logs_p), grad);
     }
     if (static_cast<uint64_t>(g.y - i) < static_cast<uint64_t>(simd::kWidth)) {

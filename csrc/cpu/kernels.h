@@ -6,8 +6,8 @@
 //     stride; TZ, TU are float, bf16 or fp16 (dtypes.h), independently; only the first `vocab` = min(V_s, V_t)
 //     columns are read; z' = z * inv_temp, u' = u * inv_temp (float32, as the reference backend rounds them);
 //   * q = softmax(z'), p = softmax(u'); all sums in float32 per block, double across blocks;
-//   * stats is float32 [n_rows, 10] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
-//     EP_D, EP_UC, ZY, UY); log-probabilities are always formed as (x' - m) - log s, never x' - lse;
+//   * stats is float32 [n_rows, 12] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
+//     EP_D, EP_UC, ZY, UY, UA, EQ_DA); log-probabilities are always formed as (x' - m) - log s, never x' - lse;
 //   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included;
 //   * float32 logits may also be vocabulary-major (VocabMajor): row_stats and logits_grad have versions for them.
 #pragma once
@@ -21,7 +21,7 @@ namespace minillm {
 namespace cpu {
 
 // Column indices of the stats rows and of the coefficient rows.
-enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, NUM_STATS };
+enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, NUM_STATS };
 enum Coef : int { C_KL = 0, C_Q, C_P, C_Y, NUM_COEFS };
 
 // A row's stats from its finished online state; z_y, u_y are the token's scaled logits (0 without tokens).
@@ -36,14 +36,17 @@ inline void store_row_stats(float* out, const OnlinePair& state, float z_y, floa
   out[EP_UC] = state.p.mean_centred();
   out[ZY] = z_y;
   out[UY] = u_y;
+  out[UA] = state.anchor_u();
+  out[EQ_DA] = state.mean_d_anchor();
 }
 
 // A row's logits_grad parameters from its stats and coefficients (shared by the row-major and vocabulary-major
-// kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the four coefficients,
-// whether any is nonzero (`active`: else the row's gradient is zero) and the token (-1: none, or c_y = 0).
+// kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the anchor u'_a and
+// E_q[d - d_a] (row_state.h; NaN: none), the four coefficients, whether any is nonzero (`active`: else the row's
+// gradient is zero) and the token (-1: none, or c_y = 0).
 struct LogitsGradRow {
   bool active;
-  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float shift_q, logs_q, shift_p, logs_p, eq_d, ua, eq_d_anchor;
   float c_kl, c_q, c_p, c_y;
   int64_t y;
 };
@@ -58,6 +61,8 @@ inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, cons
   g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
   g.logs_p = s[LOGS_P];
   g.eq_d = s[EQ_D];
+  g.ua = s[UA];
+  g.eq_d_anchor = s[EQ_DA];
   g.c_kl = c[C_KL];
   g.c_q = c[C_Q];
   g.c_p = c[C_P];
@@ -78,7 +83,8 @@ template <class TZ, class TU>
 void row_stats(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, float inv_temp,
                float* stats);
 
-// dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], d = z' - u'; coef float32 [n_rows, 4].
+// dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], d = z' - u'; coef float32 [n_rows, 4]; at the
+// entries with z'_v = m_q and u'_v = UA (d_v = d_a exactly) d_v - E_q[d] is taken as -E_q[d - d_a] (row_state.h).
 // Reads u only for rows with c_kl or c_p nonzero and evaluates p only where c_p is nonzero; rows whose four
 // coefficients are zero are written as zeros without reading z or u; columns >= vocab are zero.
 template <class TZ, class TU>

@@ -62,20 +62,23 @@ inline float range_max(const T* x, int64_t begin, int64_t end) {
   return simd::reduce_max(simd::max(simd::max(m0, m1), simd::max(m2, m3)));
 }
 
-// The six sums a block of row_stats adds to a row's state (row_state.h), lane by lane: with the centred logits
+// The seven sums a block of row_stats adds to a row's state (row_state.h), lane by lane: with the centred logits
 // xq = z' - sh_q, xp = u' - sh_p, d = xq - xp and their exps eq = exp(xq), ep = exp(xp),
-//     sq += eq   cq += eq xq   aq += eq d        sp += ep   cp += ep xp   ap -= ep d,
-// products with e = 0 masked (0 * inf = 0: -inf logits, and the -inf padding of a tail vector).
+//     sq += eq   cq += eq xq   aq += eq d   an += eq (d - d_a)     sp += ep   cp += ep xp   ap -= ep d,
+// products with e = 0 masked (0 * inf = 0: -inf logits, and the -inf padding of a tail vector). d - d_a is formed
+// as d + anchor_off, anchor_off = fl(u'_a - sh_p) = -d_a (the block's constant): exactly 0 at the anchor itself,
+// where xq = 0 and xp = anchor_off.
 struct StatsSums {
-  simd::Vec sq = simd::zero(), cq = simd::zero(), aq = simd::zero();
+  simd::Vec sq = simd::zero(), cq = simd::zero(), aq = simd::zero(), an = simd::zero();
   simd::Vec sp = simd::zero(), cp = simd::zero(), ap = simd::zero();
 
-  void add(simd::Vec xq, simd::Vec xp, simd::Vec eq, simd::Vec ep) {
+  void add(simd::Vec xq, simd::Vec xp, simd::Vec eq, simd::Vec ep, simd::Vec anchor_off) {
     const simd::Vec d = xq - xp, zero = simd::zero();
     const simd::Mask kq = simd::gt(eq, zero), kp = simd::gt(ep, zero);
     sq = sq + eq;
     cq = simd::mask_fmadd(eq, xq, cq, kq);
     aq = simd::mask_fmadd(eq, d, aq, kq);
+    an = simd::mask_fmadd(eq, d + anchor_off, an, kq);
     sp = sp + ep;
     cp = simd::mask_fmadd(ep, xp, cp, kp);
     ap = simd::mask_fnmadd(ep, d, ap, kp);

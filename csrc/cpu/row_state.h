@@ -22,6 +22,18 @@
 //
 //     a_q' = exp(-delta_q) (a_q - (delta_q - delta_p) s_q),   a_p' = exp(-delta_p) (a_p - (delta_p - delta_q) s_p).
 //
+// The anchor. In a nearly one-hot row q_a ~ 1 at the argmax a of z', and the reverse-KL gradient there,
+// q_a (d_a - E_q[d]) = -q_a sum_w q_w (d_w - d_a), is far smaller than d_a itself (|d_a| ~ 1e4 where the logits
+// are ~1e4): taken as d_a - E_q[d], both rounded at ulp(|d_a|) ~ 1e-3, it is lost. So the state also keeps the
+// sum anchored at a = the first entry reaching q's max, with u'_a (ua):
+//
+//     a_anchor = sum_v exp(z'_v - sh_q) ((z'_v - m_q) - (u'_v - u'_a))    (its term at v = a is exactly 0),
+//
+// which depends on no shift but q's. When q's max moves to a new entry a' (z'_a' = m_q + delta_q),
+// d - d_a' = (d - d_a) - (delta_q - (u'_a' - u'_a)), so a_anchor' = exp(-delta_q) (a_anchor - (delta_q -
+// (u'_a' - u'_a)) s_q). A state whose u'_a is infinite (the teacher is -inf at the student's argmax: an infinite
+// reverse KL) or NaN carries a non-finite a_anchor, which the stats store as "no anchor" (UA = NaN).
+//
 // Two states over disjoint parts of a row merge by moving both to the larger maxima and adding. A block of a row
 // is folded in by first moving the state to the maxima including the block (one rescale per block) and then
 // adding the block's sums taken directly with the new shifts: one exp per element per distribution.
@@ -71,42 +83,64 @@ struct OnlineSoftmax {
 
 struct OnlinePair {
   OnlineSoftmax q, p;
-  double a_q = 0.0;  // sum exp(z' - sh_q) d
-  double a_p = 0.0;  // sum exp(u' - sh_p) (-d)
+  double a_q = 0.0;       // sum exp(z' - sh_q) d
+  double a_p = 0.0;       // sum exp(u' - sh_p) (-d)
+  double a_anchor = 0.0;  // sum exp(z' - sh_q) (d - d_a), a = q's anchor
+  float ua = std::numeric_limits<float>::quiet_NaN();  // u'_a (NaN while q is empty)
 
-  // Move to maxima that include m_q_seen and m_p_seen (e.g. a block's maxima).
-  void rescale_to(float m_q_seen, float m_p_seen) {
+  // Move to maxima that include m_q_seen and m_p_seen (e.g. a block's maxima); ua_seen is u' at the first entry
+  // reaching m_q_seen, q's new anchor if m_q_seen > q.m.
+  void rescale_to(float m_q_seen, float m_p_seen, float ua_seen) {
     const float m_q = m_q_seen > q.m ? m_q_seen : q.m;
     const float m_p = m_p_seen > p.m ? m_p_seen : p.m;
     if (!(m_q > q.m) && !(m_p > p.m)) return;
     const double delta_q = static_cast<double>(OnlineSoftmax::shift_of(m_q)) - q.shift();
     const double delta_p = static_cast<double>(OnlineSoftmax::shift_of(m_p)) - p.shift();
     const double s_q = q.s, s_p = p.s;
+    const bool q_moves = m_q > q.m;
     const double f_q = q.rescale_to(m_q), f_p = p.rescale_to(m_p);
     a_q = s_q == 0.0 ? 0.0 : f_q * (a_q - (delta_q - delta_p) * s_q);
     a_p = s_p == 0.0 ? 0.0 : f_p * (a_p - (delta_p - delta_q) * s_p);
+    if (q_moves) {
+      const double moved = delta_q - (static_cast<double>(ua_seen) - ua);
+      a_anchor = s_q == 0.0 ? 0.0 : f_q * (a_anchor - moved * s_q);
+      ua = ua_seen;
+    }
   }
 
-  // Add sums over new entries taken with the current shifts.
-  void add(double s_q, double c_q, double a_q_new, double s_p, double c_p, double a_p_new) {
+  // Add sums over new entries taken with the current shifts (a_anchor_new: at the current anchor).
+  void add(double s_q, double c_q, double a_q_new, double a_anchor_new, double s_p, double c_p, double a_p_new) {
     q.s += s_q;
     q.c += c_q;
     a_q += a_q_new;
+    a_anchor += a_anchor_new;
     p.s += s_p;
     p.c += c_p;
     a_p += a_p_new;
   }
 
-  // Fold in the state of a disjoint part of the row.
+  // Fold in the state of a disjoint part of the row. The anchor is the earlier part's unless the later one's max
+  // is larger (this state is the earlier part); on a tie of the maxima the other part's sum is re-anchored:
+  // d - d_a = (d - d_o) + (u'_a - u'_o).
   void merge(OnlinePair other) {
-    rescale_to(other.q.m, other.p.m);
-    other.rescale_to(q.m, p.m);
-    add(other.q.s, other.q.c, other.a_q, other.p.s, other.p.c, other.a_p);
+    rescale_to(other.q.m, other.p.m, other.ua);
+    other.rescale_to(q.m, p.m, ua);
+    if (other.q.s != 0.0 && !(other.ua == ua)) {
+      other.a_anchor += (static_cast<double>(ua) - other.ua) * other.q.s;
+    }
+    add(other.q.s, other.q.c, other.a_q, other.a_anchor, other.p.s, other.p.c, other.a_p);
   }
 
   // E_q[d] and E_p[-d] (NaN for an empty distribution, as above).
   float mean_d_q() const { return static_cast<float>(a_q / q.s); }
   float mean_d_p() const { return static_cast<float>(a_p / p.s); }
+  // E_q[d - d_a] and u'_a, both NaN where the anchor is not finite (no anchor: the gradient takes E_q[d]).
+  float mean_d_anchor() const {
+    const double mean = a_anchor / q.s;
+    if (!std::isfinite(mean) || !std::isfinite(ua)) return std::numeric_limits<float>::quiet_NaN();
+    return static_cast<float>(mean);
+  }
+  float anchor_u() const { return std::isnan(mean_d_anchor()) ? std::numeric_limits<float>::quiet_NaN() : ua; }
 };
 
 }  // namespace minillm

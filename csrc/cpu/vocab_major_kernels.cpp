@@ -16,6 +16,7 @@
 //     float32 addition the row-major kernel makes before its store).
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +55,14 @@ inline Vec load_vector(const float* p, int lanes) {
   else return simd::load_tail(p, lanes);
 }
 
+// u'(r, v) at the first v in [b, e) with z'(r, v) = m (row r's block max, scaled).
+inline float u_at_first_max(VocabMajor z, VocabMajor u, int64_t r, int64_t b, int64_t e, float m, float inv_temp) {
+  for (int64_t v = b; v < e; ++v) {
+    if (*z.at(r, v) * inv_temp == m) return *u.at(r, v) * inv_temp;
+  }
+  return std::numeric_limits<float>::quiet_NaN();  // not reached: m is the block's max
+}
+
 template <bool FullVec>
 void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, int64_t e, float inv_temp,
                   OnlinePair* state) {
@@ -63,15 +72,18 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
     max_q[v & 1] = simd::max(max_q[v & 1], load_vector<FullVec>(z.at(r, v), lanes));
     max_p[v & 1] = simd::max(max_p[v & 1], load_vector<FullVec>(u.at(r, v), lanes));
   }
-  alignas(64) float lane_q[simd::kWidth], lane_p[simd::kWidth];
+  alignas(64) float lane_q[simd::kWidth], lane_p[simd::kWidth], lane_anchor[simd::kWidth] = {};
   simd::store(lane_q, simd::max(max_q[0], max_q[1]));
   simd::store(lane_p, simd::max(max_p[0], max_p[1]));
   for (int l = 0; l < lanes; ++l) {
-    state[l].rescale_to(lane_q[l] * inv_temp, lane_p[l] * inv_temp);
+    const float m_q = lane_q[l] * inv_temp;
+    const float ua = m_q > state[l].q.m ? u_at_first_max(z, u, r + l, b, e, m_q, inv_temp) : state[l].ua;
+    state[l].rescale_to(m_q, lane_p[l] * inv_temp, ua);
     lane_q[l] = state[l].q.shift();
     lane_p[l] = state[l].p.shift();
+    lane_anchor[l] = state[l].ua - state[l].p.shift();
   }
-  const Vec shift_q = simd::load(lane_q), shift_p = simd::load(lane_p);
+  const Vec shift_q = simd::load(lane_q), shift_p = simd::load(lane_p), anchor_off = simd::load(lane_anchor);
   StatsSums sums;
   int64_t v = b;
   for (; v + 2 <= e; v += 2) {
@@ -81,21 +93,22 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
                       simd::scale(load_vector<FullVec>(u.at(r, v + 1), lanes), it) - shift_p};
     Vec ex[4] = {x[0], x[1], x[2], x[3]};
     simd::exp_n<4>(ex);
-    sums.add(x[0], x[2], ex[0], ex[2]);
-    sums.add(x[1], x[3], ex[1], ex[3]);
+    sums.add(x[0], x[2], ex[0], ex[2], anchor_off);
+    sums.add(x[1], x[3], ex[1], ex[3], anchor_off);
   }
   if (v < e) {
     const Vec x[2] = {simd::scale(load_vector<FullVec>(z.at(r, v), lanes), it) - shift_q,
                       simd::scale(load_vector<FullVec>(u.at(r, v), lanes), it) - shift_p};
     Vec ex[2] = {x[0], x[1]};
     simd::exp_n<2>(ex);
-    sums.add(x[0], x[1], ex[0], ex[1]);
+    sums.add(x[0], x[1], ex[0], ex[1], anchor_off);
   }
-  alignas(64) float lane_sums[6][simd::kWidth];
-  const Vec parts[6] = {sums.sq, sums.cq, sums.aq, sums.sp, sums.cp, sums.ap};
-  for (int j = 0; j < 6; ++j) simd::store(lane_sums[j], parts[j]);
+  alignas(64) float lane_sums[7][simd::kWidth];
+  const Vec parts[7] = {sums.sq, sums.cq, sums.aq, sums.an, sums.sp, sums.cp, sums.ap};
+  for (int j = 0; j < 7; ++j) simd::store(lane_sums[j], parts[j]);
   for (int l = 0; l < lanes; ++l) {
-    state[l].add(lane_sums[0][l], lane_sums[1][l], lane_sums[2][l], lane_sums[3][l], lane_sums[4][l], lane_sums[5][l]);
+    state[l].add(lane_sums[0][l], lane_sums[1][l], lane_sums[2][l], lane_sums[3][l], lane_sums[4][l],
+                 lane_sums[5][l], lane_sums[6][l]);
   }
 }
 
@@ -116,20 +129,22 @@ void stats_block(VocabMajor z, VocabMajor u, int64_t r0, int rows, int64_t b, in
 // the tile: inactive) and the masks of the rows whose coefficients are nonzero.
 
 struct GradTile {
-  Vec shift_q[kVecs], logs_q[kVecs], shift_p[kVecs], logs_p[kVecs], eq_d[kVecs];
+  Vec shift_q[kVecs], logs_q[kVecs], shift_p[kVecs], logs_p[kVecs], eq_d[kVecs], anchor_off[kVecs];
+  Vec minus_eq_d_anchor[kVecs];
   Vec c_kl[kVecs], c_q[kVecs], c_p[kVecs];
   Mask active[kVecs], kl[kVecs], p[kVecs];
   bool any_active = false, any_kl = false, any_p = false;
 };
 
 GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows) {
-  alignas(64) float lanes[11][kTileRows] = {};
+  alignas(64) float lanes[13][kTileRows] = {};
   GradTile g;
   for (int l = 0; l < rows; ++l) {
     const LogitsGradRow row = logits_grad_row(stats, coef, nullptr, r0 + l);  // the token term: added afterwards
-    const float values[11] = {row.shift_q, row.logs_q, row.shift_p, row.logs_p, row.eq_d, row.c_kl, row.c_q, row.c_p,
-                              row.active ? 1.0f : 0.0f, row.c_kl != 0.0f ? 1.0f : 0.0f, row.c_p != 0.0f ? 1.0f : 0.0f};
-    for (int j = 0; j < 11; ++j) lanes[j][l] = values[j];
+    const float values[13] = {row.shift_q, row.logs_q, row.shift_p, row.logs_p, row.eq_d, row.c_kl, row.c_q, row.c_p,
+                              row.active ? 1.0f : 0.0f, row.c_kl != 0.0f ? 1.0f : 0.0f, row.c_p != 0.0f ? 1.0f : 0.0f,
+                              row.ua - row.shift_p, -row.eq_d_anchor};
+    for (int j = 0; j < 13; ++j) lanes[j][l] = values[j];
     g.any_active |= row.active;
     g.any_kl |= row.c_kl != 0.0f;
     g.any_p |= row.c_p != 0.0f;
@@ -148,6 +163,8 @@ GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows) 
     g.active[k] = simd::gt(simd::load(lanes[8] + o), zero);
     g.kl[k] = simd::gt(simd::load(lanes[9] + o), zero);
     g.p[k] = simd::gt(simd::load(lanes[10] + o), zero);
+    g.anchor_off[k] = simd::load(lanes[11] + o);
+    g.minus_eq_d_anchor[k] = simd::load(lanes[12] + o);
   }
   return g;
 }
@@ -189,8 +206,9 @@ void grad_span(VocabMajor z, VocabMajor u, const GradTile& g, int64_t r0, int ta
       }
       if constexpr (KL) {
         for (int k = 0; k < kVecs; ++k) {
-          grad[k] = simd::mask_fmadd(g.c_kl[k], q[k] * ((xq[k] - xp[k]) - g.eq_d[k]), grad[k],
-                                     simd::gt(q[k], zero) & g.kl[k]);
+          const Vec centred = simd::select(simd::eq(xq[k], zero) & simd::eq(xp[k], g.anchor_off[k]),
+                                           g.minus_eq_d_anchor[k], (xq[k] - xp[k]) - g.eq_d[k]);
+          grad[k] = simd::mask_fmadd(g.c_kl[k], q[k] * centred, grad[k], simd::gt(q[k], zero) & g.kl[k]);
         }
       }
       if constexpr (P) {

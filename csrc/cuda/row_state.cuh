@@ -298,6 +298,8 @@ __device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st
   o[7] = st.p.mean_b();  // EP_UC
   o[8] = zy;             // ZY
   o[9] = uy;             // UY
+  o[10] = quiet_nan();  // UA: no anchor is tracked here yet (logits_grad takes d - E_q[d] everywhere)
+  o[11] = quiet_nan();  // EQ_DA
 }
 
 // z'_y and u'_y of a row for token y (both 0 when y is out of [0, vocab): e.g. an ignore index).

@@ -15,6 +15,7 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
         EQ_D  E_q[d]                    EQ_ZC   E_q[z' - m_q]     (<= 0)
         EP_D  E_p[-d]                   EP_UC   E_p[u' - m_p]     (<= 0)
         ZY    z'_y                      UY      u'_y              (0 when tokens is None)
+        UA    u'_a                      EQ_DA   E_q[d - d_a]      (the anchor; NaN: none)
 
     where d = (z' - m_q) - (u' - m_p): z' - u' up to a per-row constant, but built from the two *centred* logits,
     each exact, so that rows sitting near |z| ~ 1e4 keep the precision of their differences (z' - u' itself
@@ -25,9 +26,19 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     0 * inf = 0 throughout (an entry of zero probability contributes nothing). An empty row (all -inf) has
     M = -inf and LOGS = -inf; the ops treat it as masked.
 
+    The anchor a is the first v with z'_v = m_q (the student's argmax), and d - d_a = (z' - m_q) - (u' - u'_a)
+    depends on no shift of p. It exists for the gradient at a in nearly one-hot rows: there
+    q_a (d_a - E_q[d]) = -q_a E_q[d - d_a] = -q_a sum_w q_w (d_w - d_a) is far smaller than |d_a| (~1e4 where the
+    logits are ~1e4), and d_a - E_q[d], both rounded at ulp(|d_a|), would lose it entirely (an exactly one-hot row
+    would get a gradient of ~1e-3 instead of 0). Online, when q's max moves to a new entry a', A = sum exp(z' - m_q)
+    (d - d_a) becomes exp(-delta_q) (A - (delta_q - (u'_a' - u'_a)) S_q). UA and EQ_DA are NaN where the anchor is
+    not finite (u'_a = -inf: an infinite reverse KL; an empty row) or where a backend does not track it; the
+    gradient then takes d_v - E_q[d] everywhere.
+
 ``logits_grad(z, u, tokens, stats, coef, inv_temp) -> [N, V_s] in z.dtype``
     coef is float32 [N, 4] = (c_kl, c_q, c_p, c_y) and the gradient is
-    ``dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]`` with d as above. Every gradient of
+    ``dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]`` with d as above, where d_v - E_q[d] is
+    taken as -EQ_DA at the anchor's entries: z'_v - m_q = 0 and u'_v - m_p = fl(UA - m_p) (d_v = d_a). Every gradient of
     every op is such a combination (the 1/tau factor is folded into coef). Rows whose four coefficients are all
     zero are written as zeros without reading the logits; columns >= V are zero.
 
@@ -69,7 +80,7 @@ Optional (a backend may have them; the ops fall back without them):
 """
 from __future__ import annotations
 
-M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY = range(10)
-NUM_STATS = 10
+M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA = range(12)
+NUM_STATS = 12
 C_KL, C_Q, C_P, C_Y = range(4)
 NUM_COEFS = 4

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import NUM_STATS, C_KL, C_Q, C_P, C_Y
+from . import NUM_STATS, C_KL, C_Q, C_P, C_Y, UA, EQ_DA
 
 name = "torch"
 
@@ -60,7 +60,19 @@ def row_stats(z, u, tokens, inv_temp):
             y = tokens[a:b, None]
             out[a:b, 8] = zs.gather(1, y)[:, 0]
             out[a:b, 9] = us.gather(1, y)[:, 0]
+        out[a:b, UA], out[a:b, EQ_DA] = _anchor(zs, us, m_q, m_p, e_q, s_q)
     return out
+
+
+def _anchor(zs, us, m_q, m_p, e_q, s_q):
+    """(u'_a, E_q[d - d_a]) at the first argmax a of z', d - d_a = d + fl(u'_a - sh_p) as the CPU kernels form it
+    (exactly 0 at a); both NaN where either is not finite."""
+    ua = us.gather(1, zs.argmax(dim=1, keepdim=True))[:, 0]
+    d = (zs - _finite(m_q)[:, None]) - (us - _finite(m_p)[:, None])
+    mean = _weighted_mean(e_q, s_q, d + (ua - _finite(m_p))[:, None])
+    ok = torch.isfinite(mean) & torch.isfinite(ua)
+    nan = torch.full_like(mean, math.nan)
+    return torch.where(ok, ua, nan), torch.where(ok, mean, nan)
 
 
 def _probs(x, m, logs):
@@ -83,8 +95,10 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
         needs_kl, needs_p = bool((c[:, C_KL] != 0).any()), bool((c[:, C_P] != 0).any())
         us = _scaled(u[a:b], vocab, inv_temp) if needs_kl or needs_p else None
         if needs_kl:
-            d = (zs - _finite(st[:, 0])[:, None]) - (us - _finite(st[:, 2])[:, None])
-            centred = torch.where(q > 0, q * (d - st[:, 4, None]), torch.zeros_like(q))
+            xq, xp = zs - _finite(st[:, 0])[:, None], us - _finite(st[:, 2])[:, None]
+            at_anchor = (xq == 0) & (xp == (st[:, UA] - _finite(st[:, 2]))[:, None])
+            centred = torch.where(at_anchor, -st[:, EQ_DA, None], (xq - xp) - st[:, 4, None])
+            centred = torch.where(q > 0, q * centred, torch.zeros_like(q))
             grad = grad + c[:, C_KL, None] * centred
         if needs_p:
             grad = grad + c[:, C_P, None] * _probs(us, st[:, 2], st[:, 3])

@@ -75,11 +75,12 @@ path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 import triton
 import triton.language as tl
 
-from .online_softmax import NUM_STATS, finite_or_zero, jsd_terms, merge_state_pairs, online_update_pair_rows
+from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_terms, merge_anchors, merge_state_pairs,
+                             online_update_pair_rows)
 
 NUM_COEFS = tl.constexpr(4)
-# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy.
-NUM_PARTIAL = tl.constexpr(10)
+# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an.
+NUM_PARTIAL = tl.constexpr(12)
 
 
 @triton.jit
@@ -196,6 +197,8 @@ def fused_linear_stats_kernel(
     m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_N)
     zy = tl.zeros([BLOCK_N], tl.float32)
     uy = tl.zeros([BLOCK_N], tl.float32)
+    an = tl.zeros([BLOCK_N], tl.float32)  # the anchored cross sum and its u'_a (online_update_pair_rows)
+    ua = tl.full([BLOCK_N], float("nan"), tl.float32)
 
     num_tiles = tl.cdiv(V, BLOCK_V)
     first = split * tiles_per_split
@@ -212,10 +215,10 @@ def fused_linear_stats_kernel(
             hit = (cols[None, :].to(tl.int64) == tok[:, None]) & col_ok[None, :]
             zy += tl.sum(tl.where(hit, x, 0.0), 1)
             uy += tl.sum(tl.where(hit, y, 0.0), 1)
-        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
-                                                                         x, y)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua = online_update_pair_rows(
+            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y)
 
-    # Partial states as [N, SPLIT, 10] (row-major in the rows: the int64 row index carries the offset).
+    # Partial states as [N, SPLIT, 12] (row-major in the rows: the int64 row index carries the offset).
     out = part_ptr + (rows.to(tl.int64) * tl.num_programs(1) + split) * NUM_PARTIAL
     tl.store(out + 0, m_q, mask=row_ok)
     tl.store(out + 1, s_q, mask=row_ok)
@@ -227,6 +230,8 @@ def fused_linear_stats_kernel(
     tl.store(out + 7, b_p, mask=row_ok)
     tl.store(out + 8, zy, mask=row_ok)
     tl.store(out + 9, uy, mask=row_ok)
+    tl.store(out + 10, ua, mask=row_ok)
+    tl.store(out + 11, an, mask=row_ok)
 
 
 @triton.jit
@@ -236,8 +241,14 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_R)
     zy = tl.zeros([BLOCK_R], tl.float32)
     uy = tl.zeros([BLOCK_R], tl.float32)
+    an = tl.zeros([BLOCK_R], tl.float32)
+    ua = tl.full([BLOCK_R], float("nan"), tl.float32)
     for split in range(0, num_splits):
         part = part_ptr + (rows.to(tl.int64) * num_splits + split) * NUM_PARTIAL
+        an, ua = merge_anchors(an, s_q, m_q, ua,
+                               tl.load(part + 11, mask=row_ok, other=0.0), tl.load(part + 1, mask=row_ok, other=0.0),
+                               tl.load(part + 0, mask=row_ok, other=float("-inf")),
+                               tl.load(part + 10, mask=row_ok, other=float("nan")))
         m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = merge_state_pairs(
             m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
             tl.load(part + 0, mask=row_ok, other=float("-inf")), tl.load(part + 1, mask=row_ok, other=0.0),
@@ -258,8 +269,9 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     tl.store(out + 7, b_p / s_p, mask=row_ok)
     tl.store(out + 8, zy, mask=row_ok)
     tl.store(out + 9, uy, mask=row_ok)
-    tl.store(out + 10, float("nan"), mask=row_ok)  # no anchor (UA, EQ_DA = NaN)
-    tl.store(out + 11, float("nan"), mask=row_ok)
+    ua_out, eq_da = anchor_stats(an, s_q, ua)
+    tl.store(out + 10, ua_out, mask=row_ok)
+    tl.store(out + 11, eq_da, mask=row_ok)
 
 
 @triton.jit
@@ -382,6 +394,8 @@ def fused_linear_grad_kernel(
             g = (c_jsd[:, None] * q) * (g - eq_g[:, None])
         else:
             eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
+            ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))
+            eq_da = tl.load(stats + 11, mask=row_ok, other=0.0)
             if HAS_TOKENS:
                 tok = tl.load(tok_ptr + rows64 * stride_tok, mask=row_ok, other=-1).to(tl.int64)
             else:
@@ -393,7 +407,10 @@ def fused_linear_grad_kernel(
                                  scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                                  BLOCK_N, BLOCK_V, BLOCK_K)
                 y = u * inv_temp
-                centred = tl.where(q > 0, q * (((x - m_q[:, None]) - (y - m_p[:, None])) - eq_d[:, None]), 0.0)
+                xq = x - m_q[:, None]
+                xp = y - m_p[:, None]
+                at_anchor = (xq == 0.0) & (xp == (ua - m_p)[:, None])  # d_v = d_a: use E_q[d - d_a]
+                centred = tl.where(q > 0, q * tl.where(at_anchor, -eq_da[:, None], (xq - xp) - eq_d[:, None]), 0.0)
                 g = tl.where(c_kl[:, None] != 0, g + c_kl[:, None] * centred, g)
                 p = tl.exp((y - m_p[:, None]) - log_s_p[:, None])
                 g = tl.where(c_p[:, None] != 0, g + c_p[:, None] * p, g)

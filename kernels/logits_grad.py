@@ -5,6 +5,8 @@ With the row's statistics (``row_stats``) and coefficients (c_kl, c_q, c_p, c_y)
     q_v  = exp((z'_v - M_Q) - LOGS_Q),   p_v = exp((u'_v - M_P) - LOGS_P),   d_v = z'_v - u'_v
     dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]      (v < V;  dz_v = 0 for V <= v < V_s)
 
+with d_v - E_q[d] taken as -EQ_DA at the argmax anchor's entries (z'_v = M_Q, u'_v - M_P = fl(UA - M_P)).
+
 The KL term is 0 where q_v = 0 (0 * inf = 0), and a term whose coefficient is 0 is skipped, not multiplied by 0
 (so an infinite d or an empty teacher row cannot leak NaN into a row that does not use them). A row whose four
 coefficients are all zero is written as zeros without reading any logits; the teacher row is read only when c_kl or
@@ -19,7 +21,7 @@ NUM_COEFS = tl.constexpr(4)
 
 
 @triton.jit
-def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
+def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d, ua, eq_da,
               c_kl, c_q, c_p, c_y, tok,
               MODE: tl.constexpr, BLOCK: tl.constexpr):
     """Write one gradient row. MODE 0: zeros; 1: student terms only (c_q, c_y); 2: all terms (reads u)."""
@@ -35,7 +37,10 @@ def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p,
             g = c_q * q
             if MODE == 2:
                 y = load_scaled(u_row, cols, in_v, inv_temp)
-                centred = tl.where(q > 0, q * (((x - finite_or_zero(m_q)) - (y - finite_or_zero(m_p))) - eq_d), 0.0)
+                xq = x - finite_or_zero(m_q)
+                xp = y - finite_or_zero(m_p)
+                at_anchor = (xq == 0.0) & (xp == ua - finite_or_zero(m_p))  # d_v = d_a: use E_q[d - d_a]
+                centred = tl.where(q > 0, q * tl.where(at_anchor, -eq_da, (xq - xp) - eq_d), 0.0)
                 g = tl.where(c_kl != 0, g + c_kl * centred, g)
                 p = tl.exp(log_prob(y, m_p, log_s_p))
                 g = tl.where(c_p != 0, g + c_p * p, g)
@@ -67,17 +72,19 @@ def logits_grad_kernel(z_ptr, u_ptr, tok_ptr, stats_ptr, coef_ptr, dz_ptr,
     m_p = tl.load(stats_row + 2)
     log_s_p = tl.load(stats_row + 3)
     eq_d = tl.load(stats_row + 4)
+    ua = tl.load(stats_row + 10)
+    eq_da = tl.load(stats_row + 11)
     if HAS_TOKENS:
         tok = tl.load(tok_ptr + row * stride_tok).to(tl.int32)
     else:
         tok = tl.full([], -1, tl.int32)
 
     if needs_teacher:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d, ua, eq_da,
                   c_kl, c_q, c_p, c_y, tok, 2, BLOCK)
     elif active:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d, ua, eq_da,
                   c_kl, c_q, c_p, c_y, tok, 1, BLOCK)
     else:
-        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d,
+        _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p, eq_d, ua, eq_da,
                   c_kl, c_q, c_p, c_y, tok, 0, BLOCK)

@@ -82,15 +82,34 @@ def online_update(m, s, a, b, x, v, block_max):
 
 
 @triton.jit
-def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y, max_x, max_y):
+def block_anchor(x, y, max_x, m_q, ua):
+    """The anchor after a block (minillm_fast.backends: a = the first entry reaching q's max): u' at the block's
+    first lane with x = max_x where the block raises the max, else the running ``ua``. The lane search costs two
+    reductions, so it runs only in the (few) blocks that raise the max."""
+    if max_x > m_q:
+        lanes = tl.arange(0, x.shape[0])
+        first = tl.min(tl.where(x == max_x, lanes, x.shape[0]), 0)
+        ua_new = tl.sum(tl.where(lanes == first, y, 0.0), 0)
+    else:
+        ua_new = ua
+    return ua_new
+
+
+@triton.jit
+def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max_x, max_y):
     """Online update of both distributions' states with one block of scaled student (x) and teacher (y) logits.
 
     The cross sums are kept relative to BOTH running maxima, a_q = sum e_q * ((x - m_q) - (y - m_p)) and
     a_p = sum e_p * ((y - m_p) - (x - m_q)), because each centred logit is exact while z' - u' itself would lose
     all precision when both rows sit near 1e4. When the maxima grow by (delta_q, delta_p) every term moves by
-    -(delta_q - delta_p), hence a_q' = exp(-delta_q) (a_q - (delta_q - delta_p) s_q), symmetrically for a_p."""
+    -(delta_q - delta_p), hence a_q' = exp(-delta_q) (a_q - (delta_q - delta_p) s_q), symmetrically for a_p.
+
+    The anchored cross sum an = sum e_q (d - d_a), d - d_a = d + fl(u'_a - m_p) (exactly 0 at the anchor a, the
+    first entry reaching q's max, whose u' is ua: minillm_fast.backends) moves with the anchor:
+    an' = exp(-delta_q) (an - (delta_q - (u'_a' - u'_a)) s_q) when the block raises q's max."""
     m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, max_x)
     m_p_new, shift_p, alpha_p, delta_p = rescale_factors(m_p, max_y)
+    ua_new = block_anchor(x, y, max_x, m_q, ua)
     xc = x - shift_q
     yc = y - shift_p
     e_q = tl.exp(xc)
@@ -100,9 +119,20 @@ def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y, max_x, max_
     a_p = tl.where(alpha_p > 0, (a_p - (delta_p - delta_q) * s_p) * alpha_p, 0.0) + tl.where(e_p > 0, -e_p * d, 0.0)
     b_q = (b_q - delta_q * s_q) * alpha_q + tl.where(e_q > 0, e_q * xc, 0.0)
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.where(e_p > 0, e_p * yc, 0.0)
+    moved = delta_q - (ua_new - ua)
+    an = tl.where(max_x > m_q, tl.where(alpha_q > 0, (an - moved * s_q) * alpha_q, 0.0), an)
+    an = an + tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)), 0.0)
     s_q = s_q * alpha_q + e_q
     s_p = s_p * alpha_p + e_p
-    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new
+
+
+@triton.jit
+def anchor_stats(an_sum, s_sum, ua):
+    """(UA, EQ_DA) from a row's reduced anchored sum: both NaN where either is not finite (no anchor)."""
+    mean = an_sum / s_sum
+    ok = (tl.abs(mean) < float("inf")) & (tl.abs(ua) < float("inf"))
+    return tl.where(ok, ua, float("nan")), tl.where(ok, mean, float("nan"))
 
 
 @triton.jit
@@ -145,16 +175,22 @@ def log_add_exp(a, b):
 
 
 @triton.jit
-def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y):
+def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y):
     """``online_update_pair`` for a 2-D tile: rows of scaled student (x) and teacher (y) logits [R, C], one state
     per row ([R] vectors, already reduced over the columns seen so far). The tile's own terms are reduced along
     its columns at once, so the state stays [R] whatever the tile width (the fused-linear kernels, whose tiles
     come out of a matmul, cannot afford per-lane [R, C] sums next to two logit tiles).
 
     Same math as ``online_update_pair``: with the new maxima m' = max(m, tile max) and the growth (delta_q, delta_p)
-    of each, every old term is multiplied by exp(-delta) and the cross sums move by -(delta_q - delta_p) s."""
-    m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, tl.max(x, 1))
+    of each, every old term is multiplied by exp(-delta) and the cross sums move by -(delta_q - delta_p) s; the
+    anchor moves to the tile's first column reaching a new row max (``tl.argmax`` breaks ties to the left)."""
+    max_x = tl.max(x, 1)
+    m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, max_x)
     m_p_new, shift_p, alpha_p, delta_p = rescale_factors(m_p, tl.max(y, 1))
+    moves = max_x > m_q
+    cols = tl.arange(0, x.shape[1])
+    ua_tile = tl.sum(tl.where(cols[None, :] == tl.argmax(x, 1)[:, None], y, 0.0), 1)
+    ua_new = tl.where(moves, ua_tile, ua)
     xc = x - shift_q[:, None]
     yc = y - shift_p[:, None]
     e_q = tl.exp(xc)
@@ -166,9 +202,29 @@ def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, x, y):
            + tl.sum(tl.where(e_p > 0, -e_p * d, 0.0), 1))
     b_q = (b_q - delta_q * s_q) * alpha_q + tl.sum(tl.where(e_q > 0, e_q * xc, 0.0), 1)
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.sum(tl.where(e_p > 0, e_p * yc, 0.0), 1)
+    moved = delta_q - (ua_new - ua)
+    an = tl.where(moves, tl.where(alpha_q > 0, (an - moved * s_q) * alpha_q, 0.0), an)
+    an = an + tl.sum(tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)[:, None]), 0.0), 1)
     s_q = s_q * alpha_q + tl.sum(e_q, 1)
     s_p = s_p * alpha_p + tl.sum(e_p, 1)
-    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new
+
+
+@triton.jit
+def merge_anchors(an1, s_q1, m_q1, ua1, an2, s_q2, m_q2, ua2):
+    """The anchored sums of two reduced states of disjoint parts of a row, part 1 first (its anchor wins ties),
+    merged: the anchor a is the part with the larger max, and part i moves to it and to the merged max M by
+    d - d_a = (d - d_ai) - ((M - m_qi) - (u'_a - u'_ai)). Returns (an, ua)."""
+    m_q = tl.maximum(m_q1, m_q2)
+    ua = tl.where(m_q2 > m_q1, ua2, ua1)
+    shift = finite_or_zero(m_q)
+    alpha1 = tl.exp(m_q1 - shift)
+    alpha2 = tl.exp(m_q2 - shift)
+    move1 = tl.where(m_q1 > float("-inf"), m_q - m_q1, 0.0) - (ua - ua1)
+    move2 = tl.where(m_q2 > float("-inf"), m_q - m_q2, 0.0) - (ua - ua2)
+    an = (tl.where(alpha1 > 0, (an1 - move1 * s_q1) * alpha1, 0.0)
+          + tl.where(alpha2 > 0, (an2 - move2 * s_q2) * alpha2, 0.0))
+    return an, ua
 
 
 @triton.jit

@@ -2,11 +2,12 @@
 
 With z' = z / tau, u' = u / tau and d = (z' - M_Q) - (u' - M_P) (z' - u' up to a per-row constant), one program
 reads row ``row`` of z and u once, block by block, and keeps for each distribution the online state of
-``online_softmax`` (running max, normaliser, E-numerator of one value, centred numerator). At the end of the row (layout of ``minillm_fast.backends``)::
+``online_softmax`` (running max, normaliser, E-numerator of one value, centred numerator), and the cross sum
+anchored at the argmax. At the end of the row (layout of ``minillm_fast.backends``)::
 
     M_Q = max z'      LOGS_Q = log sum exp(z' - M_Q)   EQ_D = E_q[d]    EQ_ZC = E_q[z' - M_Q]
     M_P = max u'      LOGS_P = log sum exp(u' - M_P)   EP_D = E_p[-d]   EP_UC = E_p[u' - M_P]
-    ZY = z'_y, UY = u'_y (HAS_TOKENS), else 0;   UA = EQ_DA = NaN (no anchor: not tracked here yet).
+    ZY = z'_y, UY = u'_y (HAS_TOKENS), else 0;   UA = u'_a, EQ_DA = E_q[d - d_a] (the argmax anchor).
 
 Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gives M = -inf, LOGS = -inf and
 0 / 0 for its means, exactly as the reference PyTorch backend. Offsets are int64 (row * stride).
@@ -14,7 +15,7 @@ Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gi
 import triton
 import triton.language as tl
 
-from .online_softmax import NUM_STATS, block_max2, online_update_pair
+from .online_softmax import NUM_STATS, anchor_stats, block_max2, online_update_pair
 
 
 
@@ -35,6 +36,8 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     s_p = tl.zeros([BLOCK], tl.float32)
     a_p = tl.zeros([BLOCK], tl.float32)
     b_p = tl.zeros([BLOCK], tl.float32)
+    an = tl.zeros([BLOCK], tl.float32)  # the anchored cross sum and its u'_a (online_update_pair)
+    ua = tl.full([], float("nan"), tl.float32)
     # The next block's loads are issued before this block's max (a CTA-wide reduction), so that memory stays busy
     # while the warps wait for each other.
     z_next = tl.load(z_row + lanes, mask=lanes < V, other=float("-inf"), eviction_policy="evict_first")
@@ -46,8 +49,8 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
         z_next = tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
         u_next = tl.load(u_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
         max_x, max_y = block_max2(x, y)
-        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
-                                                                    x, y, max_x, max_y)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua = online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
+                                                                            an, ua, x, y, max_x, max_y)
 
     sum_q = tl.sum(s_q, 0)
     sum_p = tl.sum(s_p, 0)
@@ -70,6 +73,6 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     else:
         tl.store(out_row + 8, 0.0)
         tl.store(out_row + 9, 0.0)
-    # No anchor (UA, EQ_DA = NaN): logits_grad takes d - E_q[d] everywhere.
-    tl.store(out_row + 10, float("nan"))
-    tl.store(out_row + 11, float("nan"))
+    ua_out, eq_da = anchor_stats(tl.sum(an, 0), sum_q, ua)
+    tl.store(out_row + 10, ua_out)
+    tl.store(out_row + 11, eq_da)

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from minillm_fast import _extension
-from minillm_fast.backends import (C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q,
-                                   NUM_STATS, UY, ZY, torch_backend)
+from minillm_fast.backends import (C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q,
+                                   NUM_STATS, UA, UY, ZY, torch_backend)
 
 EMULATOR = os.environ.get("MINILLM_FAST_CUDA_EMULATOR")
 DEVICE = "cpu" if EMULATOR else "cuda"
@@ -98,7 +98,32 @@ def check_stats(z, u, tokens, inv_temp, what=""):
     assert out.dtype == torch.float32 and out.shape == (z.shape[0], NUM_STATS)
     for col, name in enumerate(STAT_NAMES):
         assert_close(out[:, col], ref[:, col], STATS_RTOL, f"{what} row_stats[{name}]")
+    check_anchor(z, u, inv_temp, out, what)
     return out, ref
+
+
+def check_anchor(z, u, inv_temp, stats, what=""):
+    """UA and EQ_DA (minillm_fast.backends): where finite, UA is u' at an entry with z' = M_Q (the kernels may pick
+    another entry of a tied max than torch's first one) and EQ_DA = E_q[(z' - m_q) - (u' - UA)] in float64; NaN
+    together, and only where the float64 value is not finite."""
+    vocab = min(z.shape[1], u.shape[1])
+    zs = (z[:, :vocab].float() * inv_temp).double().cpu()
+    us = (u[:, :vocab].float() * inv_temp).double().cpu()
+    st = stats.double().cpu()
+    ua, eq_da = st[:, UA], st[:, EQ_DA]
+    assert torch.equal(torch.isnan(ua), torch.isnan(eq_da)), f"{what}: UA and EQ_DA NaN apart"
+    m_q = zs.amax(1, keepdim=True)
+    at_max = zs == m_q
+    is_anchor = at_max & (us == ua[:, None])
+    has = ~torch.isnan(ua)
+    assert bool(is_anchor[has].any(1).all()), f"{what}: UA is not u' at an argmax of z'"
+    e_q = torch.exp(zs - torch.where(torch.isfinite(m_q), m_q, 0.0))
+    terms = torch.where(e_q > 0, e_q * ((zs - m_q) - (us - ua[:, None])), 0.0)
+    want = terms.sum(1) / e_q.sum(1)
+    assert_close(eq_da[has], want[has], STATS_RTOL, f"{what} row_stats[EQ_DA]", atol=1e-6)
+    # the anchor is dropped only where it cannot be finite: an empty student row, the teacher -inf at every argmax
+    droppable = ~torch.isfinite(m_q[:, 0]) | ~torch.isfinite(torch.where(at_max, us, 0.0)).all(1)
+    assert bool(droppable[~has].all()), f"{what}: anchor dropped in a row where it is finite"
 
 
 def random_coef(n, seed, zero_rows=()):
@@ -248,6 +273,28 @@ def test_extreme_logits(v):
     expect = torch_backend.logits_grad(z, u, tokens, stats, coef, 1.0)
     assert bool(torch.isfinite(out).all())
     assert_close(out, expect, 2e-2, "extreme grad")
+
+
+def test_one_hot_rows_gradient_at_the_argmax():
+    """randn * 1e4 rows are exactly one-hot in float32; the reverse-KL gradient at the argmax must come from the
+    anchored sum (EQ_DA), not d_a - E_q[d] rounded at ulp(|d_a|) ~ 1e-3: float64 to 2e-2 with a 1e-9 slack, through
+    row_stats + logits_grad and through row_stats_grad."""
+    n, v = 16, 20000
+    g = gen_for(v + 1)
+    z = torch.randn(n, v, device=DEVICE, generator=g) * 1e4
+    u = torch.randn(n, v, device=DEVICE, generator=g) * 1e4
+    zz = z.double().cpu().requires_grad_()
+    lq, lp = torch.log_softmax(zz, 1), torch.log_softmax(u.double().cpu(), 1)
+    torch.where(lq > -math.inf, lq.exp() * (lq - lp), 0.0).sum().backward()
+    coef = torch.zeros(n, 4, device=DEVICE)
+    coef[:, C_KL] = 1.0
+    stats, _ = check_stats(z, u, None, 1.0, "one-hot")
+    for name, dz in (("logits_grad", ops.logits_grad(z, u, None, stats, coef, 1.0)),
+                     ("row_stats_grad", ops.row_stats_grad(z, u, None, coef, None, 0.0, 1.0, None)[1])):
+        if dz.numel() == 0:  # row_stats_grad without a plan for these rows
+            continue
+        err = (dz.double().cpu() - zz.grad).norm().item()
+        assert err <= 2e-2 * zz.grad.norm().item() + 1e-9, f"{name}: {err:.3e} vs ||ref|| {zz.grad.norm().item():.3e}"
 
 
 def test_teacher_not_read_and_zero_rows_not_read():

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 if _REASON is None:
     from minillm_fast.backends import triton_fused_linear as tfl
-    from minillm_fast.backends import M_P, M_Q, EQ_D, EP_D, LOGS_P, LOGS_Q, NUM_STATS, UA, UY, ZY
+    from minillm_fast.backends import M_P, M_Q, EQ_D, EQ_DA, EP_D, LOGS_P, LOGS_Q, NUM_STATS, UA, UY, ZY
 
     DEFAULT_CONFIG = dict(tfl.CONFIG)  # before the fixture shrinks the tiles
 
@@ -120,7 +120,7 @@ def logits64(head: Head, hidden=None, weight=None, bias=None, surrogate=False) -
 
 
 def ref_stats(student: Head, teacher: Head, tokens, inv_temp) -> torch.Tensor:
-    """float64 [N, 10] row statistics by definition (the layout of ``minillm_fast.backends``)."""
+    """float64 [N, NUM_STATS] row statistics by definition (the layout of ``minillm_fast.backends``)."""
     vocab = min(student.weight.shape[0], teacher.weight.shape[0])
     x = logits64(student)[:, :vocab] * inv_temp
     y = logits64(teacher)[:, :vocab] * inv_temp
@@ -136,6 +136,8 @@ def ref_stats(student: Head, teacher: Head, tokens, inv_temp) -> torch.Tensor:
     out[:, M_Q], out[:, LOGS_Q], out[:, M_P], out[:, LOGS_P] = m_q, s_q.log(), m_p, s_p.log()
     out[:, EQ_D], out[:, EQ_D + 1] = mean(e_q, s_q, xc - yc), mean(e_q, s_q, xc)
     out[:, EP_D], out[:, EP_D + 1] = mean(e_p, s_p, yc - xc), mean(e_p, s_p, yc)
+    out[:, UA] = y.gather(1, x.argmax(1, keepdim=True))[:, 0]  # the anchor: u' at the (first) argmax of z'
+    out[:, EQ_DA] = mean(e_q, s_q, xc - (y - out[:, UA, None]))
     if tokens is not None:
         ok = (tokens >= 0) & (tokens < vocab)
         idx = torch.where(ok, tokens, 0)[:, None]
@@ -203,7 +205,11 @@ def run_and_check(student, teacher, tokens, weights, inv_temp, *, stats_tol=None
     tol = loss_tol(*dtypes) if stats_tol is None else stats_tol
     for j in range(UA):
         assert_close_rel(stats[:, j], want[:, j], tol, abs_slack=stats_slack, what=f"stats column {j}")
-    assert torch.isnan(stats[:, UA:]).all(), "the on-chip kernels track no argmax anchor yet (UA = EQ_DA = NaN)"
+    # The anchor: NaN (none) where it is not finite (an empty row, the teacher -inf at the argmax: -1e300 here).
+    anchored = (want[:, [UA, EQ_DA]].abs() < 1e30).all(1)
+    for j in (UA, EQ_DA):
+        assert_close_rel(stats[anchored, j], want[anchored, j], tol, abs_slack=stats_slack, what=f"stats column {j}")
+    assert torch.isnan(stats[~anchored][:, [UA, EQ_DA]]).all()
 
     coef = (weights * inv_temp).to(torch.float32)
     # Rows whose coefficients are all zero must not read their statistics (an empty row's are -inf and NaN).

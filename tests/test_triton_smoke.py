@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from minillm_fast.backends import NUM_STATS  # noqa: E402
 from minillm_fast.backends import torch_backend as ref  # noqa: E402
 from minillm_fast.backends import triton_backend as tri  # noqa: E402
 import triton  # noqa: E402
@@ -146,7 +147,7 @@ def test_logits_grad(case, with_tokens, blocks):
 def test_logits_grad_zero_rows_do_not_read_logits(blocks):
     z = torch.full((3, 50), math.nan, device=DEVICE)
     u = torch.full((3, 50), math.nan, device=DEVICE)
-    stats = torch.zeros(3, 10, device=DEVICE)
+    stats = torch.zeros(3, NUM_STATS, device=DEVICE)
     coef = torch.zeros(3, 4, device=DEVICE)
     coef[1, 1] = 1.0
     z[1] = 0.0
@@ -154,6 +155,8 @@ def test_logits_grad_zero_rows_do_not_read_logits(blocks):
     got = tri.logits_grad(z, u, None, stats, coef, 1.0)  # u is NaN: only a row with c_kl or c_p may read it
     assert (got[0] == 0).all() and (got[2] == 0).all()
     _close(got[1], torch.full((50,), 1 / 50, device=DEVICE))
+    with pytest.raises(ValueError, match="stats"):  # the kernels index stats rows by NUM_STATS
+        tri.logits_grad(z, u, None, stats[:, :10], coef, 1.0)
 
 
 @pytest.mark.parametrize("case", CASES)

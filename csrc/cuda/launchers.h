@@ -93,7 +93,7 @@ struct RowStatsArgs {
   bool leave_partials = false;
 };
 constexpr int kNumStats = 12;  // the layout of minillm_fast.backends (row_state.cuh: write_row_stats)
-constexpr int kRowStatsPartialFloats = 8;
+constexpr int kRowStatsPartialFloats = 10;  // RowPairState::kFloats
 
 // ---------------------------------------------------------------------------------------------------------------
 // logits_grad: dz[N, z_cols] (row stride dz_stride, dtype To); columns >= vocab and rows with four zero coefs are
@@ -181,7 +181,7 @@ struct FusedPlan {
 
 constexpr int kFusedThreads = 512;
 constexpr int kMaxCluster = 8;  // the portable cluster size
-constexpr int kFusedStaticShared = 2048;  // room left in max_smem for the kernel's static arrays (1072 bytes)
+constexpr int kFusedStaticShared = 2048;  // room left in max_smem for the kernel's static arrays (1336 bytes)
 
 // vec: the pair's vector width (1 when rows are not aligned for 16-byte copies: then no plan); elem_bytes: the
 // student's plus the teacher's element size; max_cluster: kMaxCluster on sm_90 and later, else 1; max_smem: the

@@ -17,7 +17,7 @@ namespace minillm_fast {
 namespace cuda {
 namespace {
 
-enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, ZY = 8 };
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, ZY = 8, UA = 10, EQ_DA };
 
 template <bool kNeedU, typename Tz, typename Tu, typename To, int E>
 __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
     store_zeros<To, E>(out, c0, c1);
     return;
   }
-  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], cf, y);
+  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], st[UA], st[EQ_DA], cf, y);
   if (g.needs_teacher()) {
     grad_columns<true, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
   } else {

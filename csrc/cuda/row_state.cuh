@@ -176,6 +176,13 @@ __device__ __forceinline__ void store_zeros(T* __restrict__ out, int c0, int c1)
 //   s' = f s,   b' = f (b - dq s),   a' = f (a - (dq - dp) s)      (d itself moves by -(dq - dp))
 // and symmetrically for p with f = exp(-dp), a' = f (a - (dp - dq) s). The cross sums couple the two states, so
 // they are always raised together. A distribution that has seen only -inf has m = -inf and s = a = b = 0.
+//
+// The anchor (minillm_fast/backends/__init__.py: UA, EQ_DA): an entry a with z'_a = m_q, its u'_a (ua), and
+//   an = sum exp(tq) (d - d_a),   d - d_a = d + fl(u'_a - sp), exactly 0 at a itself,
+// which keeps the reverse-KL gradient at the argmax of nearly one-hot rows (q_a (d_a - E_q d) = -q_a an / s) from
+// being rounded at ulp(|d_a|). When q's max moves by dq to a new entry a', an' = f (an - (dq - (u'_a' - u'_a)) s).
+// Within a thread a is the first entry reaching the max; a merge keeps the anchor of the part with the larger max,
+// on a tie the larger u' (so that merging is commutative: the butterflies give every lane the same bits).
 // ---------------------------------------------------------------------------------------------------------------
 struct OnlineSoftmax {
   float m, s, a, b;
@@ -195,13 +202,14 @@ struct OnlineSoftmax {
     m = m_new;
   }
 
-  // One entry with centred logit t = x - shift() and cross weight w (d for q, -d for p).
-  __device__ __forceinline__ void accumulate(float t, float w) {
+  // One entry with centred logit t = x - shift() and cross weight w (d for q, -d for p); returns exp(t).
+  __device__ __forceinline__ float accumulate(float t, float w) {
     const float e = fast_exp(t);  // t = -inf (a -inf logit) gives 0
     const bool pos = e > 0.0f;    // false for 0 and NaN
     s += pos ? e : 0.0f;
     a += pos ? e * w : 0.0f;
     b += pos ? e * t : 0.0f;
+    return e;
   }
 
   // log s, and the expectations a / s and b / s: NaN for an empty distribution (0 / 0, as torch_backend gives).
@@ -217,14 +225,28 @@ struct OnlineSoftmax {
 
 struct RowPairState {
   OnlineSoftmax q, p;
+  float ua, an;  // the anchor's u'_a (NaN while q is empty) and the anchored cross sum
 
   __device__ __forceinline__ static RowPairState empty() {
-    return RowPairState{OnlineSoftmax::empty(), OnlineSoftmax::empty()};
+    return RowPairState{OnlineSoftmax::empty(), OnlineSoftmax::empty(), quiet_nan(), 0.0f};
   }
 
-  // Raise both maxima to at least (mq, mp) (NaN candidates are ignored by fmaxf).
-  __device__ __forceinline__ void raise_to(float mq, float mp) {
+  // an moved to q's max m_new (>= q.m) and the anchor ua_new there (unchanged state: an itself).
+  __device__ __forceinline__ float anchored_at(float m_new, float ua_new) const {
+    if (is_neg_inf(q.m)) return 0.0f;  // an empty q contributes nothing
+    const float dq = finite_or_zero(m_new) - q.shift();
+    if (dq == 0.0f && ua_new == ua) return an;
+    return scale_by(fast_exp(-dq), an - (dq - (ua_new - ua)) * q.s);
+  }
+
+  // Raise both maxima to at least (mq, mp) (NaN candidates are ignored by fmaxf); ua_seen is u' at an entry
+  // reaching mq, the new anchor if mq raises q's max.
+  __device__ __forceinline__ void raise_to(float mq, float mp, float ua_seen) {
     const float mq_new = fmaxf(q.m, mq), mp_new = fmaxf(p.m, mp);
+    if (mq_new > q.m) {
+      an = anchored_at(mq_new, ua_seen);
+      ua = ua_seen;
+    }
     const float dq = finite_or_zero(mq_new) - q.shift();
     const float dp = finite_or_zero(mp_new) - p.shift();
     q.rescale(mq_new, dq, dq - dp);
@@ -241,45 +263,64 @@ struct RowPairState {
       mx = fmaxf(mx, x[i]);
       my = fmaxf(my, y[i]);
     }
-    raise_to(mx, my);
-    const float sq = q.shift(), sp = p.shift();
+    float ua_seen = y[E - 1];  // u' at the first entry reaching mx
+#pragma unroll
+    for (int i = E - 2; i >= 0; --i) ua_seen = x[i] == mx ? y[i] : ua_seen;
+    raise_to(mx, my, ua_seen);
+    const float sq = q.shift(), sp = p.shift(), anchor_off = ua - sp;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const float tq = x[i] - sq, tp = y[i] - sp;  // the same float operations as torch_backend
       const float d = tq - tp;
-      q.accumulate(tq, d);
+      const float e = q.accumulate(tq, d);
+      an += e > 0.0f ? e * (d + anchor_off) : 0.0f;
       p.accumulate(tp, -d);
     }
   }
 
-  // Merge the state of other entries of the same row: both raised to the common maxima, then summed.
+  // Merge the state of other entries of the same row: both raised to the common maxima, then summed; the anchor
+  // as the header says (commutative).
   __device__ __forceinline__ void merge(const RowPairState& other) {
     RowPairState o = other;
     const float mq = fmaxf(q.m, o.q.m), mp = fmaxf(p.m, o.p.m);
-    raise_to(mq, mp);
-    o.raise_to(mq, mp);
+    const float ua_m = o.q.m > q.m ? o.ua : (q.m > o.q.m ? ua : fmaxf(ua, o.ua));
+    const float an_m = anchored_at(mq, ua_m) + o.anchored_at(mq, ua_m);
+    raise_to(mq, mp, ua_m);
+    o.raise_to(mq, mp, ua_m);
     q.s += o.q.s; q.a += o.q.a; q.b += o.q.b;
     p.s += o.p.s; p.a += o.p.a; p.b += o.p.b;
+    ua = ua_m;
+    an = an_m;
   }
 
   __device__ __forceinline__ RowPairState shfl_xor(int lane_mask) const {
-    return RowPairState{q.shfl_xor(lane_mask), p.shfl_xor(lane_mask)};
+    return RowPairState{q.shfl_xor(lane_mask), p.shfl_xor(lane_mask), __shfl_xor_sync(0xffffffffu, ua, lane_mask),
+                        __shfl_xor_sync(0xffffffffu, an, lane_mask)};
   }
 
-  // Partial states of a split row travel through global memory as 8 floats.
-  static constexpr int kFloats = 8;
+  // Partial states of a split row travel through global memory as kFloats floats.
+  static constexpr int kFloats = 10;
   __device__ __forceinline__ void store(float* w) const {
     w[0] = q.m; w[1] = q.s; w[2] = q.a; w[3] = q.b;
     w[4] = p.m; w[5] = p.s; w[6] = p.a; w[7] = p.b;
+    w[8] = ua; w[9] = an;
   }
   __device__ __forceinline__ static RowPairState load(const float* w) {
-    return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}};
+    return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}, w[8], w[9]};
   }
   // The same, bypassing L1 (__ldcg): for states another block of the cluster stored (see row_stats_grad.cu).
   __device__ __forceinline__ static RowPairState load_cg(const float* w) {
     return RowPairState{OnlineSoftmax{__ldcg(w), __ldcg(w + 1), __ldcg(w + 2), __ldcg(w + 3)},
-                        OnlineSoftmax{__ldcg(w + 4), __ldcg(w + 5), __ldcg(w + 6), __ldcg(w + 7)}};
+                        OnlineSoftmax{__ldcg(w + 4), __ldcg(w + 5), __ldcg(w + 6), __ldcg(w + 7)}, __ldcg(w + 8),
+                        __ldcg(w + 9)};
   }
+
+  // (UA, EQ_DA) = (u'_a, an / s_q), both NaN where either is not finite (no anchor: empty q, u'_a = -inf).
+  __device__ __forceinline__ float anchor_mean() const {
+    const float mean = q.s > 0.0f ? __fdiv_rn(an, q.s) : quiet_nan();
+    return is_finite(mean) && is_finite(ua) ? mean : quiet_nan();
+  }
+  __device__ __forceinline__ float anchor_u() const { return is_finite(anchor_mean()) ? ua : quiet_nan(); }
 
   // Whether either distribution is empty (all -inf): the ops treat such a row as masked.
   __device__ __forceinline__ bool has_empty() const { return is_neg_inf(q.m) || is_neg_inf(p.m); }
@@ -298,8 +339,8 @@ __device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st
   o[7] = st.p.mean_b();  // EP_UC
   o[8] = zy;             // ZY
   o[9] = uy;             // UY
-  o[10] = quiet_nan();  // UA: no anchor is tracked here yet (logits_grad takes d - E_q[d] everywhere)
-  o[11] = quiet_nan();  // EQ_DA
+  o[10] = st.anchor_u();     // UA
+  o[11] = st.anchor_mean();  // EQ_DA
 }
 
 // z'_y and u'_y of a row for token y (both 0 when y is out of [0, vocab): e.g. an ignore index).
@@ -317,18 +358,21 @@ __device__ __forceinline__ void token_logits(const Tz* __restrict__ z, const Tu*
 // ---------------------------------------------------------------------------------------------------------------
 // The logits_grad formula of one row: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], with the
 // centred difference d = (z' - m_q) - (u' - m_p) (m: the row max where finite, else 0) and
-// q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision.
+// q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision. At the anchor's
+// entries (z' - m_q = 0 and u' - m_p = fl(UA - m_p): d_v = d_a) d_v - E_q[d] is -EQ_DA.
 // ---------------------------------------------------------------------------------------------------------------
 struct GradRow {
-  float shift_q, logs_q, shift_p, logs_p, eq_d;
+  float shift_q, logs_q, shift_p, logs_p, eq_d, anchor_off, minus_eq_da;
   float c_kl, c_q, c_p, c_y;
   int64_t y;  // -1 without tokens
 
-  // From a row's maxima m (-inf for an empty distribution), log-normalisers and E_q[d], and its coefficients
-  // cf = (c_kl, c_q, c_p, c_y).
+  // From a row's maxima m (-inf for an empty distribution), log-normalisers, E_q[d], anchor (UA, EQ_DA; NaN:
+  // none), and its coefficients cf = (c_kl, c_q, c_p, c_y).
   __device__ __forceinline__ static GradRow make(float m_q, float logs_q, float m_p, float logs_p, float eq_d,
-                                                 const float* cf, int64_t y) {
-    return GradRow{finite_or_zero(m_q), logs_q, finite_or_zero(m_p), logs_p, eq_d, cf[0], cf[1], cf[2], cf[3], y};
+                                                 float ua, float eq_da, const float* cf, int64_t y) {
+    const float shift_p = finite_or_zero(m_p);
+    return GradRow{finite_or_zero(m_q), logs_q, shift_p, logs_p, eq_d, ua - shift_p, -eq_da,
+                   cf[0], cf[1], cf[2], cf[3], y};
   }
 
   __device__ __forceinline__ bool all_zero() const {
@@ -341,7 +385,11 @@ struct GradRow {
     const float q = fast_exp((x - shift_q) - logs_q);
     float g = c_q * q;
     // d = (z' - m_q) - (u' - m_p): each logit centred on its own row max first (exact), as in row_stats
-    if (c_kl != 0.0f) g += c_kl * (q > 0.0f ? q * (((x - shift_q) - (xu - shift_p)) - eq_d) : 0.0f);
+    if (c_kl != 0.0f) {
+      const float tq = x - shift_q, tp = xu - shift_p;
+      const float centred = tq == 0.0f && tp == anchor_off ? minus_eq_da : (tq - tp) - eq_d;
+      g += c_kl * (q > 0.0f ? q * centred : 0.0f);
+    }
     if (c_p != 0.0f) g += c_p * fast_exp((xu - shift_p) - logs_p);
     if (col == y) g += c_y;
     return g;
@@ -452,12 +500,14 @@ __device__ __forceinline__ S block_reduce(S s, S* smem /* >= 32 entries */) {
   return r;
 }
 
-// A row's state from its `splits` partial states at w (kRowStatsPartialFloats = 8 floats each), merged by one whole
+// A row's state from its `splits` partial states at w (kRowStatsPartialFloats floats each), merged by one whole
 // warp: lane j folds states j, j + 32, ... in order, then the butterfly. Every lane gets the result, and any warp
 // merging the same partials gets the same bits.
 __device__ __forceinline__ RowPairState warp_merge_partials(const float* w, int splits) {
   RowPairState st = RowPairState::empty();
-  for (int j = static_cast<int>(threadIdx.x & 31); j < splits; j += 32) st.merge(RowPairState::load(w + j * 8));
+  for (int j = static_cast<int>(threadIdx.x & 31); j < splits; j += 32) {
+    st.merge(RowPairState::load(w + j * RowPairState::kFloats));
+  }
   return warp_reduce(st);
 }
 

@@ -67,7 +67,8 @@ __device__ __forceinline__ GradRow row_grad(const RowStatsGradArgs& args, const 
   for (int i = 0; i < kNumCoefs; ++i) cf[i] = in.coef[i];
   in_pass_coefs(cf, st.has_empty(), in.zy, st.q.m, st.q.log_s(), args.policy != nullptr ? in.policy : nullptr,
                 args.clip_low, args.clip_high);
-  return GradRow::make(st.q.m, st.q.log_s(), st.p.m, st.p.log_s(), st.q.mean_a(), cf, in.y);
+  return GradRow::make(st.q.m, st.q.log_s(), st.p.m, st.p.log_s(), st.q.mean_a(), st.anchor_u(), st.anchor_mean(), cf,
+                       in.y);
 }
 
 template <typename To, int E>

@@ -31,9 +31,11 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     q_a (d_a - E_q[d]) = -q_a E_q[d - d_a] = -q_a sum_w q_w (d_w - d_a) is far smaller than |d_a| (~1e4 where the
     logits are ~1e4), and d_a - E_q[d], both rounded at ulp(|d_a|), would lose it entirely (an exactly one-hot row
     would get a gradient of ~1e-3 instead of 0). Online, when q's max moves to a new entry a', A = sum exp(z' - m_q)
-    (d - d_a) becomes exp(-delta_q) (A - (delta_q - (u'_a' - u'_a)) S_q). UA and EQ_DA are NaN where the anchor is
-    not finite (u'_a = -inf: an infinite reverse KL; an empty row) or where a backend does not track it; the
-    gradient then takes d_v - E_q[d] everywhere.
+    (d - d_a) becomes exp(-delta_q) (A - (delta_q - (u'_a' - u'_a)) S_q). Any entry with z'_a = m_q serves: the
+    cpu, torch and triton kernels take the first, the cuda kernels' merges the largest u' among tied maxima. UA and
+    EQ_DA are NaN where the anchor is not finite (u'_a = -inf: an infinite reverse KL; an empty row) or not known
+    (statistics merged across vocabulary shards, minillm_fast.distributed); the gradient then takes d_v - E_q[d]
+    everywhere.
 
 ``logits_grad(z, u, tokens, stats, coef, inv_temp) -> [N, V_s] in z.dtype``
     coef is float32 [N, 4] = (c_kl, c_q, c_p, c_y) and the gradient is

@@ -94,7 +94,7 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     if n_rows == 0:
         return dz
-    stats = stats.to(torch.float32).contiguous()
+    stats = _stats_rows(stats, n_rows)
     coef = coef.to(torch.float32).contiguous()
     has_tokens = tokens is not None
     tok = tokens if has_tokens else z
@@ -104,6 +104,14 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
             z, u, tok, stats, coef, dz, z.stride(0), u.stride(0), tok.stride(0) if has_tokens else 0, dz.stride(0),
             vocab, z.shape[1], float(inv_temp), HAS_TOKENS=has_tokens, BLOCK=block, num_warps=warps)
     return dz
+
+
+def _stats_rows(stats, n_rows):
+    """stats as the kernels read them (float32, contiguous [n_rows, NUM_STATS]); ValueError naming ``stats`` for any
+    other shape (the kernels index rows by NUM_STATS)."""
+    if tuple(stats.shape) != (n_rows, NUM_STATS):
+        raise ValueError(f"stats: expected shape ({n_rows}, {NUM_STATS}), got {tuple(stats.shape)}")
+    return stats.to(torch.float32).contiguous()
 
 
 def _beta_args(beta: float):
@@ -120,7 +128,7 @@ def jsd_rows(z, u, stats, beta, inv_temp):
     if n_rows == 0:
         return out
     log_beta, log_1m_beta = _beta_args(beta)
-    stats = stats.to(torch.float32).contiguous()
+    stats = _stats_rows(stats, n_rows)
     block, warps = _launch_params("jsd_rows", vocab)
     with _device(z):
         _k.jsd_rows_kernel[(n_rows,)](
@@ -136,7 +144,7 @@ def jsd_grad(z, u, stats, jsd, coef, beta, inv_temp):
     if n_rows == 0:
         return dz
     log_beta, log_1m_beta = _beta_args(beta)
-    stats = stats.to(torch.float32).contiguous()
+    stats = _stats_rows(stats, n_rows)
     jsd = jsd.to(torch.float32).contiguous()
     coef = coef.to(torch.float32).contiguous()
     block, warps = _launch_params("jsd_grad", z.shape[1])

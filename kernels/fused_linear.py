@@ -14,14 +14,16 @@ accuracy for float32; bf16/fp16 operands go to the tensor cores as they are), th
 
 ``fused_linear_stats_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT)): program (i, j) forms the student and teacher tiles
 of row block i for the vocabulary tiles of split j and folds each pair of tiles into per-row online states
-(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, the same state as the
-``row_stats`` kernel's, reduced along the tile's columns), and picks ZY = z'_y, UY = u'_y out of the tile that holds
-the row's token y (0 where no tile does: no tokens, y = -1 or y outside [0, V)). It writes that partial state,
-10 floats per row. Splitting the vocabulary fills the GPU when N is small (N / BLOCK_N programs alone would not).
+(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, and the argmax anchor,
+the same state as the ``row_stats`` kernel's, reduced along the tile's columns), and picks ZY = z'_y, UY = u'_y out
+of the tile that holds the row's token y (0 where no tile does: no tokens, y = -1 or y outside [0, V)). It writes
+that partial state, 12 floats per row. Splitting the vocabulary fills the GPU when N is small (N / BLOCK_N
+programs alone would not).
 
 ``fused_linear_merge_kernel`` (grid cdiv(N, BLOCK_R)): merges the SPLIT partial states of each row
-(``merge_state_pairs``, ZY and UY summed since exactly one split can hold the token) and writes the row statistics
-[N, 10] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY), exactly what
+(``merge_state_pairs`` and ``merge_anchors``, ZY and UY summed since exactly one split can hold the token) and
+writes the row statistics [N, 12] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC,
+ZY, UY, UA, EQ_DA), exactly what
 ``row_stats`` returns on the materialised logits, to float32 rounding: an empty row (all -inf) gets M = LOGS = -inf
 and 0/0 for its means, as there.
 

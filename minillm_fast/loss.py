@@ -49,7 +49,7 @@ Common semantics (every op):
 How it works: one pass over both rows computes a few float32 statistics per row (``backends.row_stats``);
 every loss above is an O(rows) expression of them, and every gradient is one more pass
 (``backends.logits_grad``) writing ``dz = c_kl q (d - E_q[d]) + c_q q + c_p p + c_y e_y`` with per-row
-coefficients. Only [N, 10] statistics are saved for backward.
+coefficients. Only [N, 12] statistics are saved for backward.
 
 Gradient in the forward pass (opt-in: ``MINILLM_FAST_GRAD_IN_PASS=1``; backend "cuda", eager): for
 ``reverse_kl``, ``forward_kl``, ``minillm_loss`` and ``pt_loss`` with a scalar reduction, when the student's logits
@@ -198,7 +198,7 @@ def _reduce(per_row, valid, reduction, lead_shape, num_tokens=None):
 # Everything the backward needs is an argument (tensors, the float 1/tau, the backend's name; no closure), and the
 # backward calls the primitive through ``_library.primitive`` (its custom op while torch.compile traces): dynamo
 # traces a loss, forward and backward, without a graph break, and the compiled backward runs the fused primitive;
-# no torch math is differentiated. Saved: the rows of both logits (views), token ids, [N, 10] statistics and
+# no torch math is differentiated. Saved: the rows of both logits (views), token ids, [N, 12] statistics and
 # coefficients; autograd frees them after backward, so a second backward through the same loss raises autograd's
 # RuntimeError ("Trying to backward through the graph a second time"), and works under retain_graph=True.
 #

@@ -75,7 +75,7 @@ inline RowPlan make_plan(int64_t n_rows, int64_t cols, int vec, int num_sms, boo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// row_stats: stats[N, 10] (layout in minillm_fast/backends/__init__.py). When plan.splits > 1, workspace holds
+// row_stats: stats[N, kNumStats] (layout in minillm_fast/backends/__init__.py). When plan.splits > 1, workspace holds
 // n_rows * splits * 8 floats (partial online states) and a second small kernel merges them (unless leave_partials:
 // then logits_grad merges them, see LogitsGradArgs.partials).
 // ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ struct RowStatsArgs {
   const void* z = nullptr;
   const void* u = nullptr;
   const int64_t* tokens = nullptr;  // [N] or null
-  float* stats = nullptr;           // [N, 10], contiguous
+  float* stats = nullptr;           // [N, kNumStats], contiguous
   float* workspace = nullptr;       // [N, splits, 8] when plan.splits > 1
   int64_t n_rows = 0;
   int64_t z_stride = 0, u_stride = 0;  // row strides in elements
@@ -103,7 +103,7 @@ struct LogitsGradArgs {
   const void* z = nullptr;
   const void* u = nullptr;
   const int64_t* tokens = nullptr;  // [N] or null
-  const float* stats = nullptr;     // [N, 10]
+  const float* stats = nullptr;     // [N, kNumStats]
   const float* coef = nullptr;      // [N, 4] = (c_kl, c_q, c_p, c_y)
   void* dz = nullptr;               // [N, z_cols]
   int64_t dz_stride = 0;            // dz's row stride in elements

@@ -96,6 +96,14 @@ def block_anchor(x, y, max_x, m_q, ua):
 
 
 @triton.jit
+def anchor_moved(an, s_q, alpha, delta, ua_old, ua_new):
+    """The anchored cross sum of a state whose q max grows by delta (alpha = exp(-delta)) to an entry with u' =
+    ua_new: d - d_a' = (d - d_a) - (delta - (u'_a' - u'_a)), so an' = alpha (an - (delta - (ua_new - ua_old)) s_q);
+    0 for an empty state (alpha = 0)."""
+    return tl.where(alpha > 0, (an - (delta - (ua_new - ua_old)) * s_q) * alpha, 0.0)
+
+
+@triton.jit
 def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max_x, max_y):
     """Online update of both distributions' states with one block of scaled student (x) and teacher (y) logits.
 
@@ -119,8 +127,7 @@ def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max
     a_p = tl.where(alpha_p > 0, (a_p - (delta_p - delta_q) * s_p) * alpha_p, 0.0) + tl.where(e_p > 0, -e_p * d, 0.0)
     b_q = (b_q - delta_q * s_q) * alpha_q + tl.where(e_q > 0, e_q * xc, 0.0)
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.where(e_p > 0, e_p * yc, 0.0)
-    moved = delta_q - (ua_new - ua)
-    an = tl.where(max_x > m_q, tl.where(alpha_q > 0, (an - moved * s_q) * alpha_q, 0.0), an)
+    an = tl.where(max_x > m_q, anchor_moved(an, s_q, alpha_q, delta_q, ua, ua_new), an)
     an = an + tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)), 0.0)
     s_q = s_q * alpha_q + e_q
     s_p = s_p * alpha_p + e_p
@@ -202,8 +209,7 @@ def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y
            + tl.sum(tl.where(e_p > 0, -e_p * d, 0.0), 1))
     b_q = (b_q - delta_q * s_q) * alpha_q + tl.sum(tl.where(e_q > 0, e_q * xc, 0.0), 1)
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.sum(tl.where(e_p > 0, e_p * yc, 0.0), 1)
-    moved = delta_q - (ua_new - ua)
-    an = tl.where(moves, tl.where(alpha_q > 0, (an - moved * s_q) * alpha_q, 0.0), an)
+    an = tl.where(moves, anchor_moved(an, s_q, alpha_q, delta_q, ua, ua_new), an)
     an = an + tl.sum(tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)[:, None]), 0.0), 1)
     s_q = s_q * alpha_q + tl.sum(e_q, 1)
     s_p = s_p * alpha_p + tl.sum(e_p, 1)
@@ -220,10 +226,9 @@ def merge_anchors(an1, s_q1, m_q1, ua1, an2, s_q2, m_q2, ua2):
     shift = finite_or_zero(m_q)
     alpha1 = tl.exp(m_q1 - shift)
     alpha2 = tl.exp(m_q2 - shift)
-    move1 = tl.where(m_q1 > float("-inf"), m_q - m_q1, 0.0) - (ua - ua1)
-    move2 = tl.where(m_q2 > float("-inf"), m_q - m_q2, 0.0) - (ua - ua2)
-    an = (tl.where(alpha1 > 0, (an1 - move1 * s_q1) * alpha1, 0.0)
-          + tl.where(alpha2 > 0, (an2 - move2 * s_q2) * alpha2, 0.0))
+    delta1 = tl.where(m_q1 > float("-inf"), m_q - m_q1, 0.0)
+    delta2 = tl.where(m_q2 > float("-inf"), m_q - m_q2, 0.0)
+    an = anchor_moved(an1, s_q1, alpha1, delta1, ua1, ua) + anchor_moved(an2, s_q2, alpha2, delta2, ua2, ua)
     return an, ua
 
 

@@ -127,7 +127,7 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
   const Vec shift_q = simd::set1(g.shift_q), logs_q = simd::set1(g.logs_q);
   const Vec shift_p = simd::set1(g.shift_p), logs_p = simd::set1(g.logs_p);
   const Vec eq_d = simd::set1(g.eq_d), c_kl = simd::set1(g.c_kl), c_q = simd::set1(g.c_q);
-  const Vec anchor_off = simd::set1(g.ua - g.shift_p), minus_eq_d_anchor = simd::set1(-g.eq_d_anchor);
+  const Vec anchor_off = simd::set1(g.anchor_off), minus_eq_d_anchor = simd::set1(g.minus_eq_d_anchor);
   const Vec c_p = simd::set1(g.c_p), c_y = simd::set1(g.c_y);
   for_each_vector(begin, end, [&](int64_t i, int n, auto tag) {
     const Vec xq = simd::scale(ld(z + i, n, tag), it) - shift_q;

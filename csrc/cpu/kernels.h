@@ -41,12 +41,13 @@ inline void store_row_stats(float* out, const OnlinePair& state, float z_y, floa
 }
 
 // A row's logits_grad parameters from its stats and coefficients (shared by the row-major and vocabulary-major
-// kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the anchor u'_a and
-// E_q[d - d_a] (row_state.h; NaN: none), the four coefficients, whether any is nonzero (`active`: else the row's
-// gradient is zero) and the token (-1: none, or c_y = 0).
+// kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the anchor as the
+// kernels test and use it (anchor_off = fl(u'_a - sh_p), the x_p of the anchor's entries, and -E_q[d - d_a];
+// row_state.h; NaN: none), the four coefficients, whether any is nonzero (`active`: else the row's gradient is
+// zero) and the token (-1: none, or c_y = 0).
 struct LogitsGradRow {
   bool active;
-  float shift_q, logs_q, shift_p, logs_p, eq_d, ua, eq_d_anchor;
+  float shift_q, logs_q, shift_p, logs_p, eq_d, anchor_off, minus_eq_d_anchor;
   float c_kl, c_q, c_p, c_y;
   int64_t y;
 };
@@ -61,8 +62,8 @@ inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, cons
   g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
   g.logs_p = s[LOGS_P];
   g.eq_d = s[EQ_D];
-  g.ua = s[UA];
-  g.eq_d_anchor = s[EQ_DA];
+  g.anchor_off = s[UA] - g.shift_p;
+  g.minus_eq_d_anchor = -s[EQ_DA];
   g.c_kl = c[C_KL];
   g.c_q = c[C_Q];
   g.c_p = c[C_P];

@@ -143,7 +143,7 @@ GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows) 
     const LogitsGradRow row = logits_grad_row(stats, coef, nullptr, r0 + l);  // the token term: added afterwards
     const float values[13] = {row.shift_q, row.logs_q, row.shift_p, row.logs_p, row.eq_d, row.c_kl, row.c_q, row.c_p,
                               row.active ? 1.0f : 0.0f, row.c_kl != 0.0f ? 1.0f : 0.0f, row.c_p != 0.0f ? 1.0f : 0.0f,
-                              row.ua - row.shift_p, -row.eq_d_anchor};
+                              row.anchor_off, row.minus_eq_d_anchor};
     for (int j = 0; j < 13; ++j) lanes[j][l] = values[j];
     g.any_active |= row.active;
     g.any_kl |= row.c_kl != 0.0f;

@@ -60,15 +60,14 @@ def row_stats(z, u, tokens, inv_temp):
             y = tokens[a:b, None]
             out[a:b, 8] = zs.gather(1, y)[:, 0]
             out[a:b, 9] = us.gather(1, y)[:, 0]
-        out[a:b, UA], out[a:b, EQ_DA] = _anchor(zs, us, m_q, m_p, e_q, s_q)
+        out[a:b, UA], out[a:b, EQ_DA] = _anchor(zs, us, d, m_p, e_q, s_q)
     return out
 
 
-def _anchor(zs, us, m_q, m_p, e_q, s_q):
+def _anchor(zs, us, d, m_p, e_q, s_q):
     """(u'_a, E_q[d - d_a]) at the first argmax a of z', d - d_a = d + fl(u'_a - sh_p) as the CPU kernels form it
-    (exactly 0 at a); both NaN where either is not finite."""
+    (exactly 0 at a), with row_stats' centred difference d; both NaN where either is not finite."""
     ua = us.gather(1, zs.argmax(dim=1, keepdim=True))[:, 0]
-    d = (zs - _finite(m_q)[:, None]) - (us - _finite(m_p)[:, None])
     mean = _weighted_mean(e_q, s_q, d + (ua - _finite(m_p))[:, None])
     ok = torch.isfinite(mean) & torch.isfinite(ua)
     nan = torch.full_like(mean, math.nan)

@@ -6,8 +6,9 @@ Semantics: ``minillm_fast.backends``."""
 from .fused_linear import fused_linear_grad_kernel, fused_linear_merge_kernel, fused_linear_stats_kernel
 from .jsd import jsd_grad_kernel, jsd_rows_kernel
 from .logits_grad import logits_grad_kernel
+from .online_softmax import LAUNCH_OPTIONS
 from .row_stats import row_stats_kernel
 from .sample import sample_rows_kernel
 
-__all__ = ["row_stats_kernel", "logits_grad_kernel", "jsd_rows_kernel", "jsd_grad_kernel", "sample_rows_kernel",
-           "fused_linear_stats_kernel", "fused_linear_merge_kernel", "fused_linear_grad_kernel"]
+__all__ = ["LAUNCH_OPTIONS", "row_stats_kernel", "logits_grad_kernel", "jsd_rows_kernel", "jsd_grad_kernel",
+           "sample_rows_kernel", "fused_linear_stats_kernel", "fused_linear_merge_kernel", "fused_linear_grad_kernel"]

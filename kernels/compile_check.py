@@ -6,7 +6,8 @@ rejects (and the reverse), so a kernel can pass every interpreted test and still
 machine. This check closes that gap the way ``csrc/cuda/compile_check.sh`` does for the CUDA sources: each launcher
 of ``minillm_fast.backends.triton_backend`` and ``triton_fused_linear`` runs once on small CPU tensors with its
 kernels replaced by recorders (nothing executes), and every distinct launch (kernel, argument types, constexprs,
-num_warps, num_stages) is compiled to a cubin, whose shared memory must fit the GPU's. Pointers are declared
+num_warps, num_stages, enable_fp_fusion) is compiled to a cubin, whose shared memory must fit the GPU's; every
+launch must pass ``LAUNCH_OPTIONS`` (no FMA contraction, as the interpreter computes). Pointers are declared
 16-byte aligned (as PyTorch allocates them); integers are left unspecialised (odd sizes and strides). Must run
 without ``TRITON_INTERPRET=1``.
 
@@ -65,7 +66,8 @@ def _arg_type(name: str, value) -> str:
 def launch_spec(fn: JITFunction, args: tuple, kwargs: dict):
     """(signature, constexprs, attrs, options) of one recorded launch, as triton.compile takes them."""
     kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
+    options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3),
+               "enable_fp_fusion": kwargs.pop("enable_fp_fusion", None)}
     values = dict(zip(fn.arg_names, args)) | kwargs
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
@@ -140,6 +142,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     specs, seen = [], set()
     for fn, a, kw in record_launches():
+        if kw.get("enable_fp_fusion") is not False:
+            print(f"FAILED {fn.__name__}: launched without kernels.LAUNCH_OPTIONS (enable_fp_fusion=False); a "
+                  "contracted z * inv_temp - m_q breaks the argmax anchor", file=sys.stderr)
+            return 1
         signature, constexprs, attrs, options = launch_spec(fn, a, kw)
         key = (fn.__name__, tuple(signature.items()), tuple(sorted((k, repr(v)) for k, v in constexprs.items())),
                tuple(options.items()))

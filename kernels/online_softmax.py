@@ -24,6 +24,14 @@ import triton.language as tl
 # Columns of a stats row (minillm_fast.backends: M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA).
 NUM_STATS = tl.constexpr(12)
 
+# Keyword arguments of every launch of these kernels: no contraction of a product and a following sum into an FMA,
+# so each float operation rounds on its own, as in Triton's interpreter (which CI runs) and in the cpu and cuda
+# backends. The argmax anchor (UA, EQ_DA) depends on it: z' = z * inv_temp rounded first makes z' - m_q exactly 0
+# at the argmax; a contracted fma(z, inv_temp, -m_q) leaves the product's rounding error there (~1e-3 at logits
+# ~1e4) whenever temperature != 1. Triton 3.9 contracts unless told otherwise; the kernels are bound by memory (or
+# by tl.dot), so the unfused arithmetic costs nothing measurable.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def load_scaled(row_ptr, cols, mask, inv_temp):

@@ -78,6 +78,12 @@ struct Elem<__half> {
   static __device__ __forceinline__ Bits from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
 };
 
+// x * scale (scale = 1/tau) rounded on its own: __fmul_rn is never contracted with a following subtraction into an
+// FMA (nvcc and ptxas contract a plain product under the default --fmad=true). Every kernel then sees the same
+// scaled logit z' as the other backends (csrc/cpu/simd.h scale), and z' - m_q is exactly 0 at the argmax, which
+// the anchor (UA, EQ_DA) relies on at temperature != 1.
+__device__ __forceinline__ float scaled(float x, float scale) { return __fmul_rn(x, scale); }
+
 template <typename T, int E>
 struct alignas(sizeof(typename Elem<T>::Bits) * E) BitsVec {
   typename Elem<T>::Bits v[E];
@@ -89,11 +95,11 @@ template <typename T, int E>
 __device__ __forceinline__ void load_scaled(const T* __restrict__ p, float scale, float (&out)[E]) {
   using Bits = typename Elem<T>::Bits;
   if constexpr (E == 1) {
-    out[0] = Elem<T>::to_float(*reinterpret_cast<const Bits*>(p)) * scale;
+    out[0] = scaled(Elem<T>::to_float(*reinterpret_cast<const Bits*>(p)), scale);
   } else {
     const BitsVec<T, E> w = *reinterpret_cast<const BitsVec<T, E>*>(p);
 #pragma unroll
-    for (int i = 0; i < E; ++i) out[i] = Elem<T>::to_float(w.v[i]) * scale;
+    for (int i = 0; i < E; ++i) out[i] = scaled(Elem<T>::to_float(w.v[i]), scale);
   }
 }
 
@@ -115,7 +121,7 @@ __device__ __forceinline__ BitsVec<T, E> load_bits_bounded(const T* __restrict__
 template <typename T, int E>
 __device__ __forceinline__ void to_scaled(const BitsVec<T, E>& w, float scale, float (&out)[E]) {
 #pragma unroll
-  for (int i = 0; i < E; ++i) out[i] = Elem<T>::to_float(w.v[i]) * scale;
+  for (int i = 0; i < E; ++i) out[i] = scaled(Elem<T>::to_float(w.v[i]), scale);
 }
 
 // Like load_scaled for the E elements at columns [c, c + E) of a row of n columns; columns >= n read as -inf
@@ -128,7 +134,7 @@ __device__ __forceinline__ void load_scaled_bounded(const T* __restrict__ row, i
 
 template <typename T>
 __device__ __forceinline__ float load_one(const T* __restrict__ p, float scale) {
-  return Elem<T>::to_float(*reinterpret_cast<const typename Elem<T>::Bits*>(p)) * scale;
+  return scaled(Elem<T>::to_float(*reinterpret_cast<const typename Elem<T>::Bits*>(p)), scale);
 }
 
 template <typename T, int E>

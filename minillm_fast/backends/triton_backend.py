@@ -84,7 +84,7 @@ def row_stats(z, u, tokens, inv_temp):
     with _device(z):
         _k.row_stats_kernel[(n_rows,)](
             z, u, tok, out, z.stride(0), u.stride(0), tok.stride(0) if has_tokens else 0, vocab, float(inv_temp),
-            HAS_TOKENS=has_tokens, BLOCK=block, num_warps=warps)
+            HAS_TOKENS=has_tokens, BLOCK=block, num_warps=warps, **_k.LAUNCH_OPTIONS)
     return out
 
 
@@ -102,7 +102,8 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
     with _device(z):
         _k.logits_grad_kernel[(n_rows,)](
             z, u, tok, stats, coef, dz, z.stride(0), u.stride(0), tok.stride(0) if has_tokens else 0, dz.stride(0),
-            vocab, z.shape[1], float(inv_temp), HAS_TOKENS=has_tokens, BLOCK=block, num_warps=warps)
+            vocab, z.shape[1], float(inv_temp), HAS_TOKENS=has_tokens, BLOCK=block, num_warps=warps,
+            **_k.LAUNCH_OPTIONS)
     return dz
 
 
@@ -133,7 +134,7 @@ def jsd_rows(z, u, stats, beta, inv_temp):
     with _device(z):
         _k.jsd_rows_kernel[(n_rows,)](
             z, u, stats, out, z.stride(0), u.stride(0), vocab, float(inv_temp), float(beta), 1.0 - float(beta),
-            log_beta, log_1m_beta, BLOCK=block, num_warps=warps)
+            log_beta, log_1m_beta, BLOCK=block, num_warps=warps, **_k.LAUNCH_OPTIONS)
     return out
 
 
@@ -151,7 +152,7 @@ def jsd_grad(z, u, stats, jsd, coef, beta, inv_temp):
     with _device(z):
         _k.jsd_grad_kernel[(n_rows,)](
             z, u, stats, jsd, coef, dz, z.stride(0), u.stride(0), dz.stride(0), vocab, z.shape[1], float(inv_temp),
-            log_beta, log_1m_beta, BLOCK=block, num_warps=warps)
+            log_beta, log_1m_beta, BLOCK=block, num_warps=warps, **_k.LAUNCH_OPTIONS)
     return dz
 
 
@@ -169,5 +170,5 @@ def sample_rows(z, u, use_teacher, uniform, inv_temp):
     with _device(z):
         _k.sample_rows_kernel[(n_rows,)](
             z, u, use_teacher, uniform, out, z.stride(0), u.stride(0), vocab, float(inv_temp),
-            BLOCK=block, num_warps=warps)
+            BLOCK=block, num_warps=warps, **_k.LAUNCH_OPTIONS)
     return out

@@ -41,7 +41,8 @@ import triton
 from . import NUM_COEFS, NUM_STATS
 from .triton_backend import _beta_args, _device, _load_kernels
 
-_load_kernels()  # registers minillm_fast.kernels (installed, or the source checkout's kernels/ folder)
+# Loading registers minillm_fast.kernels (installed, or the source checkout's kernels/ folder).
+_LAUNCH_OPTIONS = _load_kernels().LAUNCH_OPTIONS
 _k = importlib.import_module("minillm_fast.kernels.fused_linear")
 
 
@@ -200,9 +201,9 @@ def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
             *s.scalars(), *t.scalars(), float(inv_temp), tiles_per_split,
             *s.flags(), *t.flags(), has_tokens, _bf16_upcast(s.hidden),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS)
         _k.fused_linear_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
-            partial, out, n_rows, splits, BLOCK_R=MERGE_BLOCK, num_warps=4)
+            partial, out, n_rows, splits, BLOCK_R=MERGE_BLOCK, num_warps=4, **_LAUNCH_OPTIONS)
     return out
 
 
@@ -231,9 +232,10 @@ def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
             *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta, tiles_per_split,
             *s.flags(), *t.flags(), _bf16_upcast(s.hidden),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS)
         _k.fused_linear_jsd_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
-            partial, out, n_rows, splits, float(beta), 1.0 - float(beta), BLOCK_R=MERGE_BLOCK, num_warps=4)
+            partial, out, n_rows, splits, float(beta), 1.0 - float(beta), BLOCK_R=MERGE_BLOCK, num_warps=4,
+            **_LAUNCH_OPTIONS)
     return out
 
 
@@ -305,4 +307,4 @@ def _launch_grad(s: "_HeadArgs", t: "_HeadArgs", tokens, stats, coef, jsd, inv_t
             *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta,
             *s.flags(), *t.flags(), has_tokens, jsd is not None, need_dh, need_dw, need_db, _bf16_upcast(s.hidden),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_N=GROUP_N,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS)

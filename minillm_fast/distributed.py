@@ -5,7 +5,7 @@ A tensor-parallel lm_head leaves each rank of a process group with a *shard* of 
 ``minillm_fast.loss`` is an O(rows) expression of the row statistics of ``minillm_fast.backends`` plus, for the
 gradient, one pass over the row that needs only those statistics, so a sharded op needs no logits from other
 ranks: each rank runs the backend's one-pass ``row_stats`` on its local columns, the ranks merge those statistics
-with two all-reduces of a few floats per row, and each rank writes the gradient of its own columns from the merged
+with two all-reduces of a few numbers per row, and each rank writes the gradient of its own columns from the merged
 statistics (the backward pass needs no communication at all).
 
 The merge, per row (written once here, in pure functions that need no process group)
@@ -14,27 +14,35 @@ Rank r's statistics are relative to its local maxima m_q, m_p (z' = z/tau, u' = 
 
     s_q = sum_v exp(z'_v - m_q)       EQ_D = E_q[d]   with d = (z' - m_q) - (u' - m_p)     EQ_ZC = E_q[z' - m_q]
     s_p = sum_v exp(u'_v - m_p)       EP_D = E_p[-d]                                       EP_UC = E_p[u' - m_p]
+    UA = u'_a (a: the shard's argmax of z')                EQ_DA = E_q[d - d_a]  (the anchor, minillm_fast.backends)
 
-1. ``all_reduce(MAX)`` of (m_q, m_p): the global maxima (M_q, M_p). One collective, 2 floats per row.
+1. ``all_reduce(MAX)`` of two int64 keys per row: (m_q, UA) ordered lexicographically, and m_p. Each key holds
+   the float32 values' bits remapped so that integer order is float order (``_order_key``), the first one m_q's
+   key in its high 32 bits and UA's in its low 32 bits. So one integer MAX gives the global maxima (M_q, M_p) and
+   the global anchor's U_A = u' at the global argmax of z' (of all tied maxima, the largest u'; any tied entry is
+   a valid anchor). One collective, 2 int64 per row.
 2. Each rank re-expresses its statistics as *unnormalised* sums relative to the global maxima. With
    delta_q = m_q - M_q <= 0 and delta_p = m_p - M_p <= 0 (the global centred difference is
-   D = (z' - M_q) - (u' - M_p) = d + delta_q - delta_p)::
+   D = (z' - M_q) - (u' - M_p) = d + delta_q - delta_p, and D - D_A = (d - d_a) + delta_q - (u'_a - U_A))::
 
        S_q = sum exp(z' - M_q)               = exp(log s_q + delta_q)
        A_q = sum exp(z' - M_q) D             = S_q (EQ_D + delta_q - delta_p)
        B_q = sum exp(z' - M_q) (z' - M_q)    = S_q (EQ_ZC + delta_q)
+       N_q = sum exp(z' - M_q) (D - D_A)     = S_q (EQ_DA + delta_q - (u'_a - U_A))
        S_p = sum exp(u' - M_p)               = exp(log s_p + delta_p)
        A_p = sum exp(u' - M_p) (-D)          = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
        B_p = sum exp(u' - M_p) (u' - M_p)    = S_p (EP_UC + delta_p)
        ZY, UY: z'_y, u'_y on the rank whose shard holds the row's token y, 0 on every other rank.
 
-   These are plain sums over columns, so ``all_reduce(SUM)`` of the 8 values (6 without tokens) gives the
-   global ones. One collective, at most 8 floats per row.
-3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, and the same for p; M_Q, M_P are
-   the global maxima; ZY, UY the owner's values. The merged rows carry no anchor (UA = EQ_DA = NaN): re-anchoring
-   every shard at the global argmax would need its u' on every rank first, a third collective. So the sharded
-   gradient takes d - E_q[d] everywhere, and at the argmax of an exactly one-hot row it is ~ulp(|d|) rather than
-   0 (see minillm_fast.backends).
+   These are plain sums over columns, so ``all_reduce(SUM)`` of the 9 values (7 without tokens) gives the
+   global ones. One collective, at most 9 floats per row. N_q keeps the anchor's precision: on the shard holding
+   the global anchor delta_q = 0 and u'_a = U_A exactly, so its term is S_q EQ_DA, with no 1e4-sized part that
+   the sum could round; every other shard's term is weighted by exp(delta_q), negligible in the nearly one-hot
+   rows the anchor exists for.
+3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, EQ_DA = N_q / S_q, and the same for
+   p; M_Q, M_P are the global maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is
+   not finite, as in the backends (a shard whose anchor is NaN, e.g. u'_a = -inf, makes the row's NaN: its reverse
+   KL is infinite anyway).
 
 The shift conventions are the backends': a maximum that is not finite shifts by 0 (``shift(m) = m if finite else
 0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
@@ -44,10 +52,10 @@ empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) 
 NaN. The conversions run in float64 and the wire format is float32, as the statistics are: the merged statistics
 equal the unsharded ones to float32 rounding.
 
-Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 + 6 floats per row
-without tokens, 2 + 8 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums over columns: one
-more all_reduce(SUM) of 2 floats per row), plus, for the ops with token ids, one all_reduce of ``world_size``
-int64 that tells each rank where its shard starts (``vocab_shard``). Nothing of size V is ever sent.
+Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 int64 + 7 float32 per
+row without tokens, 2 int64 + 9 float32 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums
+over columns: one more all_reduce(SUM) of 2 floats per row), plus, for the ops with token ids, one all_reduce of
+``world_size`` int64 that tells each rank where its shard starts (``vocab_shard``). Nothing of size V is ever sent.
 
 Token ids stay global. ``vocab_shard`` finds a shard's offset from the local sizes of all ranks, once per op call
 (shards are laid out in rank order within the group, as Megatron-style vocabulary-parallel lm_heads do); the
@@ -66,13 +74,16 @@ import torch
 
 from .backends import C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UA, UY, ZY
 
-__all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef", "to_partial_sums",
-           "from_partial_sums", "merge_row_stats", "all_reduce_row_stats", "all_reduce_sum", "NUM_SUMS"]
+__all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef", "max_keys", "global_maxima",
+           "to_partial_sums", "from_partial_sums", "merge_row_stats", "all_reduce_row_stats", "all_reduce_sum",
+           "NUM_SUMS"]
 
 # Columns of the partial sums (step 2 above).
-S_Q, A_Q, B_Q, S_P, A_P, B_P, SUM_ZY, SUM_UY = range(8)
-NUM_SUMS = 8
-_WITHOUT_TOKENS = 6  # the first six columns: what is summed when the op has no token ids
+S_Q, A_Q, B_Q, N_Q, S_P, A_P, B_P, SUM_ZY, SUM_UY = range(9)
+NUM_SUMS = 9
+_WITHOUT_TOKENS = 7  # the first seven columns: what is summed when the op has no token ids
+# Columns of the global maxima (step 1 above).
+GLOBAL_M_Q, GLOBAL_M_P, GLOBAL_UA = range(3)
 
 
 def _dist():
@@ -138,13 +149,40 @@ def _weighted(weight: torch.Tensor, mean: torch.Tensor, empty: torch.Tensor) -> 
     return torch.where(empty, torch.zeros_like(weight), weight * mean)
 
 
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys of float32 values, ordered as the floats are (-0 just below +0; a NaN with its sign bit clear
+    above +inf): the bits read as a signed int32, with a negative value's magnitude bits flipped."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def _from_order_key(key: torch.Tensor) -> torch.Tensor:
+    """The float32 values of ``_order_key`` keys (its inverse)."""
+    return torch.where(key >= 0, key, key ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
+
+
+def max_keys(stats: torch.Tensor) -> torch.Tensor:
+    """int64 [n, 2] keys of one shard's statistics whose elementwise maximum over shards encodes the global maxima
+    and anchor (step 1 of the module docstring): (key(m_q) * 2^32 + key(UA) + 2^31, key(m_p))."""
+    anchor = _order_key(stats[:, M_Q]) * 2 ** 32 + (_order_key(stats[:, UA]) + 2 ** 31)
+    return torch.stack([anchor, _order_key(stats[:, M_P])], dim=1)
+
+
+def global_maxima(keys: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 3] (M_q, M_p, U_A) from the elementwise maximum over shards of their ``max_keys``."""
+    m_q = _from_order_key(keys[:, 0] >> 32)  # arithmetic shift: the high half, sign included
+    u_a = _from_order_key((keys[:, 0] & 0xFFFFFFFF) - 2 ** 31)
+    return torch.stack([m_q, _from_order_key(keys[:, 1]), u_a], dim=1)
+
+
 def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
-    """float32 [n, 8] unnormalised sums (S_q, A_q, B_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
-    ``stats`` [n, NUM_STATS], relative to the rows' global maxima ``global_max`` [n, 2] = (M_q, M_p). See the module
-    docstring; summing these over shards and ``from_partial_sums`` give the statistics of the whole rows."""
+    """float32 [n, 9] unnormalised sums (S_q, A_q, B_q, N_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
+    ``stats`` [n, NUM_STATS], relative to the rows' global maxima and anchor ``global_max`` [n, 3] = (M_q, M_p, U_A)
+    (``global_maxima``). See the module docstring; summing these over shards and ``from_partial_sums`` give the
+    statistics of the whole rows."""
     s, gm = stats.to(torch.float64), global_max.to(torch.float64)
-    delta_q = _shift(s[:, M_Q]) - _shift(gm[:, 0])
-    delta_p = _shift(s[:, M_P]) - _shift(gm[:, 1])
+    delta_q = _shift(s[:, M_Q]) - _shift(gm[:, GLOBAL_M_Q])
+    delta_p = _shift(s[:, M_P]) - _shift(gm[:, GLOBAL_M_P])
     empty_q, empty_p = s[:, M_Q] == -math.inf, s[:, M_P] == -math.inf
     s_q = torch.exp(s[:, LOGS_Q] + delta_q)
     s_p = torch.exp(s[:, LOGS_P] + delta_p)
@@ -152,6 +190,7 @@ def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tens
         s_q,
         _weighted(s_q, s[:, EQ_D] + (delta_q - delta_p), empty_q),
         _weighted(s_q, s[:, EQ_ZC] + delta_q, empty_q),
+        _weighted(s_q, s[:, EQ_DA] + (delta_q - (s[:, UA] - gm[:, GLOBAL_UA])), empty_q),
         s_p,
         _weighted(s_p, s[:, EP_D] + (delta_p - delta_q), empty_p),
         _weighted(s_p, s[:, EP_UC] + delta_p, empty_p),
@@ -166,28 +205,28 @@ def _mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
-    """float32 [n, NUM_STATS] row statistics from the partial sums [n, 8] (or [n, 6]: ZY = UY = 0) summed over all
-    shards, and the global maxima [n, 2]."""
-    t = sums.to(torch.float64)
+    """float32 [n, NUM_STATS] row statistics from the partial sums [n, 9] (or [n, 7]: ZY = UY = 0) summed over all
+    shards, and the global maxima and anchor [n, 3]."""
+    t, gm = sums.to(torch.float64), global_max.to(torch.float64)
     out = torch.zeros(t.shape[0], NUM_STATS, dtype=torch.float64, device=t.device)
-    out[:, M_Q], out[:, M_P] = global_max[:, 0].to(torch.float64), global_max[:, 1].to(torch.float64)
+    out[:, M_Q], out[:, M_P] = gm[:, GLOBAL_M_Q], gm[:, GLOBAL_M_P]
     out[:, LOGS_Q], out[:, LOGS_P] = torch.log(t[:, S_Q]), torch.log(t[:, S_P])
     out[:, EQ_D], out[:, EQ_ZC] = _mean(t[:, A_Q], t[:, S_Q]), _mean(t[:, B_Q], t[:, S_Q])
     out[:, EP_D], out[:, EP_UC] = _mean(t[:, A_P], t[:, S_P]), _mean(t[:, B_P], t[:, S_P])
     if t.shape[1] > SUM_UY:
         out[:, ZY], out[:, UY] = t[:, SUM_ZY], t[:, SUM_UY]
-    out[:, UA], out[:, EQ_DA] = math.nan, math.nan  # no anchor across shards (module docstring)
-    return out.to(torch.float32)
-
-
-def _global_max_of(stats: torch.Tensor) -> torch.Tensor:
-    return stats[:, [M_Q, M_P]].contiguous()
+    out = out.to(torch.float32)
+    u_a, eq_da = gm[:, GLOBAL_UA].to(torch.float32), _mean(t[:, N_Q], t[:, S_Q]).to(torch.float32)
+    anchored = torch.isfinite(u_a) & torch.isfinite(eq_da)
+    out[:, UA] = torch.where(anchored, u_a, math.nan)
+    out[:, EQ_DA] = torch.where(anchored, eq_da, math.nan)
+    return out
 
 
 def merge_row_stats(shard_stats: Sequence[torch.Tensor]) -> torch.Tensor:
     """The statistics of whole rows from those of their column shards, in one process (what
     ``all_reduce_row_stats`` computes across ranks; ZY/UY must already be 0 in the shards not owning the token)."""
-    global_max = torch.stack([_global_max_of(s) for s in shard_stats]).amax(0)
+    global_max = global_maxima(torch.stack([max_keys(s) for s in shard_stats]).amax(0))
     sums = torch.stack([to_partial_sums(s, global_max) for s in shard_stats]).sum(0)
     return from_partial_sums(sums, global_max)
 
@@ -202,16 +241,17 @@ def all_reduce_row_stats(stats: torch.Tensor, group, *, owned: torch.Tensor | No
     (the backend's ``row_stats`` on the local columns). Identical on every rank of ``group``.
 
     ZY/UY must hold this rank's token logits where it owns the row's token and 0 elsewhere; pass ``owned`` (bool
-    [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 6 columns
-    instead of 8 and returns ZY = UY = 0. Two collectives: all_reduce(MAX) of [n, 2], all_reduce(SUM) of [n, 8]
-    (or [n, 6]), float32, on ``stats``' device.
+    [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 7 columns
+    instead of 9 and returns ZY = UY = 0. Two collectives, on ``stats``' device: all_reduce(MAX) of [n, 2] int64,
+    all_reduce(SUM) of [n, 9] (or [n, 7]) float32.
     """
     dist = _dist()
     if owned is not None:
         stats = stats.clone()
         stats[:, [ZY, UY]] = torch.where(owned[:, None], stats[:, [ZY, UY]], torch.zeros_like(stats[:, [ZY, UY]]))
-    global_max = _global_max_of(stats)
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    keys = max_keys(stats)
+    dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=group)
+    global_max = global_maxima(keys)
     sums = to_partial_sums(stats, global_max)
     if not with_tokens:
         sums = sums[:, :_WITHOUT_TOKENS].contiguous()

@@ -132,6 +132,14 @@ def _assert_stats_close(merged, whole, valid):
         scale = 1.0 + w[finite][:, [LOGS_Q, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC]].abs().nan_to_num(0, 0, 0).amax(1)
         err = (m[finite, col] - w[finite, col]).abs() / scale
         assert err.max().item() < 2e-6 if err.numel() else True, (col, err.max().item())
+    # the anchor: the same argmax's u' (random rows have no tied maxima) and E_q[d - d_a] to float32 rounding of
+    # its own size (plus the row's, for rows where d_a ~ E_q[d]); NaN exactly where the whole rows have none
+    for col in (UA, EQ_DA):
+        assert torch.equal(torch.isnan(m[:, col]), torch.isnan(w[:, col])), col
+    anchored = ~torch.isnan(w[:, UA])
+    assert torch.equal(m[anchored, UA], w[anchored, UA])
+    scale = 1e-6 * (w[anchored, EQ_DA].abs() + w[anchored][:, [EQ_D, EQ_ZC]].abs().amax(1))
+    assert ((m[anchored, EQ_DA] - w[anchored, EQ_DA]).abs() <= 2 * scale).all()
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpu"])
@@ -154,10 +162,11 @@ def test_merged_shard_stats_equal_the_whole_rows(backend_name, sizes):
     valid = (whole[:, M_Q] != NEG_INF) & (whole[:, M_P] != NEG_INF)
     assert int(valid.sum()) == 7
     _assert_stats_close(merged, whole, valid)
-    # empty rows: maxima and log-sums -inf, expectations 0 (never NaN), as the ops expect of masked rows; the merged
-    # rows carry no argmax anchor (UA = EQ_DA = NaN: the gradient takes d - E_q[d], distributed.py)
+    # empty rows: maxima and log-sums -inf, expectations 0 (never NaN), as the ops expect of masked rows, and no
+    # argmax anchor (UA = EQ_DA = NaN), nor where the reverse KL is infinite (row 5)
     assert not torch.isnan(merged[:, :UA]).any()
-    assert torch.isnan(merged[:, [UA, EQ_DA]]).all()
+    assert torch.isnan(merged[[4, 5, 8, 9]][:, [UA, EQ_DA]]).all()
+    assert not torch.isnan(merged[[0, 2, 3, 7]][:, [UA, EQ_DA]]).any()
     for r in (4, 8, 9):
         empty_q, empty_p = bool((z[r] == NEG_INF).all()), bool((u[r] == NEG_INF).all())
         assert (merged[r, M_Q] == NEG_INF) == empty_q and (merged[r, LOGS_Q] == NEG_INF) == empty_q
@@ -211,9 +220,38 @@ def test_an_empty_shard_contributes_exactly_zero():
     u[:, :100] = NEG_INF
     shard = backend.row_stats(z[:, :100].contiguous(), u[:, :100].contiguous(), None, 1.0)
     assert torch.isnan(shard[:, EQ_D]).all()  # the backends' 0/0: must never be read
-    global_max = backend.row_stats(z, u, None, 1.0)[:, [M_Q, M_P]]
+    global_max = distributed.global_maxima(distributed.max_keys(backend.row_stats(z, u, None, 1.0)))
     sums = distributed.to_partial_sums(shard, global_max)
     assert torch.equal(sums, torch.zeros_like(sums))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sharded_one_hot_rows_keep_the_anchor(backend_name, temperature):
+    """randn * 1e4 logits (every row exactly one-hot in float32; the float64 gradient ~0): the gradient of each
+    shard from the merged statistics is the whole rows' gradient, ~0 at the argmax too, because the merge carries
+    the argmax anchor across shards (distributed.py). Dropping it (UA = EQ_DA = NaN) leaves ~ulp(1e4) there,
+    which the same check catches."""
+    if not _dispatch.is_available(backend_name, CPU):
+        pytest.skip(f"backend {backend_name!r} not available")
+    backend = _dispatch.get_backend(backend_name, CPU)
+    gen = torch.Generator().manual_seed(11)
+    z, u = torch.randn(64, 3000, generator=gen) * 1e4, torch.randn(64, 3000, generator=gen) * 1e4
+    bounds, inv_temp = [0, 700, 701, 1900, 3000], 1 / temperature
+    coef = torch.zeros(64, NUM_COEFS)
+    coef[:, 0] = 1.0  # the reverse KL's c_kl
+    whole = backend.logits_grad(z, u, None, backend.row_stats(z, u, None, inv_temp), coef, inv_temp)
+    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, torch.zeros(64, dtype=torch.int64),
+                                                          inv_temp, bounds))
+    unanchored = merged.clone()
+    unanchored[:, [UA, EQ_DA]] = math.nan
+
+    def sharded_grad(stats):
+        return torch.cat([backend.logits_grad(z[:, a:b].contiguous(), u[:, a:b].contiguous(), None, stats, coef,
+                                              inv_temp) for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    assert_close_rel(sharded_grad(merged), whole, 2e-2, abs_slack=1e-9, what="sharded one-hot gradient")
+    with pytest.raises(AssertionError):
+        assert_close_rel(sharded_grad(unanchored), whole, 2e-2, abs_slack=1e-9, what="without the anchor")
 
 
 def test_merging_merged_shards_is_merging_all():
@@ -624,14 +662,14 @@ def check_communication(ctx):
             ctx.true(not backward.calls, f"{name}: backward communicates: {backward.calls}")
     w = ctx.world
     expected = {
-        "reverse_kl": [("all_reduce", 2 * n, "float32"), ("all_reduce", 6 * n, "float32")],
-        "forward_kl": [("all_reduce", 2 * n, "float32"), ("all_reduce", 6 * n, "float32")],
-        "jsd": [("all_reduce", 2 * n, "float32"), ("all_reduce", 6 * n, "float32"), ("all_reduce", 2 * n, "float32")],
+        "reverse_kl": [("all_reduce", 2 * n, "int64"), ("all_reduce", 7 * n, "float32")],
+        "forward_kl": [("all_reduce", 2 * n, "int64"), ("all_reduce", 7 * n, "float32")],
+        "jsd": [("all_reduce", 2 * n, "int64"), ("all_reduce", 7 * n, "float32"), ("all_reduce", 2 * n, "float32")],
         "sample_mixture": [("all_reduce", (2 + 4 * w) * n + w, "float64"), ("all_reduce", n, "int64")],
     }
     for name in ("token_stats", "minillm_loss", "pt_loss"):
-        expected[name] = [("all_reduce", w, "int64"), ("all_reduce", 2 * n, "float32"),
-                          ("all_reduce", 8 * n, "float32")]
+        expected[name] = [("all_reduce", w, "int64"), ("all_reduce", 2 * n, "int64"),
+                          ("all_reduce", 9 * n, "float32")]
     for name, by_vocab in measured.items():
         small, big = by_vocab[VOCAB], by_vocab[4 * VOCAB]
         ctx.true(small == big, f"{name}: communication depends on the vocabulary: {small} vs {big}")

@@ -33,9 +33,8 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     would get a gradient of ~1e-3 instead of 0). Online, when q's max moves to a new entry a', A = sum exp(z' - m_q)
     (d - d_a) becomes exp(-delta_q) (A - (delta_q - (u'_a' - u'_a)) S_q). Any entry with z'_a = m_q serves: the
     cpu, torch and triton kernels take the first, the cuda kernels' merges the largest u' among tied maxima. UA and
-    EQ_DA are NaN where the anchor is not finite (u'_a = -inf: an infinite reverse KL; an empty row) or not known
-    (statistics merged across vocabulary shards, minillm_fast.distributed); the gradient then takes d_v - E_q[d]
-    everywhere.
+    EQ_DA are NaN where the anchor is not finite (u'_a = -inf: an infinite reverse KL; an empty row); the gradient
+    then takes d_v - E_q[d] everywhere. (minillm_fast.distributed carries the anchor across vocabulary shards.)
 
 ``logits_grad(z, u, tokens, stats, coef, inv_temp) -> [N, V_s] in z.dtype``
     coef is float32 [N, 4] = (c_kl, c_q, c_p, c_y) and the gradient is

@@ -414,6 +414,35 @@ def test_one_hot_rows_gradient_at_the_argmax(backend, op, scale, gen, monkeypatc
         assert_close_rel(grad, ref_grad, 2e-2, abs_slack=1e-9, what=f"{op} gradient T={temperature} {reduction}")
 
 
+@pytest.mark.parametrize("op", FEW_OPS)
+def test_vanishing_mass_against_neg_inf_before_or_after_the_max(backend, op, monkeypatch):
+    """An entry 2000 below the row's max (its mass underflows even in float64) where the other model is -inf
+    contributes nothing, in an earlier block than the max or a later one. The cpu kernels once rescaled such a
+    block's +inf cross sum by exp(-2000) = 0 and returned NaN; an entry 150 below the max (mass ~1e-65: +inf in
+    float64, 0 in float32) must count the same wherever it lies."""
+    v = 4096
+    if backend == "triton":  # short rows in several blocks
+        from minillm_fast.backends import triton_backend
+        monkeypatch.setattr(triton_backend, "CONFIG", {k: (128, 4) for k in triton_backend.CONFIG})
+        v = 600
+    values = {}
+    for gap in (2000.0, 150.0):
+        for col in (10, v - 10):
+            z, u = torch.full((2, v), NEG_INF), torch.full((2, v), NEG_INF)
+            z[:, v // 2], u[:, v // 2] = 0.0, 1.0  # the maxima
+            z[:, v // 2 + 7], u[:, v // 2 + 7] = -3.0, -2.0
+            z[0, col] = -gap  # student mass that vanishes where the teacher is -inf
+            u[1, col] = 1.0 - gap  # teacher mass that vanishes where the student is -inf (forward KL)
+            if gap == 2000.0:
+                out, grad = check_op(op, backend, z, u, tol_loss=2e-5, tol_grad=1e-4)
+            else:
+                fn = OPS[op][0]
+                out, grad = lib_value_and_grad(fn, z, u, upstream=torch.ones(2), backend=backend, reduction="none")
+            assert not torch.isnan(out).any() and not torch.isnan(grad).any(), (gap, col, out)
+            values[gap, col] = out
+    assert torch.equal(values[150.0, 10], values[150.0, v - 10])
+
+
 @pytest.mark.triton_subset(op=["reverse_kl", "forward_kl"])
 @pytest.mark.parametrize("offsets", [(0.0, 1e4), (1e4, 0.0), (-1e4, 1e4)], ids=["teacher+1e4", "student+1e4",
                                                                                 "opposite"])

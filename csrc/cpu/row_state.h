@@ -99,11 +99,16 @@ struct OnlinePair {
     const double s_q = q.s, s_p = p.s;
     const bool q_moves = m_q > q.m;
     const double f_q = q.rescale_to(m_q), f_p = p.rescale_to(m_p);
-    a_q = s_q == 0.0 ? 0.0 : f_q * (a_q - (delta_q - delta_p) * s_q);
-    a_p = s_p == 0.0 ? 0.0 : f_p * (a_p - (delta_p - delta_q) * s_p);
+    // A part whose factor is 0 in float32 (empty, or moved by more than ~104: every exp(x' - m) of its entries
+    // would underflow in float32, as the per-entry masks and the torch backend take them) vanishes: its cross sums
+    // become 0, also where they were +inf (mass where the other distribution is -inf), not 0 * inf = NaN, and
+    // whether such an entry counts does not depend on whether it comes before or after the max.
+    const bool q_vanishes = static_cast<float>(f_q) == 0.0f, p_vanishes = static_cast<float>(f_p) == 0.0f;
+    a_q = q_vanishes ? 0.0 : f_q * (a_q - (delta_q - delta_p) * s_q);
+    a_p = p_vanishes ? 0.0 : f_p * (a_p - (delta_p - delta_q) * s_p);
     if (q_moves) {
       const double moved = delta_q - (static_cast<double>(ua_seen) - ua);
-      a_anchor = s_q == 0.0 ? 0.0 : f_q * (a_anchor - moved * s_q);
+      a_anchor = q_vanishes ? 0.0 : f_q * (a_anchor - moved * s_q);
       ua = ua_seen;
     }
   }

@@ -150,26 +150,37 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// JSD. With log q_v = (z'_v - m_q) - log s_q and log p_v = (u'_v - m_p) - log s_p, the mixture
-// m = beta p + (1 - beta) q is taken in log space,
-//     log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v) = hi + log1p(exp(lo - hi)),
-// never as the log of a sum of two rounded (possibly underflowed) probabilities; g_v = log q_v - log m_v.
+// JSD. With the mixture m = beta p + (1 - beta) q, g_v = log q_v - log m_v and h_v = log p_v - log m_v depend
+// on the log-ratio r_v = log p_v - log q_v alone:
+//     g = -logaddexp(r + log beta, log(1 - beta)),   h = -logaddexp(log beta, log(1 - beta) - r),
+// logaddexp(a, b) = hi + log1p(exp(lo - hi)), and r = (x_p - x_q) - (log s_p - log s_q) from the centred logits
+// x_q = z' - m_q, x_p = u' - m_p: never the log of a sum of rounded probabilities, nor the difference of two
+// log-probabilities each rounded at ulp(|log q|) ~ 1e-6 (a bias of ~4e-7 per row when q ~ p). An infinite r
+// (one probability 0) gives the finite value where the other is > 0; the term of a 0 probability is masked.
 
-inline Vec log_mixture(Vec log_q, Vec log_p, Vec log_beta, Vec log_1m_beta) {
-  const Vec a = log_p + log_beta;
-  const Vec b = log_q + log_1m_beta;
+inline Vec minus_log_add_exp(Vec a, Vec b) {
   const Vec hi = simd::max(a, b), lo = simd::min(a, b);
-  const Vec log_m = hi + simd::log1p_unit(simd::exp(lo - hi));
-  // Both -inf (p_v = q_v = 0): log m = -inf rather than the NaN of -inf - -inf.
-  return simd::select(simd::eq(hi, simd::set1(simd::kNegInf)), hi, log_m);
+  return simd::zero() - (hi + simd::log1p_unit(simd::exp(lo - hi)));
 }
 
 struct JsdRow {
-  float shift_q, logs_q, shift_p, logs_p;
+  float shift_q, logs_q, shift_p, logs_p, logs_p_minus_q;
 };
 
 inline JsdRow jsd_row(const float* st) {
-  return {OnlineSoftmax::shift_of(st[M_Q]), st[LOGS_Q], OnlineSoftmax::shift_of(st[M_P]), st[LOGS_P]};
+  return {OnlineSoftmax::shift_of(st[M_Q]), st[LOGS_Q], OnlineSoftmax::shift_of(st[M_P]), st[LOGS_P],
+          st[LOGS_P] - st[LOGS_Q]};
+}
+
+// (q, g, p, h) of a vector of entries from their centred logits.
+struct JsdTerms {
+  Vec q, g, p, h;
+};
+
+inline JsdTerms jsd_terms(Vec xq, Vec xp, const JsdRow& row, Vec log_beta, Vec log_1m_beta) {
+  const Vec r = (xp - xq) - simd::set1(row.logs_p_minus_q);
+  return {simd::exp(xq - simd::set1(row.logs_q)), minus_log_add_exp(r + log_beta, log_1m_beta),
+          simd::exp(xp - simd::set1(row.logs_p)), minus_log_add_exp(log_beta, log_1m_beta - r)};
 }
 
 // Sums over columns [begin, end) of q_v g_v (into kl_q) and p_v (log p_v - log m_v) (into kl_p), 0 where the
@@ -178,18 +189,15 @@ template <class TZ, class TU>
 void jsd_range(const TZ* z, const TU* u, int64_t begin, int64_t end, const JsdRow& row, float inv_temp,
                float log_beta, float log_1m_beta, double& kl_q, double& kl_p) {
   const Vec it = simd::set1(inv_temp), zero = simd::zero();
-  const Vec shift_q = simd::set1(row.shift_q), logs_q = simd::set1(row.logs_q);
-  const Vec shift_p = simd::set1(row.shift_p), logs_p = simd::set1(row.logs_p);
+  const Vec shift_q = simd::set1(row.shift_q), shift_p = simd::set1(row.shift_p);
   const Vec lb = simd::set1(log_beta), l1b = simd::set1(log_1m_beta);
   for (int64_t b = begin; b < end; b += kBlock) {
     Vec aq = zero, ap = zero;
     for_each_vector(b, std::min(end, b + kBlock), [&](int64_t i, int n, auto tag) {
-      const Vec log_q = (simd::scale(ld(z + i, n, tag), it) - shift_q) - logs_q;
-      const Vec log_p = (simd::scale(ld(u + i, n, tag), it) - shift_p) - logs_p;
-      const Vec log_m = log_mixture(log_q, log_p, lb, l1b);
-      const Vec q = simd::exp(log_q), p = simd::exp(log_p);
-      aq = simd::mask_fmadd(q, log_q - log_m, aq, simd::gt(q, zero));
-      ap = simd::mask_fmadd(p, log_p - log_m, ap, simd::gt(p, zero));
+      const JsdTerms t = jsd_terms(simd::scale(ld(z + i, n, tag), it) - shift_q,
+                                   simd::scale(ld(u + i, n, tag), it) - shift_p, row, lb, l1b);
+      aq = simd::mask_fmadd(t.q, t.g, aq, simd::gt(t.q, zero));
+      ap = simd::mask_fmadd(t.p, t.h, ap, simd::gt(t.p, zero));
     });
     kl_q += simd::reduce_add(aq);
     kl_p += simd::reduce_add(ap);
@@ -308,15 +316,12 @@ void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float
     const TZ* zr = z.row(r);
     const TU* ur = u.row(r);
     const Vec it = simd::set1(inv_temp), zero = simd::zero();
-    const Vec shift_q = simd::set1(g.row.shift_q), logs_q = simd::set1(g.row.logs_q);
-    const Vec shift_p = simd::set1(g.row.shift_p), logs_p = simd::set1(g.row.logs_p);
+    const Vec shift_q = simd::set1(g.row.shift_q), shift_p = simd::set1(g.row.shift_p);
     const Vec c = simd::set1(g.coef), eq_g = simd::set1(g.eq_g);
     for_each_vector(c0, c1, [&](int64_t i, int n, auto tag) {
-      const Vec log_q = (simd::scale(ld(zr + i, n, tag), it) - shift_q) - logs_q;
-      const Vec log_p = (simd::scale(ld(ur + i, n, tag), it) - shift_p) - logs_p;
-      const Vec log_m = log_mixture(log_q, log_p, log_beta, log_1m_beta);
-      const Vec q = simd::exp(log_q);
-      const Vec grad = simd::select_or_zero(simd::gt(q, zero), (c * q) * ((log_q - log_m) - eq_g));
+      const JsdTerms t = jsd_terms(simd::scale(ld(zr + i, n, tag), it) - shift_q,
+                                   simd::scale(ld(ur + i, n, tag), it) - shift_p, g.row, log_beta, log_1m_beta);
+      const Vec grad = simd::select_or_zero(simd::gt(t.q, zero), (c * t.q) * (t.g - eq_g));
       st(out + i, grad, n, tag);
     });
   };

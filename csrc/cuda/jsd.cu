@@ -27,15 +27,16 @@ struct JsdRow {
     log1m_beta = args.log1m_beta;
   }
 
-  // q, g = log q - log m (0 where q = 0), p, h = log p - log m (0 where p = 0).
+  // q, g = log q - log m (0 where q = 0), p, h = log p - log m (0 where p = 0), from the log-ratio
+  // r = log p - log q = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q) alone (minillm_fast.backends: jsd_rows):
+  // g = -logaddexp(r + log beta, log(1 - beta)), h = -logaddexp(log beta, log(1 - beta) - r).
   __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& p, float& h) const {
-    const float log_q = (x - shift_q) - logs_q;
-    const float log_p = (xu - shift_p) - logs_p;
-    const float log_m = log_add_exp(log_p + log_beta, log_q + log1m_beta);
-    q = fast_exp(log_q);
-    p = fast_exp(log_p);
-    g = q > 0.0f ? log_q - log_m : 0.0f;
-    h = p > 0.0f ? log_p - log_m : 0.0f;
+    const float xq = x - shift_q, xp = xu - shift_p;
+    const float r = (xp - xq) - (logs_p - logs_q);
+    q = fast_exp(xq - logs_q);
+    p = fast_exp(xp - logs_p);
+    g = q > 0.0f ? -log_add_exp(r + log_beta, log1m_beta) : 0.0f;
+    h = p > 0.0f ? -log_add_exp(log_beta, log1m_beta - r) : 0.0f;
   }
 };
 

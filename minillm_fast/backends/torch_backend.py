@@ -109,13 +109,15 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
 
 
 def _jsd_terms(zs, us, st, beta):
-    """(q, log q - log m, p, log p - log m) for one chunk, every log kept finite where its prob is 0."""
-    log_q = (zs - _finite(st[:, 0])[:, None]) - st[:, 1, None]
-    log_p = (us - _finite(st[:, 2])[:, None]) - st[:, 3, None]
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    q, p = torch.exp(log_q), torch.exp(log_p)
-    g_q = torch.where(q > 0, log_q - log_m, torch.zeros_like(q))
-    g_p = torch.where(p > 0, log_p - log_m, torch.zeros_like(p))
+    """(q, g, p, h) for one chunk: g = log q - log m and h = log p - log m (0 where q, resp. p, is 0), from the
+    log-ratio r = log p - log q alone (minillm_fast.backends: jsd_rows)."""
+    xq = zs - _finite(st[:, 0])[:, None]
+    xp = us - _finite(st[:, 2])[:, None]
+    r = (xp - xq) - (st[:, 3] - st[:, 1])[:, None]
+    q, p = torch.exp(xq - st[:, 1, None]), torch.exp(xp - st[:, 3, None])
+    log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
+    g_q = torch.where(q > 0, -torch.logaddexp(r + log_beta, torch.full_like(r, log_1m_beta)), torch.zeros_like(q))
+    g_p = torch.where(p > 0, -torch.logaddexp(torch.full_like(r, log_beta), log_1m_beta - r), torch.zeros_like(p))
     return q, g_q, p, g_p
 
 

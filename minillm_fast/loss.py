@@ -157,10 +157,16 @@ def _forward_kl_rows(s):
 
 
 def _student_logprob_rows(s):
+    """log q(y) = (z'_y - m_q) - log s_q per row, in float64: the difference of two float32 logits is exact there,
+    so what is built on it (log q(y) - old, the log-ratio, the mixture) is not rounded at ulp(|log q(y)|), ~1e-3
+    where logits are ~1e4."""
+    s = s.double()
     return (s[:, ZY] - s[:, M_Q]) - s[:, LOGS_Q]
 
 
 def _teacher_logprob_rows(s):
+    """log p(y), in float64 as ``_student_logprob_rows``."""
+    s = s.double()
     return (s[:, UY] - s[:, M_P]) - s[:, LOGS_P]
 
 
@@ -397,17 +403,18 @@ def _pt_grad_columns(kd_ratio: float) -> dict:
 
 def _policy_gradient_rows(s, valid, adv, old, w, clip_eps):
     """Per row: (clipped PG loss, its derivative with respect to log q(y), the ratio rho). See minillm_loss."""
-    log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old, valid)
-    rho = torch.exp(log_ratio) * w
+    log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old.double(), valid)
+    rho = torch.exp(log_ratio) * w.double()
+    adv = adv.double()
     unclipped, clipped = -adv * rho, -adv * rho.clamp(1 - clip_eps, 1 + clip_eps)
     pg = torch.maximum(unclipped, clipped)
     d_pg_d_logq = torch.where(unclipped >= clipped, -adv * rho, torch.zeros_like(rho))
-    return pg, d_pg_d_logq, rho
+    return pg.float(), d_pg_d_logq.float(), rho.float()
 
 
 def _pt_rows(s):
     """Per row: (-log q(label), -sum_v p_v log q_v). See pt_loss."""
-    lm = s[:, LOGS_Q] - (s[:, ZY] - s[:, M_Q])
+    lm = (-_student_logprob_rows(s)).float()
     # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
     kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
     return lm, kd
@@ -518,11 +525,15 @@ def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperatur
 
 
 def _token_stats_from_rows(s, valid, alpha: float, lead_shape) -> TokenStats:
-    lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)
+    lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)  # float64
     mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
+    log_ratio = lp - lq
+    # q / (alpha p + (1 - alpha) q) = 1 / ((1 - alpha) + alpha exp(log p - log q)): never above 1 / (1 - alpha),
+    # 0 where q(y) = 0, and not exp(lq - mix), whose two rounded terms differ by ~1e-3 at log q(y) ~ -1e4
+    weight = 1.0 / ((1.0 - alpha) + alpha * torch.exp(log_ratio))
     fields = TokenStats(
-        student_logprob=lq, teacher_logprob=lp, mix_logprob=mix, log_ratio=lp - lq,
-        importance_weight=torch.exp(lq - mix), reverse_kl=_reverse_kl_rows(s),
+        student_logprob=lq.float(), teacher_logprob=lp.float(), mix_logprob=mix.float(), log_ratio=log_ratio.float(),
+        importance_weight=weight.float(), reverse_kl=_reverse_kl_rows(s),
         student_entropy=s[:, LOGS_Q] - s[:, EQ_ZC],
     )
     return TokenStats(*(_zero_where_invalid(f, valid).reshape(lead_shape) for f in fields))

@@ -54,8 +54,9 @@ folded in) and E_q[g] (column 1 of the ``jsd_rows`` output), always with the tea
 
     dz = c q (g - E_q[g])                                           (0 for v >= V, 0 on rows whose c is 0)
 
-Either way it takes dz through the soft-cap and scale, dx = dz * logit_scale * (1 - (logits / softcap)^2), and
-pulls the tile back (one code path for both)::
+Either way it takes dz through the soft-cap and scale, dx = dz * logit_scale * (1 - tanh^2(t)) with t the
+soft-cap's argument (``tanh_and_slope``: from t itself, not from the rounded logits), and pulls the tile back (one
+code path for both)::
 
     d hidden[rows] += dx @ W[cols]      d W[cols] += dx^T @ hidden[rows]      d b[cols] += sum_rows dx
 
@@ -86,14 +87,17 @@ NUM_PARTIAL = tl.constexpr(12)
 
 
 @triton.jit
-def tanh_f32(t):
-    """tanh in float32 from exp alone (libdevice's tanh has no interpreter implementation, and one code path for
-    the GPU and the CPU tests is worth more than its last ulp): 1 - 2 / (exp(2|t|) + 1) for |t| >= 0.6, where it
-    loses nothing to cancellation; an odd minimax polynomial below (CUDA's tanhf coefficients). Within 3 ulp of
-    the exact tanh; tanh(+-inf) = +-1 (a -inf logit soft-capped is -softcap, as in the model)."""
+def tanh_and_slope(t):
+    """(tanh t, 1 - tanh^2 t) in float32 from exp alone (libdevice's tanh has no interpreter implementation, and
+    one code path for the GPU and the CPU tests is worth more than its last ulp). For |t| >= 0.6, with
+    e = 1 - |tanh t| = 2 / (exp(2|t|) + 1): tanh = +-(1 - e), which loses nothing to cancellation, and the slope
+    e (2 - e), accurate also where tanh rounds to +-1 (1 - tanh^2 of the rounded tanh is off by 7e-4 relative at
+    |t| = 5 and all wrong beyond |t| ~ 9). Below, an odd minimax polynomial (CUDA's tanhf coefficients). tanh within
+    3 ulp of the exact one; tanh(+-inf) = +-1 with slope 0 (a -inf logit soft-capped is -softcap, as in the
+    model)."""
     a = tl.abs(t)
-    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-    big = tl.where(t < 0, -big, big)
+    e = 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(t < 0, e - 1.0, 1.0 - e)
     s = t * t
     p = -5.70498872e-3
     p = p * s + 2.06390828e-2
@@ -101,7 +105,15 @@ def tanh_f32(t):
     p = p * s + 1.33314422e-1
     p = p * s - 3.33332986e-1
     small = (p * s) * t + t
-    return tl.where(a >= 0.6, big, small)
+    th = tl.where(a >= 0.6, big, small)
+    return th, tl.where(a >= 0.6, e * (2.0 - e), 1.0 - small * small)
+
+
+@triton.jit
+def tanh_f32(t):
+    """tanh t (``tanh_and_slope``)."""
+    th, _ = tanh_and_slope(t)
+    return th
 
 
 @triton.jit
@@ -121,9 +133,9 @@ def tile_dot(a, b, acc, PRECISION: tl.constexpr, BF16_UPCAST: tl.constexpr):
 def head_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_h, stride_w, H, scale, softcap,
               HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
               BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(logits, tanh) of one [BLOCK_N, BLOCK_V] tile: logits = softcap tanh(scale (h W^T + b) / softcap) in float32
-    (before the temperature), and the tanh itself (the soft-cap's derivative is 1 - tanh^2; the logits where there
-    is no soft-cap). Rows outside ``row_ok`` and columns outside ``col_ok`` read zeros (finite, never stored)."""
+    """(logits, slope) of one [BLOCK_N, BLOCK_V] tile: logits = softcap tanh(scale (h W^T + b) / softcap) in float32
+    (before the temperature), and the soft-cap's derivative 1 - tanh^2 (``tanh_and_slope``; the logits where there
+    is no soft-cap, never read). Rows outside ``row_ok`` and columns outside ``col_ok`` read zeros (finite, never stored)."""
     # Row starts only ([BLOCK_N] / [BLOCK_V] int64 addresses): 2-D address tensors carried through the loop would
     # cost 2 registers per element next to two logit tiles.
     ks = tl.arange(0, BLOCK_K)
@@ -140,11 +152,11 @@ def head_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_h, stride_
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
         acc = acc * scale
-    th = acc
+    slope = acc
     if HAS_SOFTCAP:
-        th = tanh_f32(acc / softcap)
+        th, slope = tanh_and_slope(acc / softcap)
         acc = softcap * th
-    return acc, th
+    return acc, slope
 
 
 @triton.jit
@@ -382,7 +394,7 @@ def fused_linear_grad_kernel(
         m_p = finite_or_zero(tl.load(stats + 2, mask=row_ok, other=0.0))
         log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)
 
-        z, th_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
+        z, slope_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
                             scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
                             BLOCK_N, BLOCK_V, BLOCK_K)
         x = z * inv_temp
@@ -422,7 +434,7 @@ def fused_linear_grad_kernel(
         g = tl.where(col_ok[None, :] & active[:, None], g, 0.0)
         # Through the soft-cap, d softcap tanh(t / softcap) / dt = 1 - tanh^2, and the scale.
         if HAS_SOFTCAP_S:
-            g = g * (1.0 - th_s * th_s)
+            g = g * slope_s
         if HAS_SCALE_S:
             g = g * scale_s
 

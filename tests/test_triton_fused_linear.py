@@ -45,10 +45,18 @@ if _REASON is None:
     import triton.language as tl
     tanh_f32 = tfl._k.tanh_f32
 
+    tanh_and_slope = tfl._k.tanh_and_slope
+
     @triton.jit
     def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + i, tanh_f32(tl.load(x_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+
+    @triton.jit
+    def _slope_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        _, slope = tanh_and_slope(tl.load(x_ptr + i, mask=i < n, other=0.0))
+        tl.store(out_ptr + i, slope, mask=i < n)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 NEG_INF = -math.inf
@@ -443,6 +451,32 @@ def test_tanh_f32():
     want = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps / 2 * want.abs().clamp(min=torch.finfo(torch.float32).tiny)
     assert ((out.double() - want).abs() <= 8 * ulp).all(), (out.double() - want).abs().div(ulp).max()
+
+
+def test_soft_cap_slope():
+    """The soft-cap's derivative 1 - tanh^2 t = 1 / cosh^2 t from t itself, within 1e-5 relative of the exact one
+    out to |t| = 40 (from the rounded tanh it would be off by 7e-4 at |t| = 5 and 0 beyond |t| ~ 9)."""
+    x = torch.cat([torch.linspace(-40, 40, 4001), torch.linspace(0.59, 0.61, 101), torch.tensor([0.0, math.inf])])
+    x_dev = on_device(x)
+    out = torch.empty_like(x_dev)
+    _slope_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, out, x.numel(), BLOCK=1024)
+    want = 1.0 / torch.cosh(x.double()) ** 2
+    rel = (out.cpu().double() - want).abs() / want.clamp(min=1e-300)
+    assert rel[torch.isfinite(x)].max() < 1e-5, rel.max()
+    assert out.cpu()[-1] == 0.0
+
+
+def test_saturated_soft_cap_gradient(gen):
+    """Student logits far past the soft-cap (pre-cap logits ~6 softcap in every column, as a large bias gives
+    them, so that the whole gradient goes through the saturated cap): it matches float64 to the usual tolerance
+    (1 - (logits / softcap)^2 from the rounded logits missed by ~1e-2)."""
+    s = make_head(gen, 12, 16, 60, F32, bias=True, softcap=30.0)
+    s.bias = torch.randn(60, generator=gen) * 5.0 + 180.0
+    t = make_head(gen, 12, 16, 60, F32)
+    tokens = torch.randint(0, 60, (12,), generator=gen)
+    # The capped logits sit within ~1e-3 of the cap, where float32 logits are rounded at 2e-6: the statistics
+    # that centre them on the max (E_q[z' - m_q], ...) inherit that rounding, as any float32 logits would.
+    run_and_check(s, t, tokens, row_weights(gen, 12), 1.0, stats_tol=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1009,7 +1009,7 @@ def fused_linear_minillm_loss(student_hidden, student_weight, teacher_hidden, te
                        mask=mask, backend=backend, process_group=process_group)
     flat_tokens = _token_ids("tokens", tokens, problem)
     lead, device = problem.lead_shape, student_hidden.device
-    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
+    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float64)  # as loss.minillm_loss
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
     return _run(problem, _MiniLLM(adv, old, w, clip_eps, single_step), flat_tokens,

@@ -335,7 +335,7 @@ def _row_pass(rows: _validate.Rows, reduction: str, grad_columns: dict, tokens=N
     planned = rows.mask if rows.mask is not None else torch.ones(n_rows, dtype=torch.bool, device=device)
     denominator = _denominator(planned, reduction, num_tokens)
     coef = _coefs(n_rows, device, planned.to(torch.float32) / denominator * rows.inv_temp, grad_columns)
-    policy = None if policy is None else torch.stack(policy, 1)
+    policy = None if policy is None else torch.stack(policy, 1).to(torch.float32)
     stats, dz = backend.row_stats_grad(rows.student.detach(), rows.teacher, tokens, coef, policy, clip_eps,
                                        rows.inv_temp, None)
     return _RowPass(stats, dz if dz.numel() > 0 else None, denominator)
@@ -529,8 +529,9 @@ def _token_stats_from_rows(s, valid, alpha: float, lead_shape) -> TokenStats:
     mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
     log_ratio = lp - lq
     # q / (alpha p + (1 - alpha) q) = 1 / ((1 - alpha) + alpha exp(log p - log q)): never above 1 / (1 - alpha),
-    # 0 where q(y) = 0, and not exp(lq - mix), whose two rounded terms differ by ~1e-3 at log q(y) ~ -1e4
-    weight = 1.0 / ((1.0 - alpha) + alpha * torch.exp(log_ratio))
+    # 0 where q(y) = 0, and not exp(lq - mix), whose two rounded terms differ by ~1e-3 at log q(y) ~ -1e4; exactly
+    # 1 for alpha = 0 (not 1 / (1 + 0 * inf) where p/q overflows)
+    weight = torch.exp(lq - mix) if alpha == 0 else 1.0 / ((1.0 - alpha) + alpha * torch.exp(log_ratio))
     fields = TokenStats(
         student_logprob=lq.float(), teacher_logprob=lp.float(), mix_logprob=mix.float(), log_ratio=log_ratio.float(),
         importance_weight=weight.float(), reverse_kl=_reverse_kl_rows(s),
@@ -563,7 +564,8 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
                              process_group=process_group)
     device, lead = student_logits.device, rows.lead_shape
     flat_tokens, owned = _token_ids("tokens", tokens, rows)
-    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float32)
+    # float64: per-row constants, cheap, and an old log-prob ~ -1e4 given in float64 keeps its digits in rho
+    adv, old, w = (_validate.per_position(name, x, lead, device).detach().to(torch.float64)
                    for name, x in (("advantages", advantages), ("old_logprobs", old_logprobs),
                                    ("importance_weights", importance_weights)))
     row_pass = _row_pass(rows, "mean", _minillm_grad_columns(1.0, single_step), flat_tokens, owned, num_tokens,

@@ -240,7 +240,7 @@ def test_token_stats_matches_reference_code(backend, alpha, gen):
         assert_close_rel(getattr(out, name)[mask], ref[name][mask], 2e-5, what=name)
 
 
-@pytest.mark.parametrize("alpha", [0.2, 0.9])
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.9])
 def test_token_stats_and_policy_gradient_of_very_unlikely_tokens(backend, alpha, gen):
     """Tokens with log q(y) ~ -5000 (and log p(y) a few nats off, or -inf): the importance weight
     1 / ((1 - alpha) + alpha p/q), the mixture and the PG ratio exp(log q(y) - old) must not inherit the rounding
@@ -251,6 +251,7 @@ def test_token_stats_and_policy_gradient_of_very_unlikely_tokens(backend, alpha,
     tokens = torch.full((n,), 5)
     z[:, 5] = -5000.0 + torch.randn(n, generator=gen)
     u[:, 5] = z[:, 5] + torch.tensor([-3.0, 0.0, 0.5, 2.0, -40.0, NEG_INF])
+    u[3, 5] = 3.0  # p(y) / q(y) ~ e^5000: overflows even in float64
     out = loss.token_stats(z, u, tokens, alpha=alpha, backend=backend)
     ref = reference.token_stats(z, u, tokens, alpha=alpha)
     for name in FIELDS:
@@ -260,7 +261,7 @@ def test_token_stats_and_policy_gradient_of_very_unlikely_tokens(backend, alpha,
     mask = torch.ones(n, dtype=torch.bool)
     mask[5] = False
     adv = torch.randn(n, generator=gen)
-    old = (ref["student_logprob"] + 0.05 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    old = ref["student_logprob"] + 0.05 * torch.randn(n, generator=gen, dtype=torch.float64)  # kept in float64
     w = out.importance_weight
     kw = dict(mask=mask, clip_eps=0.2, single_step=False)
     got, grad = _lib_minillm(backend, z, u, tokens, adv, old, w, **kw)

@@ -48,8 +48,9 @@ The shift conventions are the backends': a maximum that is not finite shifts by 
 0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
 exactly 0 to every sum (its expectations, 0/0 in the backends, are never read: 0 * inf and NaN are guarded); a row
 empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) and gets 0 expectations. Entries of
-+inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded; NaN inputs stay
-NaN. The conversions run in float64 and the wire format is float32, as the statistics are: the merged statistics
++inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded, unless their
+shard vanishes (its max ~104 or more below the global one: every exp(x' - M) of it is 0 in float32, as the
+backends take it, so it contributes 0 to the cross sums); NaN inputs stay NaN. The conversions run in float64 and the wire format is float32, as the statistics are: the merged statistics
 equal the unsharded ones to float32 rounding.
 
 Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 int64 + 7 float32 per
@@ -183,7 +184,11 @@ def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tens
     s, gm = stats.to(torch.float64), global_max.to(torch.float64)
     delta_q = _shift(s[:, M_Q]) - _shift(gm[:, GLOBAL_M_Q])
     delta_p = _shift(s[:, M_P]) - _shift(gm[:, GLOBAL_M_P])
-    empty_q, empty_p = s[:, M_Q] == -math.inf, s[:, M_P] == -math.inf
+    # A shard whose maximum lies ~104 or more below the global one vanishes: every exp(x' - M) of its entries
+    # underflows in float32, as the backends' kernels take them, so its cross sums count 0, also where they are
+    # +inf (mass where the other model is -inf)
+    empty_q = (s[:, M_Q] == -math.inf) | (torch.exp(delta_q).to(torch.float32) == 0)
+    empty_p = (s[:, M_P] == -math.inf) | (torch.exp(delta_p).to(torch.float32) == 0)
     s_q = torch.exp(s[:, LOGS_Q] + delta_q)
     s_p = torch.exp(s[:, LOGS_P] + delta_p)
     return torch.stack([

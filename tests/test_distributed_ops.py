@@ -254,6 +254,24 @@ def test_sharded_one_hot_rows_keep_the_anchor(backend_name, temperature):
         assert_close_rel(sharded_grad(unanchored), whole, 2e-2, abs_slack=1e-9, what="without the anchor")
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "cpu"])
+def test_a_vanishing_shard_counts_as_unsharded(backend_name):
+    """A shard whose only student entry lies 150 below the row's max (mass 0 in float32, ~1e-65 in float64) where
+    the teacher is -inf: its E_q[d] is +inf, yet it adds nothing, as in the backends' kernels (which take exp in
+    float32), so the merged reverse KL is the unsharded finite one, not +inf."""
+    if not _dispatch.is_available(backend_name, CPU):
+        pytest.skip(f"backend {backend_name!r} not available")
+    backend = _dispatch.get_backend(backend_name, CPU)
+    z, u = torch.full((1, 400), NEG_INF), torch.full((1, 400), NEG_INF)
+    z[0, 10], z[0, 300], z[0, 301] = -150.0, 0.0, -2.0
+    u[0, 300], u[0, 301] = 1.0, -1.0
+    tokens = torch.tensor([301])
+    whole = backend.row_stats(z, u, tokens, 1.0)
+    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, 1.0, [0, 200, 400]))
+    assert torch.isfinite(whole[:, EQ_D]).all()
+    _assert_stats_close(merged, whole, torch.ones(1, dtype=torch.bool))
+
+
 def test_merging_merged_shards_is_merging_all():
     """A merged pair is itself a valid shard: the merge is associative (to rounding), so any reduction tree
     (ring, tree, hierarchical) gives the same statistics."""

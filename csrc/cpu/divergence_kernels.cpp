@@ -153,15 +153,14 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
 // JSD. With the mixture m = beta p + (1 - beta) q, g_v = log q_v - log m_v and h_v = log p_v - log m_v depend
 // on the log-ratio r_v = log p_v - log q_v alone:
 //     g = -logaddexp(r + log beta, log(1 - beta)),   h = -logaddexp(log beta, log(1 - beta) - r),
-// logaddexp(a, b) = hi + log1p(exp(lo - hi)), and r = (x_p - x_q) - (log s_p - log s_q) from the centred logits
-// x_q = z' - m_q, x_p = u' - m_p: never the log of a sum of rounded probabilities, nor the difference of two
-// log-probabilities each rounded at ulp(|log q|) ~ 1e-6 (a bias of ~4e-7 per row when q ~ p). An infinite r
-// (one probability 0) gives the finite value where the other is > 0; the term of a 0 probability is masked.
-
-inline Vec minus_log_add_exp(Vec a, Vec b) {
-  const Vec hi = simd::max(a, b), lo = simd::min(a, b);
-  return simd::zero() - (hi + simd::log1p_unit(simd::exp(lo - hi)));
-}
+// with r = (x_p - x_q) - (log s_p - log s_q) from the centred logits x_q = z' - m_q, x_p = u' - m_p: never the log
+// of a sum of rounded probabilities, nor the difference of two log-probabilities each rounded at ulp(|log q|)
+// ~ 1e-6 (a bias of ~4e-7 per row when q ~ p). Both logaddexp share L = log1p(exp(-|delta|)), delta =
+// r + log beta - log(1 - beta) (logaddexp(a, b) = hi + log1p(exp(lo - hi))), so one exp and one log1p give both:
+//     delta > 0:  g = -(r + log beta + L),   h = -(log beta + L);
+//     else:       g = -(log(1 - beta) + L),  h = (r - log(1 - beta)) - L.
+// An infinite r (one probability 0) gives the finite value where the other is > 0; the term of a 0 probability is
+// masked.
 
 struct JsdRow {
   float shift_q, logs_q, shift_p, logs_p, logs_p_minus_q;
@@ -178,9 +177,14 @@ struct JsdTerms {
 };
 
 inline JsdTerms jsd_terms(Vec xq, Vec xp, const JsdRow& row, Vec log_beta, Vec log_1m_beta) {
+  const Vec zero = simd::zero();
   const Vec r = (xp - xq) - simd::set1(row.logs_p_minus_q);
-  return {simd::exp(xq - simd::set1(row.logs_q)), minus_log_add_exp(r + log_beta, log_1m_beta),
-          simd::exp(xp - simd::set1(row.logs_p)), minus_log_add_exp(log_beta, log_1m_beta - r)};
+  const Vec a = r + log_beta, delta = a - log_1m_beta;
+  const Vec l = simd::log1p_unit(simd::exp(simd::min(delta, zero - delta)));
+  const auto a_above = simd::gt(delta, zero);
+  return {simd::exp(xq - simd::set1(row.logs_q)), zero - simd::select(a_above, a, log_1m_beta) - l,
+          simd::exp(xp - simd::set1(row.logs_p)),
+          simd::select(a_above, zero - log_beta, r - log_1m_beta) - l};
 }
 
 // Sums over columns [begin, end) of q_v g_v (into kl_q) and p_v (log p_v - log m_v) (into kl_p), 0 where the

@@ -29,14 +29,17 @@ struct JsdRow {
 
   // q, g = log q - log m (0 where q = 0), p, h = log p - log m (0 where p = 0), from the log-ratio
   // r = log p - log q = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q) alone (minillm_fast.backends: jsd_rows):
-  // g = -logaddexp(r + log beta, log(1 - beta)), h = -logaddexp(log beta, log(1 - beta) - r).
+  // g = -logaddexp(r + log beta, log(1 - beta)), h = -logaddexp(log beta, log(1 - beta) - r), sharing
+  // L = log1p(exp(-|delta|)), delta = r + log beta - log(1 - beta) (one exp and one log1p for both).
   __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& p, float& h) const {
     const float xq = x - shift_q, xp = xu - shift_p;
     const float r = (xp - xq) - (logs_p - logs_q);
+    const float a = r + log_beta, delta = a - log1m_beta;
+    const float l = log1pf(fast_exp(-fabsf(delta)));
     q = fast_exp(xq - logs_q);
     p = fast_exp(xp - logs_p);
-    g = q > 0.0f ? -log_add_exp(r + log_beta, log1m_beta) : 0.0f;
-    h = p > 0.0f ? -log_add_exp(log_beta, log1m_beta - r) : 0.0f;
+    g = q > 0.0f ? -(delta > 0.0f ? a : log1m_beta) - l : 0.0f;
+    h = p > 0.0f ? (delta > 0.0f ? -log_beta : r - log1m_beta) - l : 0.0f;
   }
 };
 

@@ -116,8 +116,12 @@ def _jsd_terms(zs, us, st, beta):
     r = (xp - xq) - (st[:, 3] - st[:, 1])[:, None]
     q, p = torch.exp(xq - st[:, 1, None]), torch.exp(xp - st[:, 3, None])
     log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
-    g_q = torch.where(q > 0, -torch.logaddexp(r + log_beta, torch.full_like(r, log_1m_beta)), torch.zeros_like(q))
-    g_p = torch.where(p > 0, -torch.logaddexp(torch.full_like(r, log_beta), log_1m_beta - r), torch.zeros_like(p))
+    a = r + log_beta
+    delta = a - log_1m_beta  # g and h share log1p(exp(-|delta|)): kernels/online_softmax.py jsd_terms
+    l = torch.log1p(torch.exp(-delta.abs()))
+    above = delta > 0
+    g_q = torch.where(q > 0, -torch.where(above, a, log_1m_beta) - l, torch.zeros_like(q))
+    g_p = torch.where(p > 0, torch.where(above, -log_beta, r - log_1m_beta) - l, torch.zeros_like(p))
     return q, g_q, p, g_p
 
 

@@ -28,8 +28,8 @@ NUM_STATS = tl.constexpr(12)
 # so each float operation rounds on its own, as in Triton's interpreter (which CI runs) and in the cpu and cuda
 # backends. The argmax anchor (UA, EQ_DA) depends on it: z' = z * inv_temp rounded first makes z' - m_q exactly 0
 # at the argmax; a contracted fma(z, inv_temp, -m_q) leaves the product's rounding error there (~1e-3 at logits
-# ~1e4) whenever temperature != 1. Triton 3.9 contracts unless told otherwise; the kernels are bound by memory (or
-# by tl.dot), so the unfused arithmetic costs nothing measurable.
+# ~1e4) whenever temperature != 1. Triton 3.9 contracts unless told otherwise. The kernels are bound by memory (or
+# by tl.dot), so the unfused arithmetic should cost little; not yet measured on a GPU.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 

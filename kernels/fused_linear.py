@@ -110,13 +110,6 @@ def tanh_and_slope(t):
 
 
 @triton.jit
-def tanh_f32(t):
-    """tanh t (``tanh_and_slope``)."""
-    th, _ = tanh_and_slope(t)
-    return th
-
-
-@triton.jit
 def tile_dot(a, b, acc, PRECISION: tl.constexpr, BF16_UPCAST: tl.constexpr):
     """tl.dot(a, b, acc) with float32 accumulation. ``BF16_UPCAST`` (set by the launcher under Triton's
     interpreter only) multiplies bf16 operands as float32: the interpreter's tl.dot (Triton 3.x) multiplies the raw

@@ -43,20 +43,22 @@ if _REASON is None:
 
     import triton
     import triton.language as tl
-    tanh_f32 = tfl._k.tanh_f32
-
     tanh_and_slope = tfl._k.tanh_and_slope
 
     @triton.jit
-    def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _tanh_and_slope_kernel(x_ptr, th_ptr, slope_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + i, tanh_f32(tl.load(x_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+        th, slope = tanh_and_slope(tl.load(x_ptr + i, mask=i < n, other=0.0))
+        tl.store(th_ptr + i, th, mask=i < n)
+        tl.store(slope_ptr + i, slope, mask=i < n)
 
-    @triton.jit
-    def _slope_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        _, slope = tanh_and_slope(tl.load(x_ptr + i, mask=i < n, other=0.0))
-        tl.store(out_ptr + i, slope, mask=i < n)
+
+def run_tanh_and_slope(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tanh x, 1 - tanh^2 x) from the soft-cap's ``tanh_and_slope``, back on the host."""
+    x_dev = on_device(x)
+    th, slope = torch.empty_like(x_dev), torch.empty_like(x_dev)
+    _tanh_and_slope_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, th, slope, x.numel(), BLOCK=1024)
+    return th.cpu(), slope.cpu()
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 NEG_INF = -math.inf
@@ -438,16 +440,13 @@ def test_strided_inputs(gen):
     run_and_check(s, t, tok, row_weights(gen, 20), 1.0)
 
 
-def test_tanh_f32():
+def test_soft_cap_tanh():
     """The soft-cap's tanh (exp and a polynomial, one code path for GPU and interpreter) within 8 float32 ulp of
     the exact one (3 measured with numpy's exp; the GPU's exp is an approximation of a few ulp), on both sides of
     the switch at |t| = 0.6, tiny, huge and infinite arguments."""
     x = torch.cat([torch.linspace(-3, 3, 2001), torch.linspace(0.59, 0.61, 501), -torch.linspace(0.59, 0.61, 501),
                    torch.tensor([0.0, 1e-30, -1e-8, 1e-3, 20.0, -1e4, 3e38, math.inf, -math.inf])])
-    x_dev = on_device(x)
-    out = torch.empty_like(x_dev)
-    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, out, x.numel(), BLOCK=1024)
-    out = out.cpu()
+    out, _ = run_tanh_and_slope(x)
     want = torch.tanh(x.double())
     ulp = torch.finfo(torch.float32).eps / 2 * want.abs().clamp(min=torch.finfo(torch.float32).tiny)
     assert ((out.double() - want).abs() <= 8 * ulp).all(), (out.double() - want).abs().div(ulp).max()
@@ -457,13 +456,11 @@ def test_soft_cap_slope():
     """The soft-cap's derivative 1 - tanh^2 t = 1 / cosh^2 t from t itself, within 1e-5 relative of the exact one
     out to |t| = 40 (from the rounded tanh it would be off by 7e-4 at |t| = 5 and 0 beyond |t| ~ 9)."""
     x = torch.cat([torch.linspace(-40, 40, 4001), torch.linspace(0.59, 0.61, 101), torch.tensor([0.0, math.inf])])
-    x_dev = on_device(x)
-    out = torch.empty_like(x_dev)
-    _slope_kernel[(triton.cdiv(x.numel(), 1024),)](x_dev, out, x.numel(), BLOCK=1024)
+    _, out = run_tanh_and_slope(x)
     want = 1.0 / torch.cosh(x.double()) ** 2
-    rel = (out.cpu().double() - want).abs() / want.clamp(min=1e-300)
+    rel = (out.double() - want).abs() / want.clamp(min=1e-300)
     assert rel[torch.isfinite(x)].max() < 1e-5, rel.max()
-    assert out.cpu()[-1] == 0.0
+    assert out[-1] == 0.0
 
 
 def test_saturated_soft_cap_gradient(gen):

@@ -427,6 +427,25 @@ def test_jsd_of_close_distributions(backend, op, gen):
         check_op(op, backend, z, u, tol_loss=2e-5, tol_grad=1e-4, reduction=reduction)
 
 
+@pytest.mark.parametrize("op", ["jsd_0.1", "jsd_0.5", "jsd_0.9"])
+@pytest.mark.parametrize("scale", [10.0, 30.0])
+def test_jsd_of_a_student_peaked_where_the_teacher_is_not(backend, op, scale, gen):
+    """Independent logits ~ scale * randn: the student's mass sits almost all on its argmax a, where the teacher's
+    is ~0, so the gradient there, q_a (g_a - E_q[g]) = -q_a E_q[g - g_a], is far below ulp(|g_a|) ~ 6e-8 (the
+    gradient's norm is ~1e-6 at scale 10, ~1e-8 at scale 30 and T = 2). Formed as g_a - E_q[g] from two rounded
+    numbers it was off by 1e-3 to 1 relative (~1e-9 absolute: hidden by the usual 1e-7 slack, hence none here);
+    taken relative to the anchor, with g - g_a = L_a - L on the log(1 - beta) branch, it is within 1e-5."""
+    n, v = 8, vocab_for(backend, 3001, 300)
+    z, u = scale * torch.randn(n, v, generator=gen), scale * torch.randn(n, v, generator=gen)
+    kwargs = dict(temperature=2.0 if scale == 30.0 else 1.0, reduction="none")
+    upstream = upstream_weight(torch.Generator().manual_seed(3), (n,))
+    fn, ref_fn = OPS[op]
+    out, grad = lib_value_and_grad(fn, z, u, upstream=upstream, backend=backend, **kwargs)
+    ref, ref_grad = ref_value_and_grad(ref_fn, z, u, upstream=upstream, **kwargs)
+    assert_close_rel(out, ref, 2e-5, what=f"{op} value")
+    assert_close_rel(grad, ref_grad, 1e-4, abs_slack=1e-15, what=f"{op} gradient")
+
+
 @pytest.mark.parametrize("op", FEW_OPS)
 def test_vanishing_mass_against_neg_inf_before_or_after_the_max(backend, op, monkeypatch):
     """An entry 2000 below the row's max (its mass underflows even in float64) where the other model is -inf

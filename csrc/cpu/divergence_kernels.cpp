@@ -161,50 +161,91 @@ void logits_grad_span(const TZ* z, const TU* u, int64_t begin, int64_t end, cons
 //     else:       g = -(log(1 - beta) + L),  h = (r - log(1 - beta)) - L.
 // An infinite r (one probability 0) gives the finite value where the other is > 0; the term of a 0 probability is
 // masked.
+//
+// The gradient's E_q[g] is taken relative to the anchor a of row_stats (z'_a = m_q, u'_a = UA):
+// g_v - E_q[g] = (g_v - g_a) - E_q[g - g_a], with g_v - g_a exactly 0 at the anchor's entries (x_q = 0 and
+// x_p = fl(UA - sh_p)). In rows where q is nearly one-hot, q_a (g_a - E_q[g]) = -q_a E_q[g - g_a] is far smaller
+// than |g_a|, and g_a - E_q[g], both rounded at ulp(|g_a|), would lose it (kernels.h: jsd_rows). With g = -c - L,
+// c = (delta > 0 ? r + log beta : log(1 - beta)), g_v - g_a is formed as (c_a - c_v) + (L_a - L_v): where both
+// sit on the log(1 - beta) branch (p << q, as around a student's peak) that is L_a - L_v, exact however small,
+// not the difference of two numbers near -log(1 - beta). c_a and L_a come from the anchor's own (x_q, x_p) through
+// the same vector code as every entry's, so that g - g_a is exactly 0 at the anchor's entries with no test for
+// them. Rows without an anchor (UA NaN) take c_a = L_a = 0.
 
-struct JsdRow {
-  float shift_q, logs_q, shift_p, logs_p, logs_p_minus_q;
+// (c, L, h) of a vector of log-ratios: g = -c - L.
+struct Mixture {
+  Vec c, l, h;
 };
 
-inline JsdRow jsd_row(const float* st) {
-  return {OnlineSoftmax::shift_of(st[M_Q]), st[LOGS_Q], OnlineSoftmax::shift_of(st[M_P]), st[LOGS_P],
-          st[LOGS_P] - st[LOGS_Q]};
-}
-
-// (q, g, p, h) of a vector of entries from their centred logits.
-struct JsdTerms {
-  Vec q, g, p, h;
-};
-
-inline JsdTerms jsd_terms(Vec xq, Vec xp, const JsdRow& row, Vec log_beta, Vec log_1m_beta) {
+inline Mixture mixture(Vec r, Vec log_beta, Vec log_1m_beta) {
   const Vec zero = simd::zero();
-  const Vec r = (xp - xq) - simd::set1(row.logs_p_minus_q);
   const Vec a = r + log_beta, delta = a - log_1m_beta;
   const Vec l = simd::log1p_unit(simd::exp(simd::min(delta, zero - delta)));
   const auto a_above = simd::gt(delta, zero);
-  return {simd::exp(xq - simd::set1(row.logs_q)), zero - simd::select(a_above, a, log_1m_beta) - l,
-          simd::exp(xp - simd::set1(row.logs_p)),
-          simd::select(a_above, zero - log_beta, r - log_1m_beta) - l};
+  return {simd::select(a_above, a, log_1m_beta), l, simd::select(a_above, zero - log_beta, r - log_1m_beta) - l};
 }
 
-// Sums over columns [begin, end) of q_v g_v (into kl_q) and p_v (log p_v - log m_v) (into kl_p), 0 where the
-// probability is 0.
+inline Vec log_ratio(Vec xq, Vec xp, float logs_p_minus_q) { return (xp - xq) - simd::set1(logs_p_minus_q); }
+
+struct JsdRow {
+  float shift_q, logs_q, shift_p, logs_p, logs_p_minus_q;
+  float c_a, l_a;  // g_a = -c_a - l_a (0: no anchor)
+};
+
+inline JsdRow jsd_row(const float* st, Vec log_beta, Vec log_1m_beta) {
+  JsdRow row{OnlineSoftmax::shift_of(st[M_Q]), st[LOGS_Q], OnlineSoftmax::shift_of(st[M_P]), st[LOGS_P],
+             st[LOGS_P] - st[LOGS_Q], 0.0f, 0.0f};
+  const float anchor_off = st[UA] - row.shift_p;  // the anchor's x_p; its x_q is 0
+  if (!std::isnan(anchor_off)) {
+    const Mixture m = mixture(log_ratio(simd::zero(), simd::set1(anchor_off), row.logs_p_minus_q), log_beta,
+                              log_1m_beta);
+    row.c_a = simd::first_lane(m.c);
+    row.l_a = simd::first_lane(m.l);
+  }
+  return row;
+}
+
+// (q, g, g - g_a, p, h) of a vector of entries from their centred logits.
+struct JsdTerms {
+  Vec q, g, g_rel, p, h;
+};
+
+inline JsdTerms jsd_terms(Vec xq, Vec xp, const JsdRow& row, Vec log_beta, Vec log_1m_beta) {
+  const Mixture m = mixture(log_ratio(xq, xp, row.logs_p_minus_q), log_beta, log_1m_beta);
+  return {simd::exp(xq - simd::set1(row.logs_q)), simd::zero() - m.c - m.l,
+          (simd::set1(row.c_a) - m.c) + (simd::set1(row.l_a) - m.l), simd::exp(xp - simd::set1(row.logs_p)), m.h};
+}
+
+// Per-row sums of jsd_rows: q_v g_v, p_v h_v and q_v (g_v - g_a), 0 where the probability is 0.
+struct JsdSums {
+  double kl_q = 0.0, kl_p = 0.0, eq_g_rel = 0.0;
+  void add(const JsdSums& o) {
+    kl_q += o.kl_q;
+    kl_p += o.kl_p;
+    eq_g_rel += o.eq_g_rel;
+  }
+};
+
+// Adds the sums over columns [begin, end) to `sums`.
 template <class TZ, class TU>
 void jsd_range(const TZ* z, const TU* u, int64_t begin, int64_t end, const JsdRow& row, float inv_temp,
-               float log_beta, float log_1m_beta, double& kl_q, double& kl_p) {
+               float log_beta, float log_1m_beta, JsdSums& sums) {
   const Vec it = simd::set1(inv_temp), zero = simd::zero();
   const Vec shift_q = simd::set1(row.shift_q), shift_p = simd::set1(row.shift_p);
   const Vec lb = simd::set1(log_beta), l1b = simd::set1(log_1m_beta);
   for (int64_t b = begin; b < end; b += kBlock) {
-    Vec aq = zero, ap = zero;
+    Vec aq = zero, ap = zero, an = zero;
     for_each_vector(b, std::min(end, b + kBlock), [&](int64_t i, int n, auto tag) {
       const JsdTerms t = jsd_terms(simd::scale(ld(z + i, n, tag), it) - shift_q,
                                    simd::scale(ld(u + i, n, tag), it) - shift_p, row, lb, l1b);
-      aq = simd::mask_fmadd(t.q, t.g, aq, simd::gt(t.q, zero));
+      const Mask q_pos = simd::gt(t.q, zero);
+      aq = simd::mask_fmadd(t.q, t.g, aq, q_pos);
+      an = simd::mask_fmadd(t.q, t.g_rel, an, q_pos);
       ap = simd::mask_fmadd(t.p, t.h, ap, simd::gt(t.p, zero));
     });
-    kl_q += simd::reduce_add(aq);
-    kl_p += simd::reduce_add(ap);
+    sums.kl_q += simd::reduce_add(aq);
+    sums.kl_p += simd::reduce_add(ap);
+    sums.eq_g_rel += simd::reduce_add(an);
   }
 }
 
@@ -263,42 +304,38 @@ void logits_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const in
 template <class TZ, class TU>
 void jsd_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, double beta,
               float inv_temp, float* out) {
-  const float log_beta = static_cast<float>(std::log(beta));
-  const float log_1m_beta = static_cast<float>(std::log1p(-beta));
+  const float log_beta = static_cast<float>(std::log(beta)), log_1m_beta = static_cast<float>(std::log1p(-beta));
   const float beta_f = static_cast<float>(beta), one_m_beta_f = static_cast<float>(1.0 - beta);
-  auto finish = [&](int64_t r, double kl_q, double kl_p) {
-    const float kq = static_cast<float>(kl_q), kp = static_cast<float>(kl_p);
-    out[2 * r] = beta_f * kp + one_m_beta_f * kq;
-    out[2 * r + 1] = kq;
+  auto row_of = [&](int64_t r) {
+    return jsd_row(stats + r * NUM_STATS, simd::set1(log_beta), simd::set1(log_1m_beta));
+  };
+  auto finish = [&](int64_t r, const JsdSums& sums) {
+    out[2 * r] = beta_f * static_cast<float>(sums.kl_p) + one_m_beta_f * static_cast<float>(sums.kl_q);
+    out[2 * r + 1] = static_cast<float>(sums.eq_g_rel);
   };
   const int64_t segments = segments_per_row(n_rows, vocab, kBlock);
   if (segments == 1) {
     parallel_for(n_rows, grain_for(2 * vocab), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        double kl_q = 0.0, kl_p = 0.0;
-        jsd_range(z.row(r), u.row(r), 0, vocab, jsd_row(stats + r * NUM_STATS), inv_temp, log_beta, log_1m_beta,
-                  kl_q, kl_p);
-        finish(r, kl_q, kl_p);
+        JsdSums sums;
+        jsd_range(z.row(r), u.row(r), 0, vocab, row_of(r), inv_temp, log_beta, log_1m_beta, sums);
+        finish(r, sums);
       }
     });
     return;
   }
-  std::vector<double> parts(static_cast<size_t>(2 * n_rows * segments), 0.0);
+  std::vector<JsdSums> parts(static_cast<size_t>(n_rows * segments));
   parallel_for(n_rows * segments, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / segments, j = t % segments;
       jsd_range(z.row(r), u.row(r), segment_begin(j, segments, vocab, kBlock),
-                segment_begin(j + 1, segments, vocab, kBlock), jsd_row(stats + r * NUM_STATS), inv_temp, log_beta,
-                log_1m_beta, parts[2 * t], parts[2 * t + 1]);
+                segment_begin(j + 1, segments, vocab, kBlock), row_of(r), inv_temp, log_beta, log_1m_beta, parts[t]);
     }
   });
   for (int64_t r = 0; r < n_rows; ++r) {
-    double kl_q = 0.0, kl_p = 0.0;
-    for (int64_t j = 0; j < segments; ++j) {
-      kl_q += parts[2 * (r * segments + j)];
-      kl_p += parts[2 * (r * segments + j) + 1];
-    }
-    finish(r, kl_q, kl_p);
+    JsdSums sums;
+    for (int64_t j = 0; j < segments; ++j) sums.add(parts[r * segments + j]);
+    finish(r, sums);
   }
 }
 
@@ -310,22 +347,22 @@ void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float
   struct Row {
     bool active;
     JsdRow row;
-    float coef, eq_g;
+    float coef, eq_g_rel;
   };
   auto prepare = [&](int64_t r) {
-    return Row{coef[r] != 0.0f, jsd_row(stats + r * NUM_STATS), coef[r], jsd[2 * r + 1]};
+    return Row{coef[r] != 0.0f, jsd_row(stats + r * NUM_STATS, log_beta, log_1m_beta), coef[r], jsd[2 * r + 1]};
   };
-  // dz_v = (coef q_v) (g_v - E_q[g]), 0 where q_v = 0.
+  // dz_v = (coef q_v) ((g_v - g_a) - E_q[g - g_a]), 0 where q_v = 0.
   auto span = [&](const Row& g, int64_t r, int64_t c0, int64_t c1, TZ* out) {
     const TZ* zr = z.row(r);
     const TU* ur = u.row(r);
     const Vec it = simd::set1(inv_temp), zero = simd::zero();
     const Vec shift_q = simd::set1(g.row.shift_q), shift_p = simd::set1(g.row.shift_p);
-    const Vec c = simd::set1(g.coef), eq_g = simd::set1(g.eq_g);
+    const Vec c = simd::set1(g.coef), eq_g_rel = simd::set1(g.eq_g_rel);
     for_each_vector(c0, c1, [&](int64_t i, int n, auto tag) {
       const JsdTerms t = jsd_terms(simd::scale(ld(zr + i, n, tag), it) - shift_q,
                                    simd::scale(ld(ur + i, n, tag), it) - shift_p, g.row, log_beta, log_1m_beta);
-      const Vec grad = simd::select_or_zero(simd::gt(t.q, zero), (c * t.q) * (t.g - eq_g));
+      const Vec grad = simd::select_or_zero(simd::gt(t.q, zero), (c * t.q) * (t.g_rel - eq_g_rel));
       st(out + i, grad, n, tag);
     });
   };

@@ -92,12 +92,14 @@ template <class TZ, class TU>
 void logits_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, const float* stats,
                  const float* coef, float inv_temp, TZ* dz, int64_t dz_cols);
 
-// (JSD_beta, E_q[g]) per row, g = log q - log m, m = beta p + (1 - beta) q; out float32 [n_rows, 2].
+// (JSD_beta, E_q[g - g_a]) per row, g = log q - log m, m = beta p + (1 - beta) q, g_a = g at row_stats' anchor
+// (0 where UA is NaN) and g_v - g_a = 0 exactly at the anchor's entries; out float32 [n_rows, 2].
 template <class TZ, class TU>
 void jsd_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, double beta,
               float inv_temp, float* out);
 
-// dz_v = coef_r q_v (g_v - E_q[g]); coef float32 [n_rows]; jsd float32 [n_rows, 2] from jsd_rows.
+// dz_v = coef_r q_v ((g_v - g_a) - E_q[g - g_a]) (= coef_r q_v (g_v - E_q[g]), exact at the anchor in nearly one-hot
+// rows); coef float32 [n_rows]; jsd float32 [n_rows, 2] from jsd_rows.
 template <class TZ, class TU>
 void jsd_grad(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const float* stats, const float* jsd,
               const float* coef, double beta, float inv_temp, TZ* dz, int64_t dz_cols);

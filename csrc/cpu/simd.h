@@ -107,6 +107,7 @@ inline Vec mask_fnmadd(Vec a, Vec b, Vec c, Mask k) { return {_mm512_mask3_fnmad
 inline Vec mask_add(Vec a, Vec b, Mask k) { return {_mm512_mask_add_ps(a.v, k, a.v, b.v)}; }  // k ? a+b : a
 inline Mask lane_mask(int lane) { return static_cast<Mask>(1u << lane); }
 inline float reduce_add(Vec a) { return _mm512_reduce_add_ps(a.v); }
+inline float first_lane(Vec a) { return _mm512_cvtss_f32(a.v); }
 inline float reduce_max(Vec a) { return _mm512_reduce_max_ps(a.v); }
 inline Mask tail_mask(int n) { return static_cast<Mask>((1u << n) - 1u); }  // 0 <= n < 16
 
@@ -253,6 +254,7 @@ inline Mask lane_mask(int lane) {
   k[lane] = -1;
   return k;
 }
+inline float first_lane(Vec a) { return a.v[0]; }
 inline float reduce_add(Vec a) {  // a fixed pairwise tree
   return ((a.v[0] + a.v[4]) + (a.v[2] + a.v[6])) + ((a.v[1] + a.v[5]) + (a.v[3] + a.v[7]));
 }

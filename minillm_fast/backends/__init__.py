@@ -48,14 +48,22 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     fused-linear ops form their CPU blocks), in place, and then returns dz in that layout too.
 
 ``jsd_rows(z, u, stats, beta, inv_temp) -> float32 [N, 2]``
-    Second pass for 0 < beta < 1: (JSD_beta, E_q[g]) with g_v = log q_v - log m_v, m = beta p + (1-beta) q.
+    Second pass for 0 < beta < 1: (JSD_beta, E_q[g - g_a]) with g_v = log q_v - log m_v, m = beta p + (1-beta) q.
     g and h = log p - log m are functions of the log-ratio r = log p - log q alone, and are computed from it:
     g = -logaddexp(r + log beta, log(1 - beta)), h = -logaddexp(log beta, log(1 - beta) - r), with
     r = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q). (log q - log m from two log-probabilities, each rounded at
     ulp(|log q|) ~ 1e-6, biased every row by ~4e-7: 5e-4 relative when q ~ p.)
+    The second column is the gradient's mean taken relative to row_stats' anchor a, as for the reverse KL:
+    g_a = g(r_a), r_a = fl(UA - m_p) - (log s_p - log s_q), evaluated from the statistics (so every vocabulary shard
+    uses the same g_a), and g_v - g_a taken as exactly 0 at the anchor's entries (z'_v - m_q = 0 and
+    u'_v - m_p = fl(UA - m_p)); g_a = 0 where the row has no anchor (UA NaN), making it E_q[g]. In nearly one-hot
+    rows (logits ~30 apart or more, the student peaked where the teacher is not, or both peaked alike) the
+    gradient at a, q_a (g_a - E_q[g]) = -q_a E_q[g - g_a], is far below ulp(|g_a|); g_a - E_q[g] formed from two
+    rounded numbers would lose it (relative errors of 1e-2 and more).
 
 ``jsd_grad(z, u, stats, jsd, coef, beta, inv_temp) -> [N, V_s] in z.dtype``
-    ``dz_v = coef q_v (g_v - E_q[g])`` with coef float32 [N] (it includes (1-beta)/tau).
+    ``dz_v = coef q_v ((g_v - g_a) - E_q[g - g_a])`` (= coef q_v (g_v - E_q[g])) with coef float32 [N] (it includes
+    (1-beta)/tau), g_a and the anchor's entries as in jsd_rows.
 
 ``sample_rows(z, u, use_teacher, uniform, inv_temp) -> int64 [N]``
     Inverse-CDF draw from softmax(u'/...) where use_teacher else softmax(z'), with one float64 uniform in [0, 1)

@@ -108,32 +108,45 @@ def logits_grad(z, u, tokens, stats, coef, inv_temp):
     return dz
 
 
-def _jsd_terms(zs, us, st, beta):
-    """(q, g, p, h) for one chunk: g = log q - log m and h = log p - log m (0 where q, resp. p, is 0), from the
-    log-ratio r = log p - log q alone (minillm_fast.backends: jsd_rows)."""
-    xq = zs - _finite(st[:, 0])[:, None]
-    xp = us - _finite(st[:, 2])[:, None]
-    r = (xp - xq) - (st[:, 3] - st[:, 1])[:, None]
-    q, p = torch.exp(xq - st[:, 1, None]), torch.exp(xp - st[:, 3, None])
+def _mixture_log_ratios(r, beta):
+    """(c, l, h) of the log-ratio r = log p - log q: g = -c - l = -logaddexp(r + log beta, log(1 - beta)), with c
+    the larger argument and l = log1p(exp(-|delta|)), delta = r + log beta - log(1 - beta), and
+    h = -logaddexp(log beta, log(1 - beta) - r), sharing that exp and log1p (kernels/online_softmax.py jsd_terms)."""
     log_beta, log_1m_beta = math.log(beta), math.log1p(-beta)
     a = r + log_beta
-    delta = a - log_1m_beta  # g and h share log1p(exp(-|delta|)): kernels/online_softmax.py jsd_terms
+    delta = a - log_1m_beta
     l = torch.log1p(torch.exp(-delta.abs()))
     above = delta > 0
-    g_q = torch.where(q > 0, -torch.where(above, a, log_1m_beta) - l, torch.zeros_like(q))
-    g_p = torch.where(p > 0, torch.where(above, -log_beta, r - log_1m_beta) - l, torch.zeros_like(p))
-    return q, g_q, p, g_p
+    return torch.where(above, a, log_1m_beta), l, torch.where(above, -log_beta, r - log_1m_beta) - l
+
+
+def _jsd_terms(zs, us, st, beta):
+    """(q, g, g - g_a, p, h) for one chunk: g = log q - log m and h = log p - log m (0 where q, resp. p, is 0), from
+    the log-ratio r = log p - log q alone; g - g_a relative to g at the anchor, as (c_a - c) + (l_a - l), exactly 0
+    at the anchor's entries (minillm_fast.backends: jsd_rows)."""
+    xq = zs - _finite(st[:, 0])[:, None]
+    xp = us - _finite(st[:, 2])[:, None]
+    log_ratio_of_sums = st[:, 3] - st[:, 1]
+    c, l, h = _mixture_log_ratios((xp - xq) - log_ratio_of_sums[:, None], beta)
+    anchor_xp = st[:, UA] - _finite(st[:, 2])
+    c_a, l_a, _ = _mixture_log_ratios(anchor_xp - log_ratio_of_sums, beta)
+    no_anchor = torch.isnan(st[:, UA])
+    c_a, l_a = torch.where(no_anchor, 0.0, c_a), torch.where(no_anchor, 0.0, l_a)
+    at_anchor = (xq == 0) & (xp == anchor_xp[:, None])
+    g_rel = torch.where(at_anchor, torch.zeros_like(c), (c_a[:, None] - c) + (l_a[:, None] - l))
+    q, p = torch.exp(xq - st[:, 1, None]), torch.exp(xp - st[:, 3, None])
+    zero = torch.zeros_like(q)
+    return q, torch.where(q > 0, -c - l, zero), torch.where(q > 0, g_rel, zero), p, torch.where(p > 0, h, zero)
 
 
 def jsd_rows(z, u, stats, beta, inv_temp):
     n_rows, vocab = z.shape[0], min(z.shape[1], u.shape[1])
     out = torch.zeros(n_rows, 2, dtype=torch.float32, device=z.device)
     for a, b in _row_chunks(n_rows, vocab):
-        q, g_q, p, g_p = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
-                                    stats[a:b], beta)
-        kl_q = (q * g_q).sum(1)
-        out[a:b, 0] = beta * (p * g_p).sum(1) + (1 - beta) * kl_q
-        out[a:b, 1] = kl_q
+        q, g_q, g_rel, p, g_p = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
+                                           stats[a:b], beta)
+        out[a:b, 0] = beta * (p * g_p).sum(1) + (1 - beta) * (q * g_q).sum(1)
+        out[a:b, 1] = (q * g_rel).sum(1)
     return out
 
 
@@ -144,9 +157,9 @@ def jsd_grad(z, u, stats, jsd, coef, beta, inv_temp):
         c = coef[a:b]
         if not bool((c != 0).any()):
             continue
-        q, g_q, _, _ = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
-                                  stats[a:b], beta)
-        grad = c[:, None] * q * (g_q - jsd[a:b, 1, None])
+        q, _, g_rel, _, _ = _jsd_terms(_scaled(z[a:b], vocab, inv_temp), _scaled(u[a:b], vocab, inv_temp),
+                                       stats[a:b], beta)
+        grad = c[:, None] * q * (g_rel - jsd[a:b, 1, None])
         grad = torch.where((c != 0)[:, None], grad, torch.zeros_like(grad))
         dz[a:b, :vocab] = grad.to(z.dtype)
     return dz

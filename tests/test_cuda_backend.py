@@ -359,6 +359,22 @@ def test_jsd_matches_torch_backend(pair, n, v, beta):
     assert bool((dz[:, v:] == 0).all()) and bool((dz[0] == 0).all())
 
 
+@pytest.mark.parametrize("n,v", [(8, 3001), (2, 128256)])
+def test_jsd_of_a_student_peaked_where_the_teacher_is_not(n, v):
+    """Independent logits ~ 10 randn: the gradient at the student's argmax, -q_a E_q[g - g_a], is far below
+    ulp(|g_a|), and both kernels take g relative to row_stats' anchor (jsd.cu; the float64 comparison is
+    test_divergences'); rows of 128256 are split across blocks, whose anchored sums the merge adds."""
+    z, u = logits(n, v, torch.float32, seed=41, scale=10.0), logits(n, v, torch.float32, seed=42, scale=10.0)
+    stats = torch_backend.row_stats(z, u, None, 1.0)
+    out = ops.jsd_rows(z, u, stats, 0.5, 1.0)
+    ref = torch_backend.jsd_rows(z, u, stats, 0.5, 1.0)
+    assert_close(out, ref, STATS_RTOL, "jsd_rows", atol=1e-12)
+    coef = torch.full((n,), 0.5, device=DEVICE)
+    dz = ops.jsd_grad(z, u, stats, ref, coef, 0.5, 1.0)
+    dz_ref = torch_backend.jsd_grad(z, u, stats, ref, coef, 0.5, 1.0)
+    assert_close(dz, dz_ref, 1e-4, "jsd_grad", atol=1e-15)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # sample_rows
 # ----------------------------------------------------------------------------------------------------------

@@ -429,7 +429,7 @@ at::Tensor jsd_rows_cuda(const at::Tensor& z_in, const at::Tensor& u_in, const a
   args.plan = make_plan(r.n_rows, r.vocab, pair_vec(r), num_sms(), /*may_split=*/true);
   at::Tensor workspace;
   if (args.plan.splits > 1) {
-    workspace = at::empty({r.n_rows * args.plan.splits * 2}, out.options());
+    workspace = at::empty({r.n_rows * args.plan.splits * kJsdPartialFloats}, out.options());
     args.workspace = workspace.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

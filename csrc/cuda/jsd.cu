@@ -3,8 +3,11 @@
 // With log q_v = (z'_v - m_q) - log s_q, log p_v likewise, and log m_v = logaddexp(log p_v + log beta,
 // log q_v + log(1 - beta)) (never the log of a sum of rounded probabilities):
 //   g_v = log q_v - log m_v (0 where q_v = 0), h_v = log p_v - log m_v (0 where p_v = 0)
-//   jsd_rows: (beta * sum p h + (1 - beta) * sum q g, sum q g)            (split rows: partial sums + merge)
-//   jsd_grad: dz_v = coef * q_v * (g_v - E_q[g]) on v < V; zeros for v >= V and rows with coef = 0.
+//   jsd_rows: (beta * sum p h + (1 - beta) * sum q g, sum q (g - g_a))    (split rows: partial sums + merge)
+//   jsd_grad: dz_v = coef * q_v * ((g_v - g_a) - E_q[g - g_a]) on v < V; zeros for v >= V and rows with coef = 0,
+// with g_a the g of row_stats' anchor (z'_a = m_q, u'_a = UA; 0 where UA is NaN) and g_v - g_a exactly 0 at the
+// anchor's entries: in nearly one-hot rows the anchor's gradient -q_a E_q[g - g_a] is far below ulp(|g_a|)
+// (minillm_fast/backends/__init__.py: jsd_rows).
 #include "launchers.h"
 #include "row_state.cuh"
 
@@ -12,10 +15,11 @@ namespace minillm_fast {
 namespace cuda {
 namespace {
 
-enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P };
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, UA = 10 };
 
 struct JsdRow {
   float shift_q, logs_q, shift_p, logs_p, log_beta, log1m_beta;
+  float anchor_off, c_a, l_a;  // fl(UA - m_p) (NaN: no anchor) and g_a = -c_a - l_a (0: no anchor)
 
   __device__ __forceinline__ void load(const JsdArgs& args, int64_t row) {
     const float* st = args.stats + row * kNumStats;
@@ -25,21 +29,35 @@ struct JsdRow {
     logs_p = st[LOGS_P];
     log_beta = args.log_beta;
     log1m_beta = args.log1m_beta;
+    anchor_off = st[UA] - shift_p;
+    float h;
+    mixture(anchor_off - (logs_p - logs_q), c_a, l_a, h);  // the anchor's entry: x_q = 0, x_p = fl(UA - m_p)
+    if (!is_finite(anchor_off)) c_a = l_a = 0.0f;
   }
 
-  // q, g = log q - log m (0 where q = 0), p, h = log p - log m (0 where p = 0), from the log-ratio
-  // r = log p - log q = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q) alone (minillm_fast.backends: jsd_rows):
-  // g = -logaddexp(r + log beta, log(1 - beta)), h = -logaddexp(log beta, log(1 - beta) - r), sharing
-  // L = log1p(exp(-|delta|)), delta = r + log beta - log(1 - beta) (one exp and one log1p for both).
-  __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& p, float& h) const {
-    const float xq = x - shift_q, xp = xu - shift_p;
-    const float r = (xp - xq) - (logs_p - logs_q);
+  // Of the log-ratio r = log p - log q: g = log q - log m = -c - l = -logaddexp(r + log beta, log(1 - beta)), with
+  // c its larger argument and l = log1p(exp(-|delta|)), delta = r + log beta - log(1 - beta), and
+  // h = log p - log m = -logaddexp(log beta, log(1 - beta) - r), sharing that exp and log1p.
+  __device__ __forceinline__ void mixture(float r, float& c, float& l, float& h) const {
     const float a = r + log_beta, delta = a - log1m_beta;
-    const float l = log1pf(fast_exp(-fabsf(delta)));
+    l = log1pf(fast_exp(-fabsf(delta)));
+    c = delta > 0.0f ? a : log1m_beta;
+    h = (delta > 0.0f ? -log_beta : r - log1m_beta) - l;
+  }
+
+  // q, g and g - g_a (0 where q = 0), p, h (0 where p = 0) from r = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q)
+  // (minillm_fast.backends: jsd_rows). g - g_a = (c_a - c) + (l_a - l), exactly 0 at the anchor's entries; where
+  // both sit on the log(1 - beta) branch it is l_a - l, exact however small.
+  __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& g_rel, float& p,
+                                        float& h) const {
+    const float xq = x - shift_q, xp = xu - shift_p;
+    float c, l;
+    mixture((xp - xq) - (logs_p - logs_q), c, l, h);
     q = fast_exp(xq - logs_q);
     p = fast_exp(xp - logs_p);
-    g = q > 0.0f ? -(delta > 0.0f ? a : log1m_beta) - l : 0.0f;
-    h = p > 0.0f ? (delta > 0.0f ? -log_beta : r - log1m_beta) - l : 0.0f;
+    g = q > 0.0f ? -c - l : 0.0f;
+    g_rel = q > 0.0f && !(xq == 0.0f && xp == anchor_off) ? (c_a - c) + (l_a - l) : 0.0f;
+    h = p > 0.0f ? h : 0.0f;
   }
 };
 
@@ -57,36 +75,38 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_rows_kernel(const JsdArgs arg
   const int c1 = min(args.vocab, c0 + args.plan.chunk);
   const int cv = c1 > c0 ? c0 + (c1 - c0) / E * E : c0;
 
-  SumState<2> acc = SumState<2>::empty();  // (sum q g, sum p h)
+  SumState<kJsdPartialFloats> acc = SumState<kJsdPartialFloats>::empty();
   for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < cv; c += blockDim.x * E) {
     float x[E], y[E];
     load_scaled<Tz, E>(z + c, it, x);
     load_scaled<Tu, E>(u + c, it, y);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      float q, g, p, h;
-      r.terms(x[i], y[i], q, g, p, h);
+      float q, g, g_rel, p, h;
+      r.terms(x[i], y[i], q, g, g_rel, p, h);
       acc.v[0] += q * g;
       acc.v[1] += p * h;
+      acc.v[2] += q * g_rel;
     }
   }
   for (int c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
-    float q, g, p, h;
-    r.terms(load_one(z + c, it), load_one(u + c, it), q, g, p, h);
+    float q, g, g_rel, p, h;
+    r.terms(load_one(z + c, it), load_one(u + c, it), q, g, g_rel, p, h);
     acc.v[0] += q * g;
     acc.v[1] += p * h;
+    acc.v[2] += q * g_rel;
   }
 
-  __shared__ SumState<2> smem[32];
+  __shared__ SumState<kJsdPartialFloats> smem[32];
   acc = block_reduce(acc, smem);
   if (threadIdx.x == 0) {
     if (gridDim.y == 1) {
       args.out[row * 2 + 0] = args.beta * acc.v[1] + args.one_minus_beta * acc.v[0];
-      args.out[row * 2 + 1] = acc.v[0];
+      args.out[row * 2 + 1] = acc.v[2];
     } else {
-      float* w = args.workspace + (row * gridDim.y + split) * 2;
-      w[0] = acc.v[0];
-      w[1] = acc.v[1];
+      float* w = args.workspace + (row * gridDim.y + split) * kJsdPartialFloats;
+#pragma unroll
+      for (int k = 0; k < kJsdPartialFloats; ++k) w[k] = acc.v[k];
     }
   }
 }
@@ -98,16 +118,16 @@ __global__ void __launch_bounds__(kMergeThreads) jsd_rows_merge_kernel(const Jsd
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
   if (row >= args.n_rows) return;
   const int splits = args.plan.splits;
-  const float* w = args.workspace + row * splits * 2;
-  SumState<2> acc = SumState<2>::empty();
+  const float* w = args.workspace + row * splits * kJsdPartialFloats;
+  SumState<kJsdPartialFloats> acc = SumState<kJsdPartialFloats>::empty();
   for (int j = lane; j < splits; j += 32) {
-    acc.v[0] += w[j * 2 + 0];
-    acc.v[1] += w[j * 2 + 1];
+#pragma unroll
+    for (int k = 0; k < kJsdPartialFloats; ++k) acc.v[k] += w[j * kJsdPartialFloats + k];
   }
   acc = warp_reduce(acc);
   if (lane == 0) {
     args.out[row * 2 + 0] = args.beta * acc.v[1] + args.one_minus_beta * acc.v[0];
-    args.out[row * 2 + 1] = acc.v[0];
+    args.out[row * 2 + 1] = acc.v[2];
   }
 }
 
@@ -122,7 +142,7 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs arg
     store_zeros<Tz, E>(out, c0, c1);
     return;
   }
-  const float mean_g = args.jsd[row * 2 + 1];
+  const float mean_g_rel = args.jsd[row * 2 + 1];  // E_q[g - g_a]
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
   const float it = args.inv_temp;
@@ -137,18 +157,18 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs arg
     load_scaled<Tu, E>(u + c, it, y);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      float q, g, p, h;
-      r.terms(x[i], y[i], q, g, p, h);
-      o[i] = (coef * q) * (g - mean_g);
+      float q, g, g_rel, p, h;
+      r.terms(x[i], y[i], q, g, g_rel, p, h);
+      o[i] = (coef * q) * (g_rel - mean_g_rel);
     }
     store_vec<Tz, E>(out + c, o);
   }
   for (int c = ve + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
     float o = 0.0f;
     if (c < vocab) {
-      float q, g, p, h;
-      r.terms(load_one(z + c, it), load_one(u + c, it), q, g, p, h);
-      o = (coef * q) * (g - mean_g);
+      float q, g, g_rel, p, h;
+      r.terms(load_one(z + c, it), load_one(u + c, it), q, g, g_rel, p, h);
+      o = (coef * q) * (g_rel - mean_g_rel);
     }
     store_one<Tz>(out + c, o);
   }

@@ -127,17 +127,20 @@ struct LogitsGradArgs {
 constexpr int kNumCoefs = 4;
 
 // ---------------------------------------------------------------------------------------------------------------
-// jsd_rows: out[N, 2] = (JSD_beta, E_q[g]); split rows use workspace [N, splits, 2].
-// jsd_grad: dz[N, z_cols] = coef_row * q * (g - E_q[g]) on columns < vocab, zeros elsewhere and where coef = 0.
+// jsd_rows: out[N, 2] = (JSD_beta, E_q[g - g_a]) (g_a: g at row_stats' anchor, jsd.cu); split rows use workspace
+// [N, splits, kJsdPartialFloats].
+// jsd_grad: dz[N, z_cols] = coef_row * q * ((g - g_a) - E_q[g - g_a]) on columns < vocab, zeros elsewhere and where
+// coef = 0.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int kJsdPartialFloats = 3;  // per (row, split): sum q g, sum p h, sum q (g - g_a)
 struct JsdArgs {
   const void* z = nullptr;
   const void* u = nullptr;
-  const float* stats = nullptr;  // [N, 10]
+  const float* stats = nullptr;  // [N, kNumStats]
   const float* jsd = nullptr;    // [N, 2]   (jsd_grad only)
   const float* coef = nullptr;   // [N]      (jsd_grad only)
   float* out = nullptr;          // [N, 2]   (jsd_rows only)
-  float* workspace = nullptr;    // [N, splits, 2] (jsd_rows, when plan.splits > 1)
+  float* workspace = nullptr;    // [N, splits, kJsdPartialFloats] (jsd_rows, when plan.splits > 1)
   void* dz = nullptr;            // [N, z_cols] (jsd_grad only)
   int64_t n_rows = 0;
   int64_t z_stride = 0, u_stride = 0;

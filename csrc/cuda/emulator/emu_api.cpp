@@ -81,7 +81,7 @@ int emu_jsd(int which, int zc, int uc, const void* z, const void* u, const float
   std::vector<float> ws;
   if (which == 0) {
     a.plan = make_plan(n, vocab, pair_vec(z, zs, zc, u, us, uc, vocab, -1), num_sms, true);
-    if (a.plan.splits > 1) { ws.assign(n * a.plan.splits * 2, 12345.0f); a.workspace = ws.data(); }
+    if (a.plan.splits > 1) { ws.assign(n * a.plan.splits * kJsdPartialFloats, 12345.0f); a.workspace = ws.data(); }
   } else {
     a.plan = make_plan(n, z_cols, pair_vec(z, zs, zc, u, us, uc, vocab, z_cols), num_sms, true);
   }

@@ -35,11 +35,12 @@ math of ``jsd_rows``)::
     log q = (z' - M_Q) - LOGS_Q,  log p = (u' - M_P) - LOGS_P,
     log m = logaddexp(log beta + log p, log(1 - beta) + log q)      (m = beta p + (1 - beta) q, never log of a sum)
     g = log q - log m,  h = log p - log m                           (0 where the probability is 0: 0 * inf = 0)
-    S_Q = sum_v q_v g_v,  S_P = sum_v p_v h_v                       (over the split's columns v < V)
+    S_Q = sum_v q_v g_v,  S_P = sum_v p_v h_v,  S_A = sum_v q_v (g_v - g_a)    (over the split's columns v < V)
 
-and writes (S_Q, S_P), 2 floats per (row, split). ``fused_linear_jsd_merge_kernel`` adds the splits' partial sums
-(plain sums: the statistics are final, nothing to rescale) and writes ``jsd_rows``'s [N, 2]:
-(JSD_beta = beta S_P + (1 - beta) S_Q, E_q[g] = S_Q), to float32 rounding.
+with g_a the g of the statistics' anchor (``jsd_anchor``, ``jsd_terms``: g_v - g_a is exactly 0 at the anchor's
+entries), and writes (S_Q, S_P, S_A), 3 floats per (row, split). ``fused_linear_jsd_merge_kernel`` adds
+the splits' partial sums (plain sums: the statistics are final, nothing to rescale) and writes ``jsd_rows``'s
+[N, 2]: (JSD_beta = beta S_P + (1 - beta) S_Q, E_q[g - g_a] = S_A), to float32 rounding.
 
 ``fused_linear_grad_kernel`` (grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V), grouped): program (i, j) recomputes the
 student tile (and the teacher tile, only if some row of the block has c_kl or c_p != 0) from the final statistics
@@ -50,9 +51,9 @@ and coefficients (c_kl, c_q, c_p, c_y), forms the logit gradient as ``logits_gra
 
 (0 * inf = 0: the KL term is 0 where q = 0, a term whose coefficient is 0 is skipped, not multiplied by 0). With
 ``JSD`` (constexpr) it forms ``jsd_grad``'s instead, from one coefficient per row (float32 [N], (1 - beta) / tau
-folded in) and E_q[g] (column 1 of the ``jsd_rows`` output), always with the teacher tile (g needs m)::
+folded in) and E_q[g - g_a] (column 1 of the ``jsd_rows`` output), always with the teacher tile (g needs m)::
 
-    dz = c q (g - E_q[g])                                           (0 for v >= V, 0 on rows whose c is 0)
+    dz = c q ((g - g_a) - E_q[g - g_a])                             (0 for v >= V, 0 on rows whose c is 0)
 
 Either way it takes dz through the soft-cap and scale, dx = dz * logit_scale * (1 - tanh^2(t)) with t the
 soft-cap's argument (``tanh_and_slope``: from t itself, not from the rounded logits), and pulls the tile back (one
@@ -78,8 +79,8 @@ path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 import triton
 import triton.language as tl
 
-from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_terms, merge_anchors, merge_state_pairs,
-                             online_update_pair_rows)
+from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor, jsd_terms, merge_anchors,
+                             merge_state_pairs, online_update_pair_rows)
 
 NUM_COEFS = tl.constexpr(4)
 # The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an.
@@ -300,9 +301,12 @@ def fused_linear_jsd_rows_kernel(
     log_s_q = tl.load(stats + 1, mask=row_ok, other=0.0)[:, None]
     m_p = tl.load(stats + 2, mask=row_ok, other=0.0)[:, None]
     log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)[:, None]
+    ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))[:, None]
+    c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta)
 
     sum_q = tl.zeros([BLOCK_N], tl.float32)  # sum_v q_v g_v over this split's columns
     sum_p = tl.zeros([BLOCK_N], tl.float32)  # sum_v p_v h_v
+    sum_a = tl.zeros([BLOCK_N], tl.float32)  # sum_v q_v (g_v - g_a)
     num_tiles = tl.cdiv(V, BLOCK_V)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
@@ -313,14 +317,16 @@ def fused_linear_jsd_rows_kernel(
                                 stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
                                 inv_temp, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T,
                                 HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        q, g, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta)
+        q, g, g_rel, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta, c_a, l_a, anchor_off)
         sum_q += tl.sum(q * g, 1)
         sum_p += tl.sum(p * h, 1)
+        sum_a += tl.sum(q * g_rel, 1)
 
-    # Partial sums as [N, SPLIT, 2].
-    out = part_ptr + (rows64 * tl.num_programs(1) + split) * 2
+    # Partial sums as [N, SPLIT, 3].
+    out = part_ptr + (rows64 * tl.num_programs(1) + split) * 3
     tl.store(out + 0, sum_q, mask=row_ok)
     tl.store(out + 1, sum_p, mask=row_ok)
+    tl.store(out + 2, sum_a, mask=row_ok)
 
 
 @triton.jit
@@ -329,13 +335,15 @@ def fused_linear_jsd_merge_kernel(part_ptr, out_ptr, N, num_splits, beta, one_m_
     row_ok = rows < N
     sum_q = tl.zeros([BLOCK_R], tl.float32)
     sum_p = tl.zeros([BLOCK_R], tl.float32)
+    sum_a = tl.zeros([BLOCK_R], tl.float32)
     for split in range(0, num_splits):
-        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * 2
+        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * 3
         sum_q += tl.load(part + 0, mask=row_ok, other=0.0)
         sum_p += tl.load(part + 1, mask=row_ok, other=0.0)
+        sum_a += tl.load(part + 2, mask=row_ok, other=0.0)
     out = out_ptr + rows.to(tl.int64) * 2
     tl.store(out + 0, beta * sum_p + one_m_beta * sum_q, mask=row_ok)
-    tl.store(out + 1, sum_q, mask=row_ok)
+    tl.store(out + 1, sum_a, mask=row_ok)
 
 
 @triton.jit
@@ -392,13 +400,16 @@ def fused_linear_grad_kernel(
                             BLOCK_N, BLOCK_V, BLOCK_K)
         x = z * inv_temp
         if JSD:
-            eq_g = tl.load(jsd_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
+            eq_g_rel = tl.load(jsd_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
+            ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))
+            c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta)
             u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
                              scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                              BLOCK_N, BLOCK_V, BLOCK_K)
-            q, g, _, _ = jsd_terms(x, u * inv_temp, m_q[:, None], log_s_q[:, None], m_p[:, None],
-                                   log_s_p[:, None], log_beta, log_1m_beta)
-            g = (c_jsd[:, None] * q) * (g - eq_g[:, None])
+            q, _, g_rel, _, _ = jsd_terms(x, u * inv_temp, m_q[:, None], log_s_q[:, None], m_p[:, None],
+                                          log_s_p[:, None], log_beta, log_1m_beta, c_a[:, None], l_a[:, None],
+                                          anchor_off[:, None])
+            g = (c_jsd[:, None] * q) * (g_rel - eq_g_rel[:, None])
         else:
             eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
             ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))

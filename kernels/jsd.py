@@ -5,15 +5,16 @@ With log q_v = (z'_v - M_Q) - LOGS_Q, log p_v = (u'_v - M_P) - LOGS_P and the mi
 
     log m_v = logaddexp(log beta + log p_v, log(1 - beta) + log q_v)         (never the log of a rounded sum)
     g_v     = log q_v - log m_v,   h_v = log p_v - log m_v                   (0 where the prob is 0)
-    jsd_rows:  JSD = beta sum_v p_v h_v + (1 - beta) sum_v q_v g_v,   E_q[g] = sum_v q_v g_v
-    jsd_grad:  dz_v = coef q_v (g_v - E_q[g])   (v < V; 0 for V <= v < V_s and for rows with coef 0)
+    jsd_rows:  JSD = beta sum_v p_v h_v + (1 - beta) sum_v q_v g_v,   E_q[g - g_a] = sum_v q_v (g_v - g_a)
+    jsd_grad:  dz_v = coef q_v ((g_v - g_a) - E_q[g - g_a])   (v < V; 0 for V <= v < V_s and for rows with coef 0)
+
+with g_a the g of row_stats' anchor (``jsd_anchor``; 0 where the row has none) and g_v - g_a exactly 0 at the
+anchor's entries (``jsd_terms``).
 """
 import triton
 import triton.language as tl
 
-from .online_softmax import NUM_STATS, jsd_terms, load_scaled
-
-
+from .online_softmax import NUM_STATS, jsd_anchor, jsd_terms, load_scaled
 
 @triton.jit
 def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv_temp,
@@ -26,20 +27,23 @@ def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv
     log_s_q = tl.load(stats_row + 1)
     m_p = tl.load(stats_row + 2)
     log_s_p = tl.load(stats_row + 3)
+    c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, tl.load(stats_row + 10), log_beta, log_1m_beta)
 
     lanes = tl.arange(0, BLOCK)
     acc_q = tl.zeros([BLOCK], tl.float32)
     acc_p = tl.zeros([BLOCK], tl.float32)
+    acc_a = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + lanes
         in_v = cols < V
-        q, g, p, h = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp), load_scaled(u_row, cols, in_v, inv_temp),
-                               m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta)
+        q, g, g_rel, p, h = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp),
+                                      load_scaled(u_row, cols, in_v, inv_temp), m_q, log_s_q, m_p, log_s_p, log_beta,
+                                      log_1m_beta, c_a, l_a, anchor_off)
         acc_q += q * g
         acc_p += p * h
-    kl_q = tl.sum(acc_q, 0)
-    tl.store(out_ptr + row * 2, beta * tl.sum(acc_p, 0) + one_m_beta * kl_q)
-    tl.store(out_ptr + row * 2 + 1, kl_q)
+        acc_a += q * g_rel
+    tl.store(out_ptr + row * 2, beta * tl.sum(acc_p, 0) + one_m_beta * tl.sum(acc_q, 0))
+    tl.store(out_ptr + row * 2 + 1, tl.sum(acc_a, 0))
 
 
 @triton.jit
@@ -57,14 +61,16 @@ def jsd_grad_kernel(z_ptr, u_ptr, stats_ptr, jsd_ptr, coef_ptr, dz_ptr, stride_z
         log_s_q = tl.load(stats_row + 1)
         m_p = tl.load(stats_row + 2)
         log_s_p = tl.load(stats_row + 3)
-        eq_g = tl.load(jsd_ptr + row * 2 + 1)
+        c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, tl.load(stats_row + 10), log_beta,
+                                          log_1m_beta)
+        eq_g_rel = tl.load(jsd_ptr + row * 2 + 1)
         for start in range(0, Vs, BLOCK):
             cols = start + lanes
             in_v = cols < V
-            q, g, _, _ = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp),
-                                   load_scaled(u_row, cols, in_v, inv_temp), m_q, log_s_q, m_p, log_s_p, log_beta,
-                                   log_1m_beta)
-            g = (coef * q) * (g - eq_g)
+            q, _, g_rel, _, _ = jsd_terms(load_scaled(z_row, cols, in_v, inv_temp),
+                                          load_scaled(u_row, cols, in_v, inv_temp), m_q, log_s_q, m_p, log_s_p,
+                                          log_beta, log_1m_beta, c_a, l_a, anchor_off)
+            g = (coef * q) * (g_rel - eq_g_rel)
             g = tl.where(in_v, g, 0.0)
             tl.store(dz_row + cols, g.to(dz_row.dtype.element_ty), mask=cols < Vs)
     else:

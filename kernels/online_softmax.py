@@ -273,24 +273,44 @@ def merge_state_pairs(m_q1, s_q1, a_q1, b_q1, m_p1, s_p1, a_p1, b_p1,
 
 
 @triton.jit
-def jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta):
-    """Element terms of the generalised JSD for scaled student (x) and teacher (y) logits and their row statistics
-    (scalars for a 1-D block, [R, 1] columns for an [R, C] tile): (q, g, p, h) with q, p the probabilities and,
-    with m = beta p + (1 - beta) q, g = log q - log m, h = log p - log m where q (resp. p) > 0, else 0 (0 * inf = 0:
-    an entry of zero probability contributes nothing). Both come from the log-ratio r = log p - log q alone,
-    g = -logaddexp(r + log beta, log(1 - beta)) and h = -logaddexp(log beta, log(1 - beta) - r), with
-    r = ((y - m_p) - (x - m_q)) - (log s_p - log s_q): the difference of the centred logits, not of two log-probs
-    each rounded at ulp(|log q|) ~ 1e-6 (a bias of ~4e-7 per row when q ~ p). Both share L = log1p(exp(-|delta|)),
-    delta = r + log beta - log(1 - beta): where delta > 0, g = -(r + log beta + L) and h = -(log beta + L), else
-    g = -(log(1 - beta) + L) and h = (r - log(1 - beta)) - L (one exp and one log1p for both)."""
-    xq = x - finite_or_zero(m_q)
-    yp = y - finite_or_zero(m_p)
-    r = (yp - xq) - (log_s_p - log_s_q)
+def mixture_terms(r, log_beta, log_1m_beta):
+    """(c, L, h) of the log-ratio r = log p - log q: g = log q - log m = -c - L = -logaddexp(r + log beta,
+    log(1 - beta)), with c its larger argument and L = log1p(exp(-|delta|)), delta = r + log beta - log(1 - beta);
+    h = log p - log m = -logaddexp(log beta, log(1 - beta) - r), sharing that exp and log1p: where delta > 0,
+    c = r + log beta and h = -(log beta + L), else c = log(1 - beta) and h = (r - log(1 - beta)) - L."""
     a = r + log_beta
     delta = a - log_1m_beta
     l = log1p_accurate(tl.exp(-tl.abs(delta)))
+    return tl.where(delta > 0, a, log_1m_beta), l, tl.where(delta > 0, -log_beta, r - log_1m_beta) - l
+
+
+@triton.jit
+def jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta):
+    """(c_a, L_a, fl(u'_a - m_p)) of a row's anchor a (z'_a = M_Q, u'_a = UA; ``mixture_terms`` of
+    r_a = fl(UA - m_p) - (log s_p - log s_q)): g_a = -c_a - L_a. c_a = L_a = 0 where the row has none (UA NaN;
+    then no entry matches fl(UA - m_p) either)."""
+    anchor_off = ua - finite_or_zero(m_p)
+    c_a, l_a, _ = mixture_terms(anchor_off - (log_s_p - log_s_q), log_beta, log_1m_beta)
+    return tl.where(ua == ua, c_a, 0.0), tl.where(ua == ua, l_a, 0.0), anchor_off
+
+
+@triton.jit
+def jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta, c_a, l_a, anchor_off):
+    """Element terms of the generalised JSD for scaled student (x) and teacher (y) logits, their row statistics and
+    anchor (``jsd_anchor``; scalars for a 1-D block, [R, 1] columns for an [R, C] tile): (q, g, g - g_a, p, h) with
+    q, p the probabilities and, with m = beta p + (1 - beta) q, g = log q - log m, h = log p - log m where q (resp.
+    p) > 0, else 0 (0 * inf = 0: an entry of zero probability contributes nothing). Both come from the log-ratio
+    r = ((y - m_p) - (x - m_q)) - (log s_p - log s_q) alone (``mixture_terms``): the difference of the centred
+    logits, not of two log-probs each rounded at ulp(|log q|) ~ 1e-6 (a bias of ~4e-7 per row when q ~ p).
+    g - g_a = (c_a - c) + (L_a - L), exactly 0 at the anchor's entries (x - m_q = 0, y - m_p = fl(UA - m_p)): the
+    gradient's g - E_q[g] is taken as (g - g_a) - E_q[g - g_a], so that in nearly one-hot rows the anchor's
+    -q_a E_q[g - g_a], far below ulp(|g_a|), is not lost to the difference of two rounded numbers near g_a; where
+    both terms sit on the log(1 - beta) branch it is L_a - L, exact however small (minillm_fast.backends:
+    jsd_rows)."""
+    xq = x - finite_or_zero(m_q)
+    yp = y - finite_or_zero(m_p)
+    c, l, h = mixture_terms((yp - xq) - (log_s_p - log_s_q), log_beta, log_1m_beta)
     q = tl.exp(xq - log_s_q)
     p = tl.exp(yp - log_s_p)
-    g = tl.where(q > 0, -tl.where(delta > 0, a, log_1m_beta) - l, 0.0)
-    h = tl.where(p > 0, tl.where(delta > 0, -log_beta, r - log_1m_beta) - l, 0.0)
-    return q, g, p, h
+    g_rel = tl.where((xq == 0.0) & (yp == anchor_off), 0.0, (c_a - c) + (l_a - l))
+    return q, tl.where(q > 0, -c - l, 0.0), tl.where(q > 0, g_rel, 0.0), p, tl.where(p > 0, h, 0.0)

@@ -390,7 +390,7 @@ class _Block:
         return hasattr(self.backend, "logits_grad_into")
 
     def jsd_rows(self, beta: float) -> torch.Tensor:
-        """float32 [n, 2] (JSD_beta, E_q[g]) of the block's rows (the backend's second pass over the logits)."""
+        """float32 [n, 2] (JSD_beta, E_q[g - g_a]) of the block's rows (the backend's second pass over the logits)."""
         return self.backend.jsd_rows(self.z, self.u, self.stats, beta, self.inv_temp)
 
 
@@ -466,7 +466,7 @@ class _Divergence(_Loss):
 
 class _JSD(_Loss):
     """0 < beta < 1: a second pass over the logits (``jsd_rows``) and its own gradient primitive (``jsd_grad``,
-    dz = coef q (g - E_q[g]) with coef = weight (1 - beta) / tau)."""
+    dz = coef q (g - E_q[g]) with coef = weight (1 - beta) / tau, E_q[g] taken relative to the anchor)."""
 
     in_place = False  # jsd_grad has no form that writes into a given buffer
     vocab_major = False  # jsd_rows / jsd_grad would copy vocabulary-major blocks

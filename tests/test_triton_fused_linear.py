@@ -480,22 +480,26 @@ def test_saturated_soft_cap_gradient(gen):
 # Generalised JSD (0 < beta < 1): jsd_rows and jsd_grad_pullback
 # ----------------------------------------------------------------------------------------------------------
 
-def ref_jsd(student: Head, teacher: Head, weights, beta, inv_temp):
-    """float64 (rows [N, 2] = (JSD_beta, E_q[g]), (d hidden, d weight, d bias)) by definition, the gradients by
-    autograd through the student's lm_head of sum over rows of w JSD_beta (``weights`` float64 [N]):
-    JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, g = log q - log m. Its logit
+def ref_jsd(student: Head, teacher: Head, weights, beta, inv_temp, stats):
+    """float64 (rows [N, 2] = (JSD_beta, E_q[g - g_a]), (d hidden, d weight, d bias)) by definition, the gradients
+    by autograd through the student's lm_head of sum over rows of w JSD_beta (``weights`` float64 [N]):
+    JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, g = log q - log m, g_a its value
+    at the student's argmax (0 where ``stats`` has no anchor, UA NaN). Its logit
     gradient is w (1 - beta) inv_temp q (g - E_q[g]): the kernel gets coef = w (1 - beta) inv_temp."""
     leaves, x, y = student_leaves_and_logits(student, teacher, inv_temp)
     log_q, log_p = torch.log_softmax(x, 1), torch.log_softmax(y, 1)
     q, p = log_q.exp(), log_p.exp()
     log_m = torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
-    kl_q = (q * torch.where(q > 0, log_q - log_m, 0.0)).sum(1)
+    g = torch.where(q > 0, log_q - log_m, 0.0)
+    kl_q = (q * g).sum(1)
     kl_p = (p * torch.where(p > 0, log_p - log_m, 0.0)).sum(1)
     jsd = beta * kl_p + (1 - beta) * kl_q
     (weights * jsd).sum().backward()
     grads = [None if t is None else t.grad for t in leaves]
     assert all(g is None or torch.isfinite(g).all() for g in grads), "reference gradient not finite (test bug)"
-    return torch.stack([jsd, kl_q], 1).detach(), grads
+    g_a = g.gather(1, x.argmax(1, keepdim=True))[:, 0]
+    g_a = torch.where(torch.isnan(stats[:, 10].double()), 0.0, g_a)
+    return torch.stack([jsd, (q * (g - g_a[:, None])).sum(1)], 1).detach(), grads
 
 
 def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, grad_tol_=None,
@@ -507,11 +511,11 @@ def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, 
     dtypes = (student.hidden.dtype, teacher.hidden.dtype)
     if stats is None:
         stats = ref_stats(student, teacher, None, inv_temp).to(torch.float32)
-    want_rows, ref = ref_jsd(student, teacher, weights, beta, inv_temp)
+    want_rows, ref = ref_jsd(student, teacher, weights, beta, inv_temp, stats)
     rows = tfl.jsd_rows(on_device(student), on_device(teacher), on_device(stats), beta, inv_temp).cpu()
     assert rows.dtype == torch.float32 and rows.shape == (n, 2)
     assert_close_rel(rows[:, 0], want_rows[:, 0], loss_tol(*dtypes), abs_slack=1e-6, what="JSD_beta")
-    assert_close_rel(rows[:, 1], want_rows[:, 1], loss_tol(*dtypes), abs_slack=1e-6, what="E_q[g]")
+    assert_close_rel(rows[:, 1], want_rows[:, 1], loss_tol(*dtypes), abs_slack=1e-6, what="E_q[g - g_a]")
 
     coef = (weights * ((1.0 - beta) * inv_temp)).to(torch.float32)
     off = coef == 0

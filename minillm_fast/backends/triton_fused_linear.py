@@ -22,12 +22,12 @@ the temperature (``inv_temp`` = 1/tau) exactly as the row primitives of ``minill
     inv_temp)``. Columns >= V = min(V_s, V_t) of d weight and d bias are 0. Accumulated with float32 atomics: the
     last bits vary from run to run.
 ``jsd_rows(student, teacher, stats, beta, inv_temp) -> float32 [N, 2]``
-    ``backends.jsd_rows`` of the two heads' logits (0 < beta < 1): (JSD_beta, E_q[g]) per row, from the final
+    ``backends.jsd_rows`` of the two heads' logits (0 < beta < 1): (JSD_beta, E_q[g - g_a]) per row, from the final
     ``row_stats``; a second pass over the tiles, vocabulary-split like the statistics. Deterministic.
 ``jsd_grad_pullback(student, teacher, stats, jsd, coef, beta, inv_temp, needs=(True, True, True))``
     As ``logits_grad_pullback`` (same returns, chunks and atomics) for dz = ``backends.jsd_grad(z, u, stats, jsd,
     coef, beta, inv_temp)``: coef float32 [N] ((1 - beta) / tau folded in; rows with coef 0 get exactly 0 and their
-    statistics and jsd rows are never used), jsd the ``jsd_rows`` output (its E_q[g] column).
+    statistics and jsd rows are never used), jsd the ``jsd_rows`` output (its E_q[g - g_a] column).
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
     vocab = min(s.vocab, t.vocab)
     cfg = _tiles("jsd_rows", s, t)
     splits, tiles_per_split = _splits(n_rows, vocab, device, cfg)
-    partial = torch.empty(n_rows, splits, 2, dtype=torch.float32, device=device)
+    partial = torch.empty(n_rows, splits, 3, dtype=torch.float32, device=device)
     with _device(s.hidden):
         _k.fused_linear_jsd_rows_kernel[(triton.cdiv(n_rows, cfg.block_n), splits)](
             *s.pointers(), *t.pointers(), stats, partial,

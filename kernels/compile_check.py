@@ -30,7 +30,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from minillm_fast.backends import triton_backend, triton_fused_linear  # noqa: E402
+from minillm_fast.backends import NUM_STATS, triton_backend, triton_fused_linear  # noqa: E402
 
 # Shared memory one block may use (opt-in maximum): A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB. A launch above it
 # fails on the GPU with OutOfResources although it compiles.
@@ -107,7 +107,7 @@ def record_launches() -> list:
         dtype_pairs = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32))
         for zd, ud in dtype_pairs:
             z, u = torch.randn(n, v).to(zd), torch.randn(n, v - 3).to(ud)
-            stats, coef = torch.zeros(n, 12), torch.ones(n, 4)
+            stats, coef = torch.zeros(n, NUM_STATS), torch.ones(n, 4)
             for tok in (tokens, None):
                 triton_backend.row_stats(z, u, tok, 0.5)
                 triton_backend.logits_grad(z, u, tok, stats, coef, 0.5)
@@ -119,7 +119,7 @@ def record_launches() -> list:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for options in (True, False):
                 student, teacher = _heads(dtype, options=options)
-                stats, coef = torch.zeros(n, 12), torch.ones(n, 4)
+                stats, coef = torch.zeros(n, NUM_STATS), torch.ones(n, 4)
                 for tok in (tokens, None):
                     triton_fused_linear.row_stats(student, teacher, tok, 0.5)
                     triton_fused_linear.logits_grad_pullback(student, teacher, tok, stats, coef, 0.5)

@@ -22,8 +22,8 @@ programs alone would not).
 
 ``fused_linear_merge_kernel`` (grid cdiv(N, BLOCK_R)): merges the SPLIT partial states of each row
 (``merge_state_pairs`` and ``merge_anchors``, ZY and UY summed since exactly one split can hold the token) and
-writes the row statistics [N, 12] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC,
-ZY, UY, UA, EQ_DA), exactly what
+writes the row statistics [N, 13] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC,
+ZY, UY, UA, EQ_DA, LOG_RATIO), exactly what
 ``row_stats`` returns on the materialised logits, to float32 rounding: an empty row (all -inf) gets M = LOGS = -inf
 and 0/0 for its means, as there.
 
@@ -79,8 +79,8 @@ path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 import triton
 import triton.language as tl
 
-from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor, jsd_terms, merge_anchors,
-                             merge_state_pairs, online_update_pair_rows)
+from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor, jsd_terms, log_ratio,
+                             merge_anchors, merge_state_pairs, online_update_pair_rows)
 
 NUM_COEFS = tl.constexpr(4)
 # The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an.
@@ -280,6 +280,7 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     ua_out, eq_da = anchor_stats(an, s_q, ua)
     tl.store(out + 10, ua_out, mask=row_ok)
     tl.store(out + 11, eq_da, mask=row_ok)
+    tl.store(out + 12, log_ratio(s_q, s_p), mask=row_ok)
 
 
 @triton.jit

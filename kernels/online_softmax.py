@@ -21,8 +21,9 @@ everywhere in the library. A row with no finite entry keeps m = -inf and s = 0 (
 import triton
 import triton.language as tl
 
-# Columns of a stats row (minillm_fast.backends: M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA).
-NUM_STATS = tl.constexpr(12)
+# Columns of a stats row (minillm_fast.backends: M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA,
+# LOG_RATIO).
+NUM_STATS = tl.constexpr(13)
 
 # Keyword arguments of every launch of these kernels: no contraction of a product and a following sum into an FMA,
 # so each float operation rounds on its own, as in Triton's interpreter (which CI runs) and in the cpu and cuda
@@ -270,6 +271,16 @@ def merge_state_pairs(m_q1, s_q1, a_q1, b_q1, m_p1, s_p1, a_p1, b_p1,
     b_q = (b_q1 - delta_q1 * s_q1) * alpha_q1 + (b_q2 - delta_q2 * s_q2) * alpha_q2
     b_p = (b_p1 - delta_p1 * s_p1) * alpha_p1 + (b_p2 - delta_p2 * s_p2) * alpha_p2
     return m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p
+
+
+@triton.jit
+def log_ratio(s_q, s_p):
+    """LOG_RATIO = log(s_q / s_p) as log1p((s_q - s_p) / s_p): the float32 roundings of log s_q and log s_p (ulp ~5e-7
+    at log s ~ 10, as large as a KL of 1e-3 times 2e-5) do not enter; log s_q - log s_p where s_q < s_p / 2 or
+    either is 0. (The cpu and torch backends also keep s_q - s_p summed entry by entry; not yet here.)"""
+    r = (s_q - s_p) / s_p
+    close = (s_q > 0) & (s_p > 0) & (r > -0.5)
+    return tl.where(close, log1p_accurate(tl.where(close, r, 0.0)), tl.log(s_q) - tl.log(s_p))
 
 
 @triton.jit

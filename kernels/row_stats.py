@@ -15,7 +15,7 @@ Entries of zero probability contribute nothing (0 * inf = 0); an all -inf row gi
 import triton
 import triton.language as tl
 
-from .online_softmax import NUM_STATS, anchor_stats, block_max2, online_update_pair
+from .online_softmax import NUM_STATS, anchor_stats, block_max2, log_ratio, online_update_pair
 
 
 
@@ -76,3 +76,4 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     ua_out, eq_da = anchor_stats(tl.sum(an, 0), sum_q, ua)
     tl.store(out_row + 10, ua_out)
     tl.store(out_row + 11, eq_da)
+    tl.store(out_row + 12, log_ratio(sum_q, sum_p))

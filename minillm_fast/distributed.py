@@ -40,9 +40,10 @@ Rank r's statistics are relative to its local maxima m_q, m_p (z' = z/tau, u' = 
    the sum could round; every other shard's term is weighted by exp(delta_q), negligible in the nearly one-hot
    rows the anchor exists for.
 3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, EQ_DA = N_q / S_q, and the same for
-   p; M_Q, M_P are the global maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is
-   not finite, as in the backends (a shard whose anchor is NaN, e.g. u'_a = -inf, makes the row's NaN: its reverse
-   KL is infinite anyway).
+   p, LOG_RATIO = log S_q - log S_p (float64 of the summed float32 terms; not yet each shard's s_q - s_p); M_Q,
+   M_P are the global maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is not
+   finite, as in the backends (a shard whose anchor is NaN, e.g. u'_a = -inf, makes the row's NaN: its reverse KL
+   is infinite anyway).
 
 The shift conventions are the backends': a maximum that is not finite shifts by 0 (``shift(m) = m if finite else
 0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
@@ -73,7 +74,8 @@ from typing import Sequence
 
 import torch
 
-from .backends import C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UA, UY, ZY
+from .backends import (C_Y, EP_D, EP_UC, EQ_D, EQ_DA, EQ_ZC, LOG_RATIO, LOGS_P, LOGS_Q, M_P, M_Q, NUM_STATS, UA, UY,
+                       ZY)
 
 __all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef", "max_keys", "global_maxima",
            "to_partial_sums", "from_partial_sums", "merge_row_stats", "all_reduce_row_stats", "all_reduce_sum",
@@ -216,6 +218,7 @@ def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Ten
     out = torch.zeros(t.shape[0], NUM_STATS, dtype=torch.float64, device=t.device)
     out[:, M_Q], out[:, M_P] = gm[:, GLOBAL_M_Q], gm[:, GLOBAL_M_P]
     out[:, LOGS_Q], out[:, LOGS_P] = torch.log(t[:, S_Q]), torch.log(t[:, S_P])
+    out[:, LOG_RATIO] = out[:, LOGS_Q] - out[:, LOGS_P]  # float64 (not yet each shard's s_q - s_p)
     out[:, EQ_D], out[:, EQ_ZC] = _mean(t[:, A_Q], t[:, S_Q]), _mean(t[:, B_Q], t[:, S_Q])
     out[:, EP_D], out[:, EP_UC] = _mean(t[:, A_P], t[:, S_P]), _mean(t[:, B_P], t[:, S_P])
     if t.shape[1] > SUM_UY:

@@ -58,7 +58,7 @@ ignores it (``benchmarks/fused_linear_ops.py --blocks`` measures candidates).
 No block of logits exists in any memory: a statistics kernel forms logit tiles in registers (one tile matmul per
 model) and folds them into the per-row online-softmax state; a gradient kernel recomputes the tiles from those
 statistics, forms dz in registers and pulls it back into float32 gradient buffers (d hidden, d W, d b). Extra memory
-is those buffers and [N, 12] statistics; the price is recomputing both models' logits (6 matmuls in all, also for
+is those buffers and [N, 13] statistics; the price is recomputing both models' logits (6 matmuls in all, also for
 ``reduction="none"``, whose backward runs the gradient kernel with the saved statistics; JSD with 0 < beta < 1
 adds a second statistics pass: 8). Other backends ("cuda", "cpu", "torch"; "auto") take the blocked path.
 
@@ -686,7 +686,7 @@ def _accumulate_grad(problem: _Problem, loss: _Loss, block: _Block, values: dict
 
 
 def _sweep(problem: _Problem, loss: _Loss, tokens, grads: _Grads | None):
-    """One pass over the row blocks: (per-row values concatenated, row stats [N, 12], validity [N]). With
+    """One pass over the row blocks: (per-row values concatenated, row stats [N, NUM_STATS], validity [N]). With
     ``grads``, also accumulates the gradient of sum over valid rows of the loss's row value (the "sum" form)."""
     values, stats, valid = [], [], []
     for a, b in problem.blocks(grads is not None, loss):

@@ -73,7 +73,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import _dispatch, _library, _validate, distributed
-from .backends import C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS, ZY, UY
+from .backends import (C_KL, C_P, C_Q, C_Y, EP_D, EP_UC, EQ_D, EQ_ZC, LOG_RATIO, LOGS_P, LOGS_Q, M_P, M_Q, NUM_COEFS,
+                       ZY, UY)
 
 __all__ = ["reverse_kl", "forward_kl", "jsd", "token_stats", "minillm_loss", "pt_loss",
            "fused_linear_reverse_kl", "fused_linear_forward_kl", "fused_linear_jsd", "fused_linear_token_stats",
@@ -148,12 +149,13 @@ def _valid_rows(mask: torch.Tensor | None, stats: torch.Tensor) -> torch.Tensor:
 
 
 def _reverse_kl_rows(s):
-    # KL(q||p) = E_q[(z' - m_q) - (u' - m_p)] - log s_q + log s_p: no large logit ever enters the sum.
-    return s[:, EQ_D] - s[:, LOGS_Q] + s[:, LOGS_P]
+    # KL(q||p) = E_q[(z' - m_q) - (u' - m_p)] - log(s_q / s_p): no large logit ever enters the sum, and the log-ratio
+    # is not the difference of two rounded logs (minillm_fast.backends: LOG_RATIO).
+    return s[:, EQ_D] - s[:, LOG_RATIO]
 
 
 def _forward_kl_rows(s):
-    return s[:, EP_D] - s[:, LOGS_P] + s[:, LOGS_Q]
+    return s[:, EP_D] + s[:, LOG_RATIO]
 
 
 def _student_logprob_rows(s):

@@ -79,7 +79,7 @@ void stats_range(const TZ* z, const TU* u, int64_t begin, int64_t end, float inv
     });
     state.add(simd::reduce_add(sums.sq), simd::reduce_add(sums.cq), simd::reduce_add(sums.aq),
               simd::reduce_add(sums.an), simd::reduce_add(sums.sp), simd::reduce_add(sums.cp),
-              simd::reduce_add(sums.ap));
+              simd::reduce_add(sums.ap), simd::reduce_add(sums.dqp));
   }
 }
 

@@ -6,8 +6,9 @@
 //     stride; TZ, TU are float, bf16 or fp16 (dtypes.h), independently; only the first `vocab` = min(V_s, V_t)
 //     columns are read; z' = z * inv_temp, u' = u * inv_temp (float32, as the reference backend rounds them);
 //   * q = softmax(z'), p = softmax(u'); all sums in float32 per block, double across blocks;
-//   * stats is float32 [n_rows, 12] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
-//     EP_D, EP_UC, ZY, UY, UA, EQ_DA); log-probabilities are always formed as (x' - m) - log s, never x' - lse;
+//   * stats is float32 [n_rows, 13] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
+//     EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO); log-probabilities are always formed as (x' - m) - log s, never
+//     x' - lse;
 //   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included;
 //   * float32 logits may also be vocabulary-major (VocabMajor): row_stats and logits_grad have versions for them.
 #pragma once
@@ -21,7 +22,7 @@ namespace minillm {
 namespace cpu {
 
 // Column indices of the stats rows and of the coefficient rows.
-enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, NUM_STATS };
+enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO, NUM_STATS };
 enum Coef : int { C_KL = 0, C_Q, C_P, C_Y, NUM_COEFS };
 
 // A row's stats from its finished online state; z_y, u_y are the token's scaled logits (0 without tokens).
@@ -38,6 +39,7 @@ inline void store_row_stats(float* out, const OnlinePair& state, float z_y, floa
   out[UY] = u_y;
   out[UA] = state.anchor_u();
   out[EQ_DA] = state.mean_d_anchor();
+  out[LOG_RATIO] = state.log_ratio();
 }
 
 // A row's logits_grad parameters from its stats and coefficients (shared by the row-major and vocabulary-major

@@ -71,6 +71,7 @@ inline float range_max(const T* x, int64_t begin, int64_t end) {
 struct StatsSums {
   simd::Vec sq = simd::zero(), cq = simd::zero(), aq = simd::zero(), an = simd::zero();
   simd::Vec sp = simd::zero(), cp = simd::zero(), ap = simd::zero();
+  simd::Vec dqp = simd::zero();  // eq - ep: the kept difference of the normalisers (row_state.h)
 
   void add(simd::Vec xq, simd::Vec xp, simd::Vec eq, simd::Vec ep, simd::Vec anchor_off) {
     const simd::Vec d = xq - xp, zero = simd::zero();
@@ -82,6 +83,7 @@ struct StatsSums {
     sp = sp + ep;
     cp = simd::mask_fmadd(ep, xp, cp, kp);
     ap = simd::mask_fnmadd(ep, d, ap, kp);
+    dqp = dqp + (eq - ep);
   }
 };
 

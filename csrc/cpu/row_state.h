@@ -34,6 +34,16 @@
 // (u'_a' - u'_a)) s_q). A state whose u'_a is infinite (the teacher is -inf at the student's argmax: an infinite
 // reverse KL) or NaN carries a non-finite a_anchor, which the stats store as "no anchor" (UA = NaN).
 //
+// The difference of the normalisers. For close distributions log s_q and log s_p nearly cancel in the KL, and the
+// stats' float32 LOGS_Q, LOGS_P are each rounded at ulp(log s) ~ 5e-7, as large as a reverse KL of ~1e-3 times
+// the design's 2e-5. So the state also keeps
+//
+//     d_qp = sum_v (exp(z'_v - sh_q) - exp(u'_v - sh_p)) = s_q - s_p,
+//
+// accumulated from the per-entry differences (small where q ~ p, so its rounding is relative to the difference,
+// not to s), from which log(s_q / s_p) = log1p(d_qp / s_p). Rescaled: d_qp' = f_q s_q - f_p s_p =
+// f_q d_qp + (f_q - f_p) s_p, with f the two factors exp(-delta).
+//
 // Two states over disjoint parts of a row merge by moving both to the larger maxima and adding. A block of a row
 // is folded in by first moving the state to the maxima including the block (one rescale per block) and then
 // adding the block's sums taken directly with the new shifts: one exp per element per distribution.
@@ -86,6 +96,7 @@ struct OnlinePair {
   double a_q = 0.0;       // sum exp(z' - sh_q) d
   double a_p = 0.0;       // sum exp(u' - sh_p) (-d)
   double a_anchor = 0.0;  // sum exp(z' - sh_q) (d - d_a), a = q's anchor
+  double d_qp = 0.0;      // sum exp(z' - sh_q) - exp(u' - sh_p) = q.s - p.s
   float ua = std::numeric_limits<float>::quiet_NaN();  // u'_a (NaN while q is empty)
 
   // Move to maxima that include m_q_seen and m_p_seen (e.g. a block's maxima); ua_seen is u' at the first entry
@@ -99,6 +110,7 @@ struct OnlinePair {
     const double s_q = q.s, s_p = p.s;
     const bool q_moves = m_q > q.m;
     const double f_q = q.rescale_to(m_q), f_p = p.rescale_to(m_p);
+    d_qp = f_q * d_qp + (f_q - f_p) * s_p;
     // A part whose factor is 0 in float32 (empty, or moved by more than ~104: every exp(x' - m) of its entries
     // would underflow in float32, as the per-entry masks and the torch backend take them) vanishes: its cross sums
     // become 0, also where they were +inf (mass where the other distribution is -inf), not 0 * inf = NaN, and
@@ -114,7 +126,9 @@ struct OnlinePair {
   }
 
   // Add sums over new entries taken with the current shifts (a_anchor_new: at the current anchor).
-  void add(double s_q, double c_q, double a_q_new, double a_anchor_new, double s_p, double c_p, double a_p_new) {
+  void add(double s_q, double c_q, double a_q_new, double a_anchor_new, double s_p, double c_p, double a_p_new,
+           double d_qp_new) {
+    d_qp += d_qp_new;
     q.s += s_q;
     q.c += c_q;
     a_q += a_q_new;
@@ -133,7 +147,15 @@ struct OnlinePair {
     if (other.q.s != 0.0 && !(other.ua == ua)) {
       other.a_anchor += (static_cast<double>(ua) - other.ua) * other.q.s;
     }
-    add(other.q.s, other.q.c, other.a_q, other.a_anchor, other.p.s, other.p.c, other.a_p);
+    add(other.q.s, other.q.c, other.a_q, other.a_anchor, other.p.s, other.p.c, other.a_p, other.d_qp);
+  }
+
+  // log(s_q / s_p) = log1p(d_qp / s_p) (where s_q < s_p / 2 the two logs, of doubles, lose nothing); with an empty
+  // distribution log s_q - log s_p (+-inf, or NaN for two), as LOGS_Q - LOGS_P gives.
+  float log_ratio() const {
+    const double r = d_qp / p.s;
+    if (q.s > 0.0 && p.s > 0.0 && r > -0.5) return static_cast<float>(std::log1p(r));
+    return static_cast<float>(std::log(q.s) - std::log(p.s));
   }
 
   // E_q[d] and E_p[-d] (NaN for an empty distribution, as above).

@@ -103,12 +103,12 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
     simd::exp_n<2>(ex);
     sums.add(x[0], x[1], ex[0], ex[1], anchor_off);
   }
-  alignas(64) float lane_sums[7][simd::kWidth];
-  const Vec parts[7] = {sums.sq, sums.cq, sums.aq, sums.an, sums.sp, sums.cp, sums.ap};
-  for (int j = 0; j < 7; ++j) simd::store(lane_sums[j], parts[j]);
+  alignas(64) float lane_sums[8][simd::kWidth];
+  const Vec parts[8] = {sums.sq, sums.cq, sums.aq, sums.an, sums.sp, sums.cp, sums.ap, sums.dqp};
+  for (int j = 0; j < 8; ++j) simd::store(lane_sums[j], parts[j]);
   for (int l = 0; l < lanes; ++l) {
     state[l].add(lane_sums[0][l], lane_sums[1][l], lane_sums[2][l], lane_sums[3][l], lane_sums[4][l],
-                 lane_sums[5][l], lane_sums[6][l]);
+                 lane_sums[5][l], lane_sums[6][l], lane_sums[7][l]);
   }
 }
 

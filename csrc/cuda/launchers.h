@@ -92,7 +92,7 @@ struct RowStatsArgs {
   RowPlan plan;
   bool leave_partials = false;
 };
-constexpr int kNumStats = 12;  // the layout of minillm_fast.backends (row_state.cuh: write_row_stats)
+constexpr int kNumStats = 13;  // the layout of minillm_fast.backends (row_state.cuh: write_row_stats)
 constexpr int kRowStatsPartialFloats = 10;  // RowPairState::kFloats
 
 // ---------------------------------------------------------------------------------------------------------------

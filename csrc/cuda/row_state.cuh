@@ -332,6 +332,14 @@ struct RowPairState {
   __device__ __forceinline__ bool has_empty() const { return is_neg_inf(q.m) || is_neg_inf(p.m); }
 };
 
+// LOG_RATIO = log(s_q / s_p) as log1p((s_q - s_p) / s_p): the float32 roundings of log s_q and log s_p (ulp ~5e-7
+// at log s ~ 10, as large as a KL of 1e-3 times 2e-5) do not enter; log s_q - log s_p where s_q < s_p / 2 or either
+// is 0. (The cpu and torch backends also keep s_q - s_p summed entry by entry; not yet here.)
+__device__ __forceinline__ float log_ratio(float s_q, float s_p) {
+  const float r = __fdiv_rn(s_q - s_p, s_p);
+  return (s_q > 0.0f && s_p > 0.0f && r > -0.5f) ? log1pf(r) : log_sum(s_q) - log_sum(s_p);
+}
+
 // The row_stats columns of a row (layout: minillm_fast/backends/__init__.py) from its merged state and
 // zy = z'_y, uy = u'_y (0 without tokens).
 __device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st, float zy, float uy) {
@@ -347,6 +355,7 @@ __device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st
   o[9] = uy;             // UY
   o[10] = st.anchor_u();     // UA
   o[11] = st.anchor_mean();  // EQ_DA
+  o[12] = log_ratio(st.q.s, st.p.s);  // LOG_RATIO
 }
 
 // z'_y and u'_y of a row for token y (both 0 when y is out of [0, vocab): e.g. an ignore index).

@@ -16,13 +16,20 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
         EP_D  E_p[-d]                   EP_UC   E_p[u' - m_p]     (<= 0)
         ZY    z'_y                      UY      u'_y              (0 when tokens is None)
         UA    u'_a                      EQ_DA   E_q[d - d_a]      (the anchor; NaN: none)
+        LOG_RATIO  log(s_q / s_p)     (= LOGS_Q - LOGS_P, without their float32 roundings)
 
     where d = (z' - m_q) - (u' - m_p): z' - u' up to a per-row constant, but built from the two *centred* logits,
     each exact, so that rows sitting near |z| ~ 1e4 keep the precision of their differences (z' - u' itself
     would be rounded at 1e4 before the cancellation). Then KL(q||p) = EQ_D - LOGS_Q + LOGS_P and
-    KL(p||q) = EP_D - LOGS_P + LOGS_Q. Online, when the maxima grow by (delta_q, delta_p), the cross sum
-    A_q = sum exp(z' - m_q) d becomes exp(-delta_q) (A_q - (delta_q - delta_p) S_q) (symmetrically for A_p) and
-    the centred sum B_q = sum exp(z' - m_q)(z' - m_q) becomes exp(-delta_q) (B_q - delta_q S_q).
+    KL(p||q) = EP_D - LOGS_P + LOGS_Q; the ops take them as EQ_D - LOG_RATIO and EP_D + LOG_RATIO. LOG_RATIO exists
+    for close distributions (KL ~ 1e-3 per row): LOGS_Q and LOGS_P, each rounded to float32 at ulp(log s) ~ 5e-7,
+    would by themselves exceed the design's 2e-5 there. The ``cpu`` and ``torch`` backends form it as
+    log1p(D / s_p) from D = sum (exp(z' - m_q) - exp(u' - m_p)) = s_q - s_p accumulated entry by entry (small where
+    q ~ p, so rounded relative to the difference; online D' = f_q D + (f_q - f_p) s_p with the two rescale
+    factors f); the others (not yet D) as log1p((s_q - s_p) / s_p) of their float32 sums. Online, when the maxima
+    grow by (delta_q, delta_p), the cross sum A_q = sum exp(z' - m_q) d becomes
+    exp(-delta_q) (A_q - (delta_q - delta_p) S_q) (symmetrically for A_p) and the centred sum
+    B_q = sum exp(z' - m_q)(z' - m_q) becomes exp(-delta_q) (B_q - delta_q S_q).
     0 * inf = 0 throughout (an entry of zero probability contributes nothing). An empty row (all -inf) has
     M = -inf and LOGS = -inf; the ops treat it as masked.
 
@@ -93,7 +100,7 @@ Optional (a backend may have them; the ops fall back without them):
 """
 from __future__ import annotations
 
-M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA = range(12)
-NUM_STATS = 12
+M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO = range(13)
+NUM_STATS = 13
 C_KL, C_Q, C_P, C_Y = range(4)
 NUM_COEFS = 4

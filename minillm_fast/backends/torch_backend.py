@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import NUM_STATS, C_KL, C_Q, C_P, C_Y, UA, EQ_DA
+from . import NUM_STATS, C_KL, C_Q, C_P, C_Y, UA, EQ_DA, LOG_RATIO
 
 name = "torch"
 
@@ -61,7 +61,17 @@ def row_stats(z, u, tokens, inv_temp):
             out[a:b, 8] = zs.gather(1, y)[:, 0]
             out[a:b, 9] = us.gather(1, y)[:, 0]
         out[a:b, UA], out[a:b, EQ_DA] = _anchor(zs, us, d, m_p, e_q, s_q)
+        out[a:b, LOG_RATIO] = _log_ratio(e_q, e_p, s_q, s_p)
     return out
+
+
+def _log_ratio(e_q, e_p, s_q, s_p):
+    """log(s_q / s_p) = log1p(D / s_p) with D = sum (e_q - e_p) = s_q - s_p summed entry by entry (small where q ~ p),
+    in float64 from the float32 sums; log s_q - log s_p where s_q < s_p / 2 or either is 0 (-inf, +inf, NaN)."""
+    r = (e_q - e_p).sum(1).double() / s_p.double()
+    logs = torch.log(s_q.double()) - torch.log(s_p.double())
+    use_diff = (s_q > 0) & (s_p > 0) & (r > -0.5)
+    return torch.where(use_diff, torch.log1p(torch.where(use_diff, r, 0.0)), logs).float()
 
 
 def _anchor(zs, us, d, m_p, e_q, s_q):

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from minillm_fast.backends import NUM_STATS
+
 _lib = ctypes.CDLL(os.environ["MINILLM_FAST_CUDA_EMULATOR"])
 NUM_SMS = int(os.environ.get("MINILLM_FAST_CUDA_EMULATOR_SMS", "132"))
 L2_BYTES = 50 << 20  # an H100's L2 cache
@@ -37,7 +39,7 @@ def row_stats(z, u, tokens, inv_temp):
     z, u = _rows(z), _rows(u)
     n, vocab = z.size(0), min(z.size(1), u.size(1))
     tok = tokens.to(torch.int64).contiguous() if tokens is not None else None
-    out = torch.full((n, 12), 777.0)
+    out = torch.full((n, NUM_STATS), 777.0)
     pl = _plan()
     if n:
         r = _lib.emu_row_stats(CODE[z.dtype], CODE[u.dtype], _ptr(z), _ptr(u), _ptr(tok), _ptr(out), I64(n),
@@ -112,7 +114,7 @@ def _row_stats_grad(into, z, u, tokens, coef, policy, clip_eps, inv_temp, dz, ma
     tok = tokens.to(torch.int64).contiguous() if tokens is not None else None
     coef = coef.contiguous()
     policy = policy.contiguous() if policy is not None else None
-    stats = torch.full((n, 12), 777.0)
+    stats = torch.full((n, NUM_STATS), 777.0)
     pl = _plan(6)
     if n and z.size(1):
         r = _lib.emu_row_stats_grad(ctypes.c_int(into), CODE[z.dtype], CODE[u.dtype], CODE[dz.dtype], _ptr(z), _ptr(u),

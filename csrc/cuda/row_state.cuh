@@ -417,7 +417,9 @@ struct GradRow {
 // clipped policy-gradient loss (minillm_fast.loss._policy_gradient_rows): with rho = exp(log q(y) - old) w,
 // pg = max(-A rho, -A clip(rho, clip_low, clip_high)), whose derivative is -A rho where the unclipped branch is the
 // max (ties included) and 0 where the clipped one is; NaN rho gives 0, as in torch.
-// log q(y) = (z'_y - m_q) - log s_q (minillm_fast.loss._student_logprob_rows).
+// log q(y) = (z'_y - m_q) - log s_q (minillm_fast.loss._student_logprob_rows); log rho = log q(y) - old is formed
+// in double, as loss.py does: z'_y - m_q is not exact in float32 when the two differ in magnitude (z'_y ~ 4e3,
+// m_q ~ 2e4), and its rounding at ulp(2e4) ~ 2e-3 would go straight into rho. One per row.
 __device__ __forceinline__ void in_pass_coefs(float* cf, bool empty, float zy, float m_q, float logs_q,
                                               const float* policy, float clip_low, float clip_high) {
   if (empty) {
@@ -426,7 +428,8 @@ __device__ __forceinline__ void in_pass_coefs(float* cf, bool empty, float zy, f
   }
   if (policy == nullptr) return;
   const float adv = policy[0], old = policy[1], w = policy[2];
-  const float rho = fast_exp(((zy - m_q) - logs_q) - old) * w;
+  const double log_rho = ((static_cast<double>(zy) - m_q) - logs_q) - old;
+  const float rho = fast_exp(static_cast<float>(log_rho)) * w;
   const float clipped = -adv * fminf(fmaxf(rho, clip_low), clip_high);
   const float g = -adv * rho >= clipped ? -adv * rho : 0.0f;
   cf[1] *= g;

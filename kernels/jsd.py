@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .online_softmax import NUM_STATS, jsd_anchor, jsd_terms, load_scaled
 
+
 @triton.jit
 def jsd_rows_kernel(z_ptr, u_ptr, stats_ptr, out_ptr, stride_z, stride_u, V, inv_temp,
                     beta, one_m_beta, log_beta, log_1m_beta, BLOCK: tl.constexpr):

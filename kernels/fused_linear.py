@@ -14,18 +14,17 @@ accuracy for float32; bf16/fp16 operands go to the tensor cores as they are), th
 
 ``fused_linear_stats_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT)): program (i, j) forms the student and teacher tiles
 of row block i for the vocabulary tiles of split j and folds each pair of tiles into per-row online states
-(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, and the argmax anchor,
-the same state as the ``row_stats`` kernel's, reduced along the tile's columns), and picks ZY = z'_y, UY = u'_y out
-of the tile that holds the row's token y (0 where no tile does: no tokens, y = -1 or y outside [0, V)). It writes
-that partial state, 12 floats per row. Splitting the vocabulary fills the GPU when N is small (N / BLOCK_N
-programs alone would not).
+(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, the argmax anchor and
+s_q - s_p, the same state as the ``row_stats`` kernel's, reduced along the tile's columns), and picks
+ZY = z'_y, UY = u'_y out of the tile that holds the row's token y (0 where no tile does: no tokens, y = -1 or y
+outside [0, V)). It writes that partial state, 13 floats per row. Splitting the vocabulary fills the GPU when N is
+small (N / BLOCK_N programs alone would not).
 
 ``fused_linear_merge_kernel`` (grid cdiv(N, BLOCK_R)): merges the SPLIT partial states of each row
-(``merge_state_pairs`` and ``merge_anchors``, ZY and UY summed since exactly one split can hold the token) and
-writes the row statistics [N, 13] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC,
-ZY, UY, UA, EQ_DA, LOG_RATIO), exactly what
-``row_stats`` returns on the materialised logits, to float32 rounding: an empty row (all -inf) gets M = LOGS = -inf
-and 0/0 for its means, as there.
+(``merge_state_pairs``, ``merge_anchors`` and ``merge_differences``, ZY and UY summed since exactly one split can
+hold the token) and writes the row statistics [N, 13] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D,
+EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO), exactly what ``row_stats`` returns on the materialised logits, to
+float32 rounding: an empty row (all -inf) gets M = LOGS = -inf and 0/0 for its means, as there.
 
 ``fused_linear_jsd_rows_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT), the generalised JSD for 0 < beta < 1: a second
 pass, after the statistics, over the same tiles): program (i, j) recomputes the student and teacher tiles of row
@@ -80,11 +79,11 @@ import triton
 import triton.language as tl
 
 from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor, jsd_terms, log_ratio,
-                             merge_anchors, merge_state_pairs, online_update_pair_rows)
+                             merge_anchors, merge_differences, merge_state_pairs, online_update_pair_rows)
 
 NUM_COEFS = tl.constexpr(4)
-# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an.
-NUM_PARTIAL = tl.constexpr(12)
+# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an, d_qp.
+NUM_PARTIAL = tl.constexpr(13)
 
 
 @triton.jit
@@ -207,6 +206,7 @@ def fused_linear_stats_kernel(
     uy = tl.zeros([BLOCK_N], tl.float32)
     an = tl.zeros([BLOCK_N], tl.float32)  # the anchored cross sum and its u'_a (online_update_pair_rows)
     ua = tl.full([BLOCK_N], float("nan"), tl.float32)
+    d_qp = tl.zeros([BLOCK_N], tl.float32)  # s_q - s_p, summed entry by entry
 
     num_tiles = tl.cdiv(V, BLOCK_V)
     first = split * tiles_per_split
@@ -223,10 +223,10 @@ def fused_linear_stats_kernel(
             hit = (cols[None, :].to(tl.int64) == tok[:, None]) & col_ok[None, :]
             zy += tl.sum(tl.where(hit, x, 0.0), 1)
             uy += tl.sum(tl.where(hit, y, 0.0), 1)
-        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua = online_update_pair_rows(
-            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp = online_update_pair_rows(
+            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y)
 
-    # Partial states as [N, SPLIT, 12] (row-major in the rows: the int64 row index carries the offset).
+    # Partial states as [N, SPLIT, 13] (row-major in the rows: the int64 row index carries the offset).
     out = part_ptr + (rows.to(tl.int64) * tl.num_programs(1) + split) * NUM_PARTIAL
     tl.store(out + 0, m_q, mask=row_ok)
     tl.store(out + 1, s_q, mask=row_ok)
@@ -240,6 +240,7 @@ def fused_linear_stats_kernel(
     tl.store(out + 9, uy, mask=row_ok)
     tl.store(out + 10, ua, mask=row_ok)
     tl.store(out + 11, an, mask=row_ok)
+    tl.store(out + 12, d_qp, mask=row_ok)
 
 
 @triton.jit
@@ -251,8 +252,13 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     uy = tl.zeros([BLOCK_R], tl.float32)
     an = tl.zeros([BLOCK_R], tl.float32)
     ua = tl.full([BLOCK_R], float("nan"), tl.float32)
+    d_qp = tl.zeros([BLOCK_R], tl.float32)
     for split in range(0, num_splits):
         part = part_ptr + (rows.to(tl.int64) * num_splits + split) * NUM_PARTIAL
+        d_qp = merge_differences(d_qp, s_p, m_q, m_p,
+                                 tl.load(part + 12, mask=row_ok, other=0.0), tl.load(part + 5, mask=row_ok, other=0.0),
+                                 tl.load(part + 0, mask=row_ok, other=float("-inf")),
+                                 tl.load(part + 4, mask=row_ok, other=float("-inf")))
         an, ua = merge_anchors(an, s_q, m_q, ua,
                                tl.load(part + 11, mask=row_ok, other=0.0), tl.load(part + 1, mask=row_ok, other=0.0),
                                tl.load(part + 0, mask=row_ok, other=float("-inf")),
@@ -280,7 +286,7 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
     ua_out, eq_da = anchor_stats(an, s_q, ua)
     tl.store(out + 10, ua_out, mask=row_ok)
     tl.store(out + 11, eq_da, mask=row_ok)
-    tl.store(out + 12, log_ratio(s_q, s_p), mask=row_ok)
+    tl.store(out + 12, log_ratio(s_q, s_p, d_qp), mask=row_ok)
 
 
 @triton.jit

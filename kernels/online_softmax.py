@@ -113,7 +113,15 @@ def anchor_moved(an, s_q, alpha, delta, ua_old, ua_new):
 
 
 @triton.jit
-def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max_x, max_y):
+def difference_moved(d_qp, s_p, alpha_q, alpha_p):
+    """d_qp = s_q - s_p (each relative to its own max) after the maxima move with factors alpha = exp(-delta):
+    alpha_q s_q - alpha_p s_p = alpha_q d_qp + (alpha_q - alpha_p) s_p. Kept apart from s_q and s_p because for
+    close distributions it is small, so its rounding is relative to the difference (``log_ratio``)."""
+    return alpha_q * d_qp + (alpha_q - alpha_p) * s_p
+
+
+@triton.jit
+def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y, max_x, max_y):
     """Online update of both distributions' states with one block of scaled student (x) and teacher (y) logits.
 
     The cross sums are kept relative to BOTH running maxima, a_q = sum e_q * ((x - m_q) - (y - m_p)) and
@@ -123,7 +131,9 @@ def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max
 
     The anchored cross sum an = sum e_q (d - d_a), d - d_a = d + fl(u'_a - m_p) (exactly 0 at the anchor a, the
     first entry reaching q's max, whose u' is ua: minillm_fast.backends) moves with the anchor:
-    an' = exp(-delta_q) (an - (delta_q - (u'_a' - u'_a)) s_q) when the block raises q's max."""
+    an' = exp(-delta_q) (an - (delta_q - (u'_a' - u'_a)) s_q) when the block raises q's max.
+
+    d_qp = sum (e_q - e_p) = s_q - s_p, summed entry by entry for ``log_ratio`` (``difference_moved``)."""
     m_q_new, shift_q, alpha_q, delta_q = rescale_factors(m_q, max_x)
     m_p_new, shift_p, alpha_p, delta_p = rescale_factors(m_p, max_y)
     ua_new = block_anchor(x, y, max_x, m_q, ua)
@@ -138,9 +148,10 @@ def online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y, max
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.where(e_p > 0, e_p * yc, 0.0)
     an = tl.where(max_x > m_q, anchor_moved(an, s_q, alpha_q, delta_q, ua, ua_new), an)
     an = an + tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)), 0.0)
+    d_qp = difference_moved(d_qp, s_p, alpha_q, alpha_p) + (e_q - e_p)
     s_q = s_q * alpha_q + e_q
     s_p = s_p * alpha_p + e_p
-    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new, d_qp
 
 
 @triton.jit
@@ -191,7 +202,7 @@ def log_add_exp(a, b):
 
 
 @triton.jit
-def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y):
+def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y):
     """``online_update_pair`` for a 2-D tile: rows of scaled student (x) and teacher (y) logits [R, C], one state
     per row ([R] vectors, already reduced over the columns seen so far). The tile's own terms are reduced along
     its columns at once, so the state stays [R] whatever the tile width (the fused-linear kernels, whose tiles
@@ -220,9 +231,10 @@ def online_update_pair_rows(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, x, y
     b_p = (b_p - delta_p * s_p) * alpha_p + tl.sum(tl.where(e_p > 0, e_p * yc, 0.0), 1)
     an = tl.where(moves, anchor_moved(an, s_q, alpha_q, delta_q, ua, ua_new), an)
     an = an + tl.sum(tl.where(e_q > 0, e_q * (d + (ua_new - shift_p)[:, None]), 0.0), 1)
+    d_qp = difference_moved(d_qp, s_p, alpha_q, alpha_p) + tl.sum(e_q - e_p, 1)
     s_q = s_q * alpha_q + tl.sum(e_q, 1)
     s_p = s_p * alpha_p + tl.sum(e_p, 1)
-    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new
+    return m_q_new, s_q, a_q, b_q, m_p_new, s_p, a_p, b_p, an, ua_new, d_qp
 
 
 @triton.jit
@@ -239,6 +251,16 @@ def merge_anchors(an1, s_q1, m_q1, ua1, an2, s_q2, m_q2, ua2):
     delta2 = tl.where(m_q2 > float("-inf"), m_q - m_q2, 0.0)
     an = anchor_moved(an1, s_q1, alpha1, delta1, ua1, ua) + anchor_moved(an2, s_q2, alpha2, delta2, ua2, ua)
     return an, ua
+
+
+@triton.jit
+def merge_differences(d1, s_p1, m_q1, m_p1, d2, s_p2, m_q2, m_p2):
+    """The kept differences d_qp = s_q - s_p of two reduced states of disjoint parts of a row, merged: each moved to
+    the merged maxima (``difference_moved``) and added."""
+    shift_q = finite_or_zero(tl.maximum(m_q1, m_q2))
+    shift_p = finite_or_zero(tl.maximum(m_p1, m_p2))
+    return (difference_moved(d1, s_p1, tl.exp(m_q1 - shift_q), tl.exp(m_p1 - shift_p))
+            + difference_moved(d2, s_p2, tl.exp(m_q2 - shift_q), tl.exp(m_p2 - shift_p)))
 
 
 @triton.jit
@@ -274,11 +296,12 @@ def merge_state_pairs(m_q1, s_q1, a_q1, b_q1, m_p1, s_p1, a_p1, b_p1,
 
 
 @triton.jit
-def log_ratio(s_q, s_p):
-    """LOG_RATIO = log(s_q / s_p) as log1p((s_q - s_p) / s_p): the float32 roundings of log s_q and log s_p (ulp ~5e-7
-    at log s ~ 10, as large as a KL of 1e-3 times 2e-5) do not enter; log s_q - log s_p where s_q < s_p / 2 or
-    either is 0. (The cpu and torch backends also keep s_q - s_p summed entry by entry; not yet here.)"""
-    r = (s_q - s_p) / s_p
+def log_ratio(s_q, s_p, d_qp):
+    """LOG_RATIO = log(s_q / s_p) as log1p(d_qp / s_p), with d_qp = s_q - s_p summed entry by entry
+    (``difference_moved``): neither the float32 roundings of log s_q and log s_p (ulp ~5e-7 at log s ~ 10, as large
+    as a KL of 1e-3 times 2e-5) nor those of the sums s_q and s_p enter; log s_q - log s_p where s_q < s_p / 2 or
+    either is 0."""
+    r = d_qp / s_p
     close = (s_q > 0) & (s_p > 0) & (r > -0.5)
     return tl.where(close, log1p_accurate(tl.where(close, r, 0.0)), tl.log(s_q) - tl.log(s_p))
 

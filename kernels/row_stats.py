@@ -38,6 +38,7 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     b_p = tl.zeros([BLOCK], tl.float32)
     an = tl.zeros([BLOCK], tl.float32)  # the anchored cross sum and its u'_a (online_update_pair)
     ua = tl.full([], float("nan"), tl.float32)
+    d_qp = tl.zeros([BLOCK], tl.float32)  # s_q - s_p, summed entry by entry (online_update_pair)
     # The next block's loads are issued before this block's max (a CTA-wide reduction), so that memory stays busy
     # while the warps wait for each other.
     z_next = tl.load(z_row + lanes, mask=lanes < V, other=float("-inf"), eviction_policy="evict_first")
@@ -49,8 +50,8 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
         z_next = tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
         u_next = tl.load(u_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
         max_x, max_y = block_max2(x, y)
-        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua = online_update_pair(m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
-                                                                            an, ua, x, y, max_x, max_y)
+        m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp = online_update_pair(
+            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y, max_x, max_y)
 
     sum_q = tl.sum(s_q, 0)
     sum_p = tl.sum(s_p, 0)
@@ -76,4 +77,4 @@ def row_stats_kernel(z_ptr, u_ptr, tok_ptr, out_ptr,
     ua_out, eq_da = anchor_stats(tl.sum(an, 0), sum_q, ua)
     tl.store(out_row + 10, ua_out)
     tl.store(out_row + 11, eq_da)
-    tl.store(out_row + 12, log_ratio(sum_q, sum_p))
+    tl.store(out_row + 12, log_ratio(sum_q, sum_p, tl.sum(d_qp, 0)))

@@ -432,10 +432,8 @@ def test_jsd_of_close_distributions(backend, op, gen):
 def test_kl_of_close_distributions(backend, op, noise, gen):
     """Teacher = student + noise * randn: KL ~ noise^2 / 2 per row (5e-3, 5e-4). KL = E_q[d] - log(s_q / s_p) with
     the log-ratio taken from LOGS_Q - LOGS_P, each rounded to float32 at ulp(log s) ~ 5e-7, was off by 3e-5 and
-    4e-4 relative; from LOG_RATIO (cpu, torch: log1p of s_q - s_p summed entry by entry) by ~1e-6 and ~1e-5. The
-    kernels that take LOG_RATIO from their float32 sums (triton; not yet s_q - s_p) meet 2e-5 at noise 0.1 only."""
-    if noise < 0.1 and backend not in ("cpu", "torch"):
-        pytest.skip("LOG_RATIO from float32 sums: ~6e-5 at KL ~ 5e-4 (README, known float32 limits)")
+    4e-4 relative; from LOG_RATIO (log1p of s_q - s_p summed entry by entry) by ~1e-6 and ~1e-5 on cpu, torch and
+    triton (cuda, through its emulator: ~6e-6 and ~6e-5, README)."""
     n, v = 16, vocab_for(backend, 32000, 600)
     z = 2.0 * torch.randn(n, v, generator=gen)
     u = z + noise * torch.randn(n, v, generator=gen)

@@ -78,7 +78,7 @@ CONFIG = {
     "jsd_rows_16bit": TileConfig(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=4),
     "jsd_rows_fp32": TileConfig(block_n=64, block_v=64, block_k=32, num_warps=8, num_stages=3),
 }
-# Rows per program of the merge of the split statistics (12 floats per row and split: negligible work).
+# Rows per program of the merge of the split statistics (13 floats per row and split: negligible work).
 MERGE_BLOCK = 128
 # Vocabulary splits of the statistics pass: None = enough programs for PROGRAMS_PER_SM per SM (at most one split
 # per vocabulary tile); an int forces it (tests). The partial states cost 48 bytes per row and split.
@@ -192,7 +192,7 @@ def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
     vocab = min(s.vocab, t.vocab)
     cfg = _tiles("stats", s, t)
     splits, tiles_per_split = _splits(n_rows, vocab, device, cfg)
-    partial = torch.empty(n_rows, splits, 12, dtype=torch.float32, device=device)
+    partial = torch.empty(n_rows, splits, _k.NUM_PARTIAL.value, dtype=torch.float32, device=device)
     tok, stride_tok, has_tokens = _tokens(tokens, s.hidden)
     with _device(s.hidden):
         _k.fused_linear_stats_kernel[(triton.cdiv(n_rows, cfg.block_n), splits)](

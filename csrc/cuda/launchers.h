@@ -84,7 +84,7 @@ struct RowStatsArgs {
   const void* u = nullptr;
   const int64_t* tokens = nullptr;  // [N] or null
   float* stats = nullptr;           // [N, kNumStats], contiguous
-  float* workspace = nullptr;       // [N, splits, 8] when plan.splits > 1
+  float* workspace = nullptr;       // [N, splits, kRowStatsPartialFloats] when plan.splits > 1
   int64_t n_rows = 0;
   int64_t z_stride = 0, u_stride = 0;  // row strides in elements
   int vocab = 0;
@@ -93,7 +93,7 @@ struct RowStatsArgs {
   bool leave_partials = false;
 };
 constexpr int kNumStats = 13;  // the layout of minillm_fast.backends (row_state.cuh: write_row_stats)
-constexpr int kRowStatsPartialFloats = 10;  // RowPairState::kFloats
+constexpr int kRowStatsPartialFloats = 11;  // RowPairState::kFloats
 
 // ---------------------------------------------------------------------------------------------------------------
 // logits_grad: dz[N, z_cols] (row stride dz_stride, dtype To); columns >= vocab and rows with four zero coefs are
@@ -115,8 +115,9 @@ struct LogitsGradArgs {
   RowPlan plan;  // over z_cols columns
   // row_stats_grad's two-pass plan (in_pass): the coefficients as the one-pass kernel forms them (in_pass_coefs in
   // row_state.cuh: zeros for a row with an empty distribution; with policy [N, 3], c_q and c_y times the clipped
-  // policy-gradient factor). With partials ([N, partial_splits, 8]: row_stats' split states, left unmerged), each
-  // block merges its row's states itself and block 0 of the row writes the statistics to stats_out.
+  // policy-gradient factor). With partials ([N, partial_splits, kRowStatsPartialFloats]: row_stats' split states,
+  // left unmerged), each block merges its row's states itself and block 0 of the row writes the statistics to
+  // stats_out.
   bool in_pass = false;
   const float* policy = nullptr;
   float clip_low = 0.8f, clip_high = 1.2f;
@@ -161,10 +162,12 @@ struct JsdArgs {
 // the c_q and c_y columns are first multiplied by the row's clipped policy-gradient factor, and rows with an empty
 // distribution get zeros. Two plans:
 // - one pass (cluster > 0): a row is split across a cluster of plan.cluster blocks of kFusedThreads threads, each
-//   holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace [N, cluster, 8].
+//   holding plan.slice columns of both rows in shared memory (plan.stages row buffers); workspace
+//   [N, cluster, kRowStatsPartialFloats].
 // - two passes over rows held in L2 (chunk_rows > 0): row_stats, then logits_grad, on each chunk of chunk_rows rows
 //   in turn, a chunk small enough for its rows and dz to stay in the L2 cache, so that the second pass reads them
-//   from L2 instead of memory (plans stats_plan and grad_plan; workspace [chunk_rows, stats_plan.splits, 8]).
+//   from L2 instead of memory (plans stats_plan and grad_plan; workspace
+//   [chunk_rows, stats_plan.splits, kRowStatsPartialFloats]).
 // ---------------------------------------------------------------------------------------------------------------
 struct FusedPlan {
   int vec = 1;

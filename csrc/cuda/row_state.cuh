@@ -232,9 +232,12 @@ struct OnlineSoftmax {
 struct RowPairState {
   OnlineSoftmax q, p;
   float ua, an;  // the anchor's u'_a (NaN while q is empty) and the anchored cross sum
+  // s_q - s_p summed entry by entry (log_ratio): small for close distributions, so rounded relative to the
+  // difference. When the maxima move with factors f = exp(-delta): f_q s_q - f_p s_p = f_q dqp + (f_q - f_p) s_p.
+  float dqp;
 
   __device__ __forceinline__ static RowPairState empty() {
-    return RowPairState{OnlineSoftmax::empty(), OnlineSoftmax::empty(), quiet_nan(), 0.0f};
+    return RowPairState{OnlineSoftmax::empty(), OnlineSoftmax::empty(), quiet_nan(), 0.0f, 0.0f};
   }
 
   // an moved to q's max m_new (>= q.m) and the anchor ua_new there (unchanged state: an itself).
@@ -255,6 +258,10 @@ struct RowPairState {
     }
     const float dq = finite_or_zero(mq_new) - q.shift();
     const float dp = finite_or_zero(mp_new) - p.shift();
+    if (dq != 0.0f || dp != 0.0f) {  // an empty distribution's factor is 0 (its sum is 0 whatever the shift)
+      const float fq = is_neg_inf(q.m) ? 0.0f : fast_exp(-dq), fp = is_neg_inf(p.m) ? 0.0f : fast_exp(-dp);
+      dqp = scale_by(fq, dqp) + (fq - fp) * p.s;
+    }
     q.rescale(mq_new, dq, dq - dp);
     p.rescale(mp_new, dp, dp - dq);
   }
@@ -280,7 +287,8 @@ struct RowPairState {
       const float d = tq - tp;
       const float e = q.accumulate(tq, d);
       an += e > 0.0f ? e * (d + anchor_off) : 0.0f;
-      p.accumulate(tp, -d);
+      const float e_p = p.accumulate(tp, -d);
+      dqp += (e > 0.0f ? e : 0.0f) - (e_p > 0.0f ? e_p : 0.0f);
     }
   }
 
@@ -295,30 +303,32 @@ struct RowPairState {
     o.raise_to(mq, mp, ua_m);
     q.s += o.q.s; q.a += o.q.a; q.b += o.q.b;
     p.s += o.p.s; p.a += o.p.a; p.b += o.p.b;
+    dqp += o.dqp;
     ua = ua_m;
     an = an_m;
   }
 
   __device__ __forceinline__ RowPairState shfl_xor(int lane_mask) const {
     return RowPairState{q.shfl_xor(lane_mask), p.shfl_xor(lane_mask), __shfl_xor_sync(0xffffffffu, ua, lane_mask),
-                        __shfl_xor_sync(0xffffffffu, an, lane_mask)};
+                        __shfl_xor_sync(0xffffffffu, an, lane_mask), __shfl_xor_sync(0xffffffffu, dqp, lane_mask)};
   }
 
   // Partial states of a split row travel through global memory as kFloats floats.
-  static constexpr int kFloats = 10;
+  static constexpr int kFloats = 11;
   __device__ __forceinline__ void store(float* w) const {
     w[0] = q.m; w[1] = q.s; w[2] = q.a; w[3] = q.b;
     w[4] = p.m; w[5] = p.s; w[6] = p.a; w[7] = p.b;
-    w[8] = ua; w[9] = an;
+    w[8] = ua; w[9] = an; w[10] = dqp;
   }
   __device__ __forceinline__ static RowPairState load(const float* w) {
-    return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}, w[8], w[9]};
+    return RowPairState{OnlineSoftmax{w[0], w[1], w[2], w[3]}, OnlineSoftmax{w[4], w[5], w[6], w[7]}, w[8], w[9],
+                        w[10]};
   }
   // The same, bypassing L1 (__ldcg): for states another block of the cluster stored (see row_stats_grad.cu).
   __device__ __forceinline__ static RowPairState load_cg(const float* w) {
     return RowPairState{OnlineSoftmax{__ldcg(w), __ldcg(w + 1), __ldcg(w + 2), __ldcg(w + 3)},
                         OnlineSoftmax{__ldcg(w + 4), __ldcg(w + 5), __ldcg(w + 6), __ldcg(w + 7)}, __ldcg(w + 8),
-                        __ldcg(w + 9)};
+                        __ldcg(w + 9), __ldcg(w + 10)};
   }
 
   // (UA, EQ_DA) = (u'_a, an / s_q), both NaN where either is not finite (no anchor: empty q, u'_a = -inf).
@@ -332,11 +342,11 @@ struct RowPairState {
   __device__ __forceinline__ bool has_empty() const { return is_neg_inf(q.m) || is_neg_inf(p.m); }
 };
 
-// LOG_RATIO = log(s_q / s_p) as log1p((s_q - s_p) / s_p): the float32 roundings of log s_q and log s_p (ulp ~5e-7
-// at log s ~ 10, as large as a KL of 1e-3 times 2e-5) do not enter; log s_q - log s_p where s_q < s_p / 2 or either
-// is 0. (The cpu and torch backends also keep s_q - s_p summed entry by entry; not yet here.)
-__device__ __forceinline__ float log_ratio(float s_q, float s_p) {
-  const float r = __fdiv_rn(s_q - s_p, s_p);
+// LOG_RATIO = log(s_q / s_p) as log1p(dqp / s_p), dqp = s_q - s_p summed entry by entry: neither the float32
+// roundings of log s_q and log s_p (ulp ~5e-7 at log s ~ 10, as large as a KL of 1e-3 times 2e-5) nor those of the
+// sums s_q, s_p enter; log s_q - log s_p where s_q < s_p / 2 or either is 0.
+__device__ __forceinline__ float log_ratio(float s_q, float s_p, float dqp) {
+  const float r = __fdiv_rn(dqp, s_p);
   return (s_q > 0.0f && s_p > 0.0f && r > -0.5f) ? log1pf(r) : log_sum(s_q) - log_sum(s_p);
 }
 
@@ -355,7 +365,7 @@ __device__ __forceinline__ void write_row_stats(float* o, const RowPairState& st
   o[9] = uy;             // UY
   o[10] = st.anchor_u();     // UA
   o[11] = st.anchor_mean();  // EQ_DA
-  o[12] = log_ratio(st.q.s, st.p.s);  // LOG_RATIO
+  o[12] = log_ratio(st.q.s, st.p.s, st.dqp);  // LOG_RATIO
 }
 
 // z'_y and u'_y of a row for token y (both 0 when y is out of [0, vocab): e.g. an ignore index).

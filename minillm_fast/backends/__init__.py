@@ -23,11 +23,11 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     would be rounded at 1e4 before the cancellation). Then KL(q||p) = EQ_D - LOGS_Q + LOGS_P and
     KL(p||q) = EP_D - LOGS_P + LOGS_Q; the ops take them as EQ_D - LOG_RATIO and EP_D + LOG_RATIO. LOG_RATIO exists
     for close distributions (KL ~ 1e-3 per row): LOGS_Q and LOGS_P, each rounded to float32 at ulp(log s) ~ 5e-7,
-    would by themselves exceed the design's 2e-5 there. The ``cpu`` and ``torch`` backends form it as
-    log1p(D / s_p) from D = sum (exp(z' - m_q) - exp(u' - m_p)) = s_q - s_p accumulated entry by entry (small where
-    q ~ p, so rounded relative to the difference; online D' = f_q D + (f_q - f_p) s_p with the two rescale
-    factors f); the others (not yet D) as log1p((s_q - s_p) / s_p) of their float32 sums. Online, when the maxima
-    grow by (delta_q, delta_p), the cross sum A_q = sum exp(z' - m_q) d becomes
+    would by themselves exceed the design's 2e-5 there. Every backend forms it as log1p(D / s_p) from
+    D = sum (exp(z' - m_q) - exp(u' - m_p)) = s_q - s_p accumulated entry by entry (small where q ~ p, so rounded
+    relative to the difference; online D' = f_q D + (f_q - f_p) s_p with the two rescale factors f), and as
+    log s_q - log s_p where s_q < s_p / 2 or either is 0 (minillm_fast.distributed: not yet D). Online, when the
+    maxima grow by (delta_q, delta_p), the cross sum A_q = sum exp(z' - m_q) d becomes
     exp(-delta_q) (A_q - (delta_q - delta_p) S_q) (symmetrically for A_p) and the centred sum
     B_q = sum exp(z' - m_q)(z' - m_q) becomes exp(-delta_q) (B_q - delta_q S_q).
     0 * inf = 0 throughout (an entry of zero probability contributes nothing). An empty row (all -inf) has

@@ -84,6 +84,8 @@ from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor
 NUM_COEFS = tl.constexpr(4)
 # The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an, d_qp.
 NUM_PARTIAL = tl.constexpr(13)
+# The partial JSD sums of one (row, split): sum q g, sum p h, sum q (g - g_a).
+NUM_JSD_PARTIAL = tl.constexpr(3)
 
 
 @triton.jit
@@ -128,7 +130,8 @@ def head_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_h, stride_
               BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """(logits, slope) of one [BLOCK_N, BLOCK_V] tile: logits = softcap tanh(scale (h W^T + b) / softcap) in float32
     (before the temperature), and the soft-cap's derivative 1 - tanh^2 (``tanh_and_slope``; the logits where there
-    is no soft-cap, never read). Rows outside ``row_ok`` and columns outside ``col_ok`` read zeros (finite, never stored)."""
+    is no soft-cap, never read). Rows outside ``row_ok`` and columns outside ``col_ok`` read zeros (finite, never
+    stored)."""
     # Row starts only ([BLOCK_N] / [BLOCK_V] int64 addresses): 2-D address tensors carried through the loop would
     # cost 2 registers per element next to two logit tiles.
     ks = tl.arange(0, BLOCK_K)
@@ -329,8 +332,8 @@ def fused_linear_jsd_rows_kernel(
         sum_p += tl.sum(p * h, 1)
         sum_a += tl.sum(q * g_rel, 1)
 
-    # Partial sums as [N, SPLIT, 3].
-    out = part_ptr + (rows64 * tl.num_programs(1) + split) * 3
+    # Partial sums as [N, SPLIT, NUM_JSD_PARTIAL].
+    out = part_ptr + (rows64 * tl.num_programs(1) + split) * NUM_JSD_PARTIAL
     tl.store(out + 0, sum_q, mask=row_ok)
     tl.store(out + 1, sum_p, mask=row_ok)
     tl.store(out + 2, sum_a, mask=row_ok)
@@ -344,7 +347,7 @@ def fused_linear_jsd_merge_kernel(part_ptr, out_ptr, N, num_splits, beta, one_m_
     sum_p = tl.zeros([BLOCK_R], tl.float32)
     sum_a = tl.zeros([BLOCK_R], tl.float32)
     for split in range(0, num_splits):
-        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * 3
+        part = part_ptr + (rows.to(tl.int64) * num_splits + split) * NUM_JSD_PARTIAL
         sum_q += tl.load(part + 0, mask=row_ok, other=0.0)
         sum_p += tl.load(part + 1, mask=row_ok, other=0.0)
         sum_a += tl.load(part + 2, mask=row_ok, other=0.0)

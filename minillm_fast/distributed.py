@@ -51,8 +51,9 @@ exactly 0 to every sum (its expectations, 0/0 in the backends, are never read: 0
 empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) and gets 0 expectations. Entries of
 +inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded, unless their
 shard vanishes (its max ~104 or more below the global one: every exp(x' - M) of it is 0 in float32, as the
-backends take it, so it contributes 0 to the cross sums); NaN inputs stay NaN. The conversions run in float64 and the wire format is float32, as the statistics are: the merged statistics
-equal the unsharded ones to float32 rounding.
+backends take it, so it contributes 0 to the cross sums); NaN inputs stay NaN. The conversions run in float64 and
+the wire format is float32, as the statistics are: the merged statistics equal the unsharded ones to float32
+rounding.
 
 Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 int64 + 7 float32 per
 row without tokens, 2 int64 + 9 float32 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums

@@ -224,7 +224,7 @@ def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
     vocab = min(s.vocab, t.vocab)
     cfg = _tiles("jsd_rows", s, t)
     splits, tiles_per_split = _splits(n_rows, vocab, device, cfg)
-    partial = torch.empty(n_rows, splits, 3, dtype=torch.float32, device=device)
+    partial = torch.empty(n_rows, splits, _k.NUM_JSD_PARTIAL.value, dtype=torch.float32, device=device)
     with _device(s.hidden):
         _k.fused_linear_jsd_rows_kernel[(triton.cdiv(n_rows, cfg.block_n), splits)](
             *s.pointers(), *t.pointers(), stats, partial,

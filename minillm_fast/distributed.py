@@ -10,43 +10,45 @@ statistics (the backward pass needs no communication at all).
 
 The merge, per row (written once here, in pure functions that need no process group)
 -----------------------------------------------------------------------------------
-Rank r's statistics are relative to its local maxima m_q, m_p (z' = z/tau, u' = u/tau, over its columns only)::
+Rank r's statistics are relative to its local maxima m_q, m_p of the raw logits (over its columns only), with
+the centred logits taken as (z - m_q)/tau and (u - m_p)/tau (z' = z/tau, u' = u/tau below)::
 
-    s_q = sum_v exp(z'_v - m_q)       EQ_D = E_q[d]   with d = (z' - m_q) - (u' - m_p)     EQ_ZC = E_q[z' - m_q]
-    s_p = sum_v exp(u'_v - m_p)       EP_D = E_p[-d]                                       EP_UC = E_p[u' - m_p]
-    UA = u'_a (a: the shard's argmax of z')                EQ_DA = E_q[d - d_a]  (the anchor, minillm_fast.backends)
+    s_q = sum_v exp(z'_v - m_q/tau)   EQ_D = E_q[d]   with d = (z - m_q)/tau - (u - m_p)/tau  EQ_ZC = E_q[z' - m_q/tau]
+    s_p = sum_v exp(u'_v - m_p/tau)   EP_D = E_p[-d]                                        EP_UC = E_p[u' - m_p/tau]
+    UA = u_a (a: the shard's argmax of z)                  EQ_DA = E_q[d - d_a]  (the anchor, minillm_fast.backends)
 
 1. ``all_reduce(MAX)`` of two int64 keys per row: (m_q, UA) ordered lexicographically, and m_p. Each key holds
    the float32 values' bits remapped so that integer order is float order (``_order_key``), the first one m_q's
    key in its high 32 bits and UA's in its low 32 bits. So one integer MAX gives the global maxima (M_q, M_p) and
-   the global anchor's U_A = u' at the global argmax of z' (of all tied maxima, the largest u'; any tied entry is
+   the global anchor's U_A = u at the global argmax of z (of all tied maxima, the largest u; any tied entry is
    a valid anchor). One collective, 2 int64 per row.
 2. Each rank re-expresses its statistics as *unnormalised* sums relative to the global maxima. With
-   delta_q = m_q - M_q <= 0 and delta_p = m_p - M_p <= 0 (the global centred difference is
-   D = (z' - M_q) - (u' - M_p) = d + delta_q - delta_p, and D - D_A = (d - d_a) + delta_q - (u'_a - U_A))::
+   delta_q = (m_q - M_q)/tau <= 0 and delta_p = (m_p - M_p)/tau <= 0 (so ``inv_temp`` = 1/tau is an argument; the
+   global centred difference is D = (z - M_q)/tau - (u - M_p)/tau = d + delta_q - delta_p, and
+   D - D_A = (d - d_a) + delta_q - (u_a - U_A)/tau)::
 
        S_q = sum exp(z' - M_q)               = exp(log s_q + delta_q)
        A_q = sum exp(z' - M_q) D             = S_q (EQ_D + delta_q - delta_p)
        B_q = sum exp(z' - M_q) (z' - M_q)    = S_q (EQ_ZC + delta_q)
-       N_q = sum exp(z' - M_q) (D - D_A)     = S_q (EQ_DA + delta_q - (u'_a - U_A))
+       N_q = sum exp(z' - M_q) (D - D_A)     = S_q (EQ_DA + delta_q - (u_a - U_A)/tau)
        S_p = sum exp(u' - M_p)               = exp(log s_p + delta_p)
        A_p = sum exp(u' - M_p) (-D)          = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
        B_p = sum exp(u' - M_p) (u' - M_p)    = S_p (EP_UC + delta_p)
-       ZY, UY: z'_y, u'_y on the rank whose shard holds the row's token y, 0 on every other rank.
+       ZY, UY: z_y, u_y on the rank whose shard holds the row's token y, 0 on every other rank.
 
    These are plain sums over columns, so ``all_reduce(SUM)`` of the 9 values (7 without tokens) gives the
    global ones. One collective, at most 9 floats per row. N_q keeps the anchor's precision: on the shard holding
-   the global anchor delta_q = 0 and u'_a = U_A exactly, so its term is S_q EQ_DA, with no 1e4-sized part that
+   the global anchor delta_q = 0 and u_a = U_A exactly, so its term is S_q EQ_DA, with no 1e4-sized part that
    the sum could round; every other shard's term is weighted by exp(delta_q), negligible in the nearly one-hot
    rows the anchor exists for.
 3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, EQ_DA = N_q / S_q, and the same for
    p, LOG_RATIO = log S_q - log S_p (float64 of the summed float32 terms; not yet each shard's s_q - s_p); M_Q,
    M_P are the global maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is not
-   finite, as in the backends (a shard whose anchor is NaN, e.g. u'_a = -inf, makes the row's NaN: its reverse KL
+   finite, as in the backends (a shard whose anchor is NaN, e.g. u_a = -inf, makes the row's NaN: its reverse KL
    is infinite anyway).
 
 The shift conventions are the backends': a maximum that is not finite shifts by 0 (``shift(m) = m if finite else
-0``), so delta = shift(m) - shift(M). A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
+0``), so delta = (shift(m) - shift(M))/tau. A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
 exactly 0 to every sum (its expectations, 0/0 in the backends, are never read: 0 * inf and NaN are guarded); a row
 empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) and gets 0 expectations. Entries of
 +inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded, unless their
@@ -179,14 +181,15 @@ def global_maxima(keys: torch.Tensor) -> torch.Tensor:
     return torch.stack([m_q, _from_order_key(keys[:, 1]), u_a], dim=1)
 
 
-def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor, *, inv_temp: float) -> torch.Tensor:
     """float32 [n, 9] unnormalised sums (S_q, A_q, B_q, N_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
     ``stats`` [n, NUM_STATS], relative to the rows' global maxima and anchor ``global_max`` [n, 3] = (M_q, M_p, U_A)
-    (``global_maxima``). See the module docstring; summing these over shards and ``from_partial_sums`` give the
+    (``global_maxima``; raw logits, so the shifts are scaled by ``inv_temp`` = 1/tau, the one the statistics were
+    computed with). See the module docstring; summing these over shards and ``from_partial_sums`` give the
     statistics of the whole rows."""
     s, gm = stats.to(torch.float64), global_max.to(torch.float64)
-    delta_q = _shift(s[:, M_Q]) - _shift(gm[:, GLOBAL_M_Q])
-    delta_p = _shift(s[:, M_P]) - _shift(gm[:, GLOBAL_M_P])
+    delta_q = (_shift(s[:, M_Q]) - _shift(gm[:, GLOBAL_M_Q])) * inv_temp
+    delta_p = (_shift(s[:, M_P]) - _shift(gm[:, GLOBAL_M_P])) * inv_temp
     # A shard whose maximum lies ~104 or more below the global one vanishes: every exp(x' - M) of its entries
     # underflows in float32, as the backends' kernels take them, so its cross sums count 0, also where they are
     # +inf (mass where the other model is -inf)
@@ -198,7 +201,7 @@ def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor) -> torch.Tens
         s_q,
         _weighted(s_q, s[:, EQ_D] + (delta_q - delta_p), empty_q),
         _weighted(s_q, s[:, EQ_ZC] + delta_q, empty_q),
-        _weighted(s_q, s[:, EQ_DA] + (delta_q - (s[:, UA] - gm[:, GLOBAL_UA])), empty_q),
+        _weighted(s_q, s[:, EQ_DA] + (delta_q - (s[:, UA] - gm[:, GLOBAL_UA]) * inv_temp), empty_q),
         s_p,
         _weighted(s_p, s[:, EP_D] + (delta_p - delta_q), empty_p),
         _weighted(s_p, s[:, EP_UC] + delta_p, empty_p),
@@ -232,11 +235,12 @@ def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Ten
     return out
 
 
-def merge_row_stats(shard_stats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The statistics of whole rows from those of their column shards, in one process (what
-    ``all_reduce_row_stats`` computes across ranks; ZY/UY must already be 0 in the shards not owning the token)."""
+def merge_row_stats(shard_stats: Sequence[torch.Tensor], *, inv_temp: float) -> torch.Tensor:
+    """The statistics of whole rows from those of their column shards, all computed with ``inv_temp``, in one
+    process (what ``all_reduce_row_stats`` computes across ranks; ZY/UY must already be 0 in the shards not owning
+    the token)."""
     global_max = global_maxima(torch.stack([max_keys(s) for s in shard_stats]).amax(0))
-    sums = torch.stack([to_partial_sums(s, global_max) for s in shard_stats]).sum(0)
+    sums = torch.stack([to_partial_sums(s, global_max, inv_temp=inv_temp) for s in shard_stats]).sum(0)
     return from_partial_sums(sums, global_max)
 
 
@@ -244,10 +248,11 @@ def merge_row_stats(shard_stats: Sequence[torch.Tensor]) -> torch.Tensor:
 # The merge across ranks
 # ----------------------------------------------------------------------------------------------------------
 
-def all_reduce_row_stats(stats: torch.Tensor, group, *, owned: torch.Tensor | None = None,
+def all_reduce_row_stats(stats: torch.Tensor, group, *, inv_temp: float, owned: torch.Tensor | None = None,
                          with_tokens: bool = True) -> torch.Tensor:
     """Global row statistics float32 [n, NUM_STATS] from this rank's ``stats`` [n, NUM_STATS] of its vocabulary shard
-    (the backend's ``row_stats`` on the local columns). Identical on every rank of ``group``.
+    (the backend's ``row_stats`` on the local columns, with ``inv_temp`` = 1/tau). Identical on every rank of
+    ``group``.
 
     ZY/UY must hold this rank's token logits where it owns the row's token and 0 elsewhere; pass ``owned`` (bool
     [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 7 columns
@@ -261,7 +266,7 @@ def all_reduce_row_stats(stats: torch.Tensor, group, *, owned: torch.Tensor | No
     keys = max_keys(stats)
     dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=group)
     global_max = global_maxima(keys)
-    sums = to_partial_sums(stats, global_max)
+    sums = to_partial_sums(stats, global_max, inv_temp=inv_temp)
     if not with_tokens:
         sums = sums[:, :_WITHOUT_TOKENS].contiguous()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)

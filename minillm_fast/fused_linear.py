@@ -497,8 +497,8 @@ class _MiniLLM(_Loss):
 
     def rows(self, block):
         sl = slice(block.a, block.b)
-        pg, d_pg, rho = _policy_gradient_rows(block.stats, block.valid, self.adv[sl], self.old[sl], self.w[sl],
-                                              self.clip_eps)
+        pg, d_pg, rho = _policy_gradient_rows(block.stats, block.inv_temp, block.valid, self.adv[sl], self.old[sl],
+                                              self.w[sl], self.clip_eps)
         return {"pg": pg, "d_pg": d_pg, "clipped": ((rho - 1).abs() > self.clip_eps).to(torch.float32),
                 "kl": _reverse_kl_rows(block.stats)}
 
@@ -515,7 +515,7 @@ class _PT(_Loss):
         self.kd_ratio = kd_ratio
 
     def rows(self, block):
-        lm, kd = _pt_rows(block.stats)
+        lm, kd = _pt_rows(block.stats, block.inv_temp)
         return {"lm": lm, "kd": kd}
 
     def grad_columns(self, values):
@@ -639,7 +639,8 @@ class _Problem:
         elif stats is None:
             stats = self.backend.row_stats(z, u, tok, self.inv_temp)
             if self.group is not None:
-                stats = distributed.all_reduce_row_stats(stats, self.group, owned=owned, with_tokens=tok is not None)
+                stats = distributed.all_reduce_row_stats(stats, self.group, inv_temp=self.inv_temp, owned=owned,
+                                                          with_tokens=tok is not None)
         valid = _valid_rows(None if self.mask is None else self.mask[a:b], stats)
         return _Block(a, b, z, u, tok, stats, valid, self.backend, self.inv_temp, self.group, owned,
                       grad_written=in_pass is not None)
@@ -719,7 +720,8 @@ def _on_chip_block(problem: _Problem, tokens, stats=None) -> _OnChipBlock:
     if stats is None:
         stats = triton_fused_linear.row_stats(problem.student, problem.teacher, tokens, problem.inv_temp)
         if problem.group is not None:
-            stats = distributed.all_reduce_row_stats(stats, problem.group, owned=owned, with_tokens=tokens is not None)
+            stats = distributed.all_reduce_row_stats(stats, problem.group, inv_temp=problem.inv_temp, owned=owned,
+                                                     with_tokens=tokens is not None)
     valid = _valid_rows(problem.mask, stats)
     return _OnChipBlock(0, problem.n_rows, None, None, tokens, stats, valid, problem.backend, problem.inv_temp,
                         problem.group, owned, student=problem.student, teacher=problem.teacher)
@@ -947,11 +949,11 @@ def fused_linear_jsd(student_hidden, student_weight, teacher_hidden, teacher_wei
 
 
 class _TokenStatsFinish(_Finish):
-    def __init__(self, alpha, lead_shape):
-        self.alpha, self.lead_shape = alpha, lead_shape
+    def __init__(self, alpha, lead_shape, inv_temp):
+        self.alpha, self.lead_shape, self.inv_temp = alpha, lead_shape, inv_temp
 
     def __call__(self, values, valid):
-        return _token_stats_from_rows(values["stats"], valid, self.alpha, self.lead_shape), None, None
+        return _token_stats_from_rows(values["stats"], self.inv_temp, valid, self.alpha, self.lead_shape), None, None
 
 
 def fused_linear_token_stats(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, *,
@@ -965,7 +967,7 @@ def fused_linear_token_stats(student_hidden, student_weight, teacher_hidden, tea
     flat_tokens = _token_ids("tokens", tokens, problem)
     with torch.no_grad():
         values, stats, valid, _ = _forward(problem, _Stats(), flat_tokens, None, _on_chip(problem))
-        return _TokenStatsFinish(alpha, problem.lead_shape)(values, valid)[0]
+        return _TokenStatsFinish(alpha, problem.lead_shape, problem.inv_temp)(values, valid)[0]
 
 
 def _token_ids(name, tokens, problem: _Problem) -> torch.Tensor:

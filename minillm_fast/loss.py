@@ -120,7 +120,8 @@ def _row_stats(rows: _validate.Rows, tokens=None, owned=None) -> torch.Tensor:
                                backend=rows.backend_name)
     if rows.group is not None:
         with torch.no_grad():
-            stats = distributed.all_reduce_row_stats(stats, rows.group, owned=owned, with_tokens=tokens is not None)
+            stats = distributed.all_reduce_row_stats(stats, rows.group, inv_temp=rows.inv_temp, owned=owned,
+                                                     with_tokens=tokens is not None)
     return stats
 
 
@@ -158,18 +159,18 @@ def _forward_kl_rows(s):
     return s[:, EP_D] + s[:, LOG_RATIO]
 
 
-def _student_logprob_rows(s):
-    """log q(y) = (z'_y - m_q) - log s_q per row, in float64: the difference of two float32 logits is exact there,
-    so what is built on it (log q(y) - old, the log-ratio, the mixture) is not rounded at ulp(|log q(y)|), ~1e-3
-    where logits are ~1e4."""
+def _student_logprob_rows(s, inv_temp: float):
+    """log q(y) = (z_y - m_q) / tau - log s_q per row (raw z_y and m_q), in float64: the difference of two float32
+    logits is exact there, and so is its product with 1/tau, so what is built on it (log q(y) - old, the log-ratio,
+    the mixture) is rounded neither at ulp(|log q(y)|), ~1e-3 where logits are ~1e4, nor at ulp(|z_y / tau|)."""
     s = s.double()
-    return (s[:, ZY] - s[:, M_Q]) - s[:, LOGS_Q]
+    return (s[:, ZY] - s[:, M_Q]) * inv_temp - s[:, LOGS_Q]
 
 
-def _teacher_logprob_rows(s):
+def _teacher_logprob_rows(s, inv_temp: float):
     """log p(y), in float64 as ``_student_logprob_rows``."""
     s = s.double()
-    return (s[:, UY] - s[:, M_P]) - s[:, LOGS_P]
+    return (s[:, UY] - s[:, M_P]) * inv_temp - s[:, LOGS_P]
 
 
 def _zero_where_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -371,7 +372,8 @@ def row_stats_grad_composed(backend, z, u, tokens, coef, policy, clip_eps, inv_t
     nonempty = _valid_rows(None, stats)
     coef = torch.where(nonempty[:, None], coef, torch.zeros_like(coef))
     if policy is not None:
-        _, factor, _ = _policy_gradient_rows(stats, nonempty, policy[:, 0], policy[:, 1], policy[:, 2], clip_eps)
+        _, factor, _ = _policy_gradient_rows(stats, inv_temp, nonempty, policy[:, 0], policy[:, 1], policy[:, 2],
+                                             clip_eps)
         coef[:, C_Q] *= factor
         coef[:, C_Y] *= factor
     dz = backend.logits_grad(z, u, tokens, stats, coef.contiguous(), inv_temp)
@@ -403,9 +405,9 @@ def _pt_grad_columns(kd_ratio: float) -> dict:
     return {"q": 1.0, "p": -kd_ratio, "y": -(1 - kd_ratio)}
 
 
-def _policy_gradient_rows(s, valid, adv, old, w, clip_eps):
+def _policy_gradient_rows(s, inv_temp, valid, adv, old, w, clip_eps):
     """Per row: (clipped PG loss, its derivative with respect to log q(y), the ratio rho). See minillm_loss."""
-    log_ratio = _zero_where_invalid(_student_logprob_rows(s) - old.double(), valid)
+    log_ratio = _zero_where_invalid(_student_logprob_rows(s, inv_temp) - old.double(), valid)
     rho = torch.exp(log_ratio) * w.double()
     adv = adv.double()
     unclipped, clipped = -adv * rho, -adv * rho.clamp(1 - clip_eps, 1 + clip_eps)
@@ -414,9 +416,9 @@ def _policy_gradient_rows(s, valid, adv, old, w, clip_eps):
     return pg.float(), d_pg_d_logq.float(), rho.float()
 
 
-def _pt_rows(s):
+def _pt_rows(s, inv_temp):
     """Per row: (-log q(label), -sum_v p_v log q_v). See pt_loss."""
-    lm = (-_student_logprob_rows(s)).float()
+    lm = (-_student_logprob_rows(s, inv_temp)).float()
     # -sum p log q = -E_p[z' - m_q] + log s_q, with E_p[z' - m_q] = E_p[u' - m_p] - E_p[(u'-m_p) - (z'-m_q)].
     kd = s[:, EP_D] - s[:, EP_UC] + s[:, LOGS_Q]
     return lm, kd
@@ -523,11 +525,11 @@ def token_stats(student_logits, teacher_logits, tokens, *, alpha=0.2, temperatur
                              process_group=process_group)
     flat_tokens, owned = _token_ids("tokens", tokens, rows)
     s = _row_stats(rows, flat_tokens, owned)
-    return _token_stats_from_rows(s, _valid_rows(rows.mask, s), alpha, rows.lead_shape)
+    return _token_stats_from_rows(s, rows.inv_temp, _valid_rows(rows.mask, s), alpha, rows.lead_shape)
 
 
-def _token_stats_from_rows(s, valid, alpha: float, lead_shape) -> TokenStats:
-    lq, lp = _student_logprob_rows(s), _teacher_logprob_rows(s)  # float64
+def _token_stats_from_rows(s, inv_temp, valid, alpha: float, lead_shape) -> TokenStats:
+    lq, lp = _student_logprob_rows(s, inv_temp), _teacher_logprob_rows(s, inv_temp)  # float64
     mix = lq if alpha == 0 else torch.logaddexp(lp + math.log(alpha), lq + math.log1p(-alpha))
     log_ratio = lp - lq
     # q / (alpha p + (1 - alpha) q) = 1 / ((1 - alpha) + alpha exp(log p - log q)): never above 1 / (1 - alpha),
@@ -574,7 +576,7 @@ def minillm_loss(student_logits, teacher_logits, tokens, advantages, old_logprob
                          policy=(adv, old, w), clip_eps=clip_eps)
     s = row_pass.stats
     valid = _valid_rows(rows.mask, s)
-    pg, d_pg_d_logq, rho = _policy_gradient_rows(s, valid, adv, old, w, clip_eps)
+    pg, d_pg_d_logq, rho = _policy_gradient_rows(s, rows.inv_temp, valid, adv, old, w, clip_eps)
     pg_loss, weight = _reduce(pg, valid, "mean", lead, num_tokens)
     reg_loss, _ = _reduce(_reverse_kl_rows(s), valid, "mean", lead, num_tokens)
     clip_fraction, _ = _reduce(((rho - 1).abs() > clip_eps).to(torch.float32), valid, "mean", lead, num_tokens)
@@ -615,7 +617,7 @@ def pt_loss(student_logits, teacher_logits, labels, *, kd_ratio=0.5, ignore_inde
     row_pass = _row_pass(rows, "mean", _pt_grad_columns(kd_ratio), flat_tokens, owned, num_tokens)
     s = row_pass.stats
     valid = _valid_rows(rows.mask, s)
-    lm, kd = _pt_rows(s)
+    lm, kd = _pt_rows(s, rows.inv_temp)
     lm_loss, weight = _reduce(lm, valid, "mean", lead, num_tokens)
     kd_loss, _ = _reduce(kd, valid, "mean", lead, num_tokens)
     value = (1 - kd_ratio) * lm_loss + kd_ratio * kd_loss

@@ -81,8 +81,9 @@ def _sample_sharded(rows: _validate.Rows, draws: torch.Tensor, alpha: float) -> 
     shard = per_row[:, 2:].reshape(n_rows, world, 4)
     m = torch.where(use_teacher[:, None], shard[..., 2], shard[..., 0])
     logs = torch.where(use_teacher[:, None], shard[..., 3], shard[..., 1])
-    # log of each shard's mass (the backends' shift: log s is relative to m where m is finite)
-    log_mass = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) + logs
+    # log of each shard's mass (the backends' shift: log s is relative to the raw max m, as m / tau, where m is
+    # finite)
+    log_mass = torch.where(torch.isfinite(m), m, torch.zeros_like(m)) * rows.inv_temp + logs
     top = log_mass.amax(1, keepdim=True)
     mass = torch.exp(log_mass - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))  # [n, world]
     cum = mass.cumsum(1)

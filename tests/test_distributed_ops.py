@@ -157,7 +157,8 @@ def test_merged_shard_stats_equal_the_whole_rows(backend_name, sizes):
     u[9] = NEG_INF
     tokens = make_tokens(3, z, u, bounds_of(sizes))
     whole = backend.row_stats(z, u, tokens, 1 / 0.7)
-    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, 1 / 0.7, bounds_of(sizes)))
+    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, 1 / 0.7, bounds_of(sizes)),
+                                      inv_temp=1 / 0.7)
     assert merged.dtype == torch.float32 and merged.shape == (10, NUM_STATS)
     valid = (whole[:, M_Q] != NEG_INF) & (whole[:, M_P] != NEG_INF)
     assert int(valid.sum()) == 7
@@ -189,7 +190,7 @@ def test_shard_gradients_and_jsd_sums_from_merged_stats(backend_name):
     gen = torch.Generator().manual_seed(21)
     coef = torch.randn(6, NUM_COEFS, generator=gen)
     whole = backend.row_stats(z, u, tokens, inv_temp)
-    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, inv_temp, bounds))
+    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, inv_temp, bounds), inv_temp=inv_temp)
     valid = (whole[:, M_Q] != NEG_INF) & (whole[:, M_P] != NEG_INF)
     coef[~valid] = 0.0
     grad = backend.logits_grad(z, u, tokens, whole, coef, inv_temp)
@@ -221,7 +222,7 @@ def test_an_empty_shard_contributes_exactly_zero():
     shard = backend.row_stats(z[:, :100].contiguous(), u[:, :100].contiguous(), None, 1.0)
     assert torch.isnan(shard[:, EQ_D]).all()  # the backends' 0/0: must never be read
     global_max = distributed.global_maxima(distributed.max_keys(backend.row_stats(z, u, None, 1.0)))
-    sums = distributed.to_partial_sums(shard, global_max)
+    sums = distributed.to_partial_sums(shard, global_max, inv_temp=1.0)
     assert torch.equal(sums, torch.zeros_like(sums))
 
 
@@ -242,7 +243,7 @@ def test_sharded_one_hot_rows_keep_the_anchor(backend_name, temperature):
     coef[:, 0] = 1.0  # the reverse KL's c_kl
     whole = backend.logits_grad(z, u, None, backend.row_stats(z, u, None, inv_temp), coef, inv_temp)
     merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, torch.zeros(64, dtype=torch.int64),
-                                                          inv_temp, bounds))
+                                                          inv_temp, bounds), inv_temp=inv_temp)
     unanchored = merged.clone()
     unanchored[:, [UA, EQ_DA]] = math.nan
 
@@ -267,7 +268,7 @@ def test_a_vanishing_shard_counts_as_unsharded(backend_name):
     u[0, 300], u[0, 301] = 1.0, -1.0
     tokens = torch.tensor([301])
     whole = backend.row_stats(z, u, tokens, 1.0)
-    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, 1.0, [0, 200, 400]))
+    merged = distributed.merge_row_stats(_stats_of_shards(backend, z, u, tokens, 1.0, [0, 200, 400]), inv_temp=1.0)
     assert torch.isfinite(whole[:, EQ_D]).all()
     _assert_stats_close(merged, whole, torch.ones(1, dtype=torch.bool))
 
@@ -278,9 +279,11 @@ def test_merging_merged_shards_is_merging_all():
     backend = _dispatch.get_backend("torch", CPU)
     z, u = make_inputs(6, F32, F32, lead=(8,))
     tokens = make_tokens(6, z, u, [0, 300, 301, 800, VOCAB])
-    parts = _stats_of_shards(backend, z, u, tokens, 1.0, [0, 300, 301, 800, VOCAB])
-    flat = distributed.merge_row_stats(parts)
-    tree = distributed.merge_row_stats([distributed.merge_row_stats(parts[:2]), distributed.merge_row_stats(parts[2:])])
+    inv_temp = 1 / 0.7
+    parts = _stats_of_shards(backend, z, u, tokens, inv_temp, [0, 300, 301, 800, VOCAB])
+    flat = distributed.merge_row_stats(parts, inv_temp=inv_temp)
+    tree = distributed.merge_row_stats([distributed.merge_row_stats(parts[:2], inv_temp=inv_temp),
+                                        distributed.merge_row_stats(parts[2:], inv_temp=inv_temp)], inv_temp=inv_temp)
     valid = (flat[:, M_Q] != NEG_INF) & (flat[:, M_P] != NEG_INF)
     _assert_stats_close(tree, flat, valid)
 

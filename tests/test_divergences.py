@@ -103,6 +103,19 @@ def test_temperatures(backend, op, temperature, gen):
     check_op(op, backend, z, u, temperature=temperature, mask=seeded_mask(gen, (6,)))
 
 
+@pytest.mark.triton_subset(op=["reverse_kl", "jsd_0.5"])
+@pytest.mark.parametrize("offset,temperature", [(-1000.0, 2.7), (700.0, 0.37), (3e4, 1.3)])
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_temperature_with_logits_far_from_zero(backend, op, offset, temperature, gen):
+    """Logits offset by a common ~1e3 (the same distributions) at tau != 1. Scaling first, fl(z / tau), rounds each
+    logit at ulp(|z / tau|) (3e-5 at -1000 / 2.7, 1e-3 at 3e4 / 1.3) before the max is subtracted: gradients were
+    off by ~2e-4 relative and more. Centred on the raw max first, (z - m) / tau, nothing is rounded at that scale."""
+    v = vocab_for(backend, 1000, 257)
+    z = offset + 3.0 * torch.randn(6, v, generator=gen)
+    u = offset + 3.0 * torch.randn(6, v, generator=gen)
+    check_op(op, backend, z, u, tol_loss=2e-5, tol_grad=1e-4, temperature=temperature)
+
+
 @pytest.mark.parametrize("op", ["reverse_kl", "forward_kl", "jsd_0.5"])
 def test_temperature_applies_to_both_rows(backend, op, gen):
     """tau divides student AND teacher: loss(z, u, tau) == loss(z / tau, u / tau, 1) (exact powers of two)."""
@@ -423,6 +436,20 @@ def test_jsd_of_close_distributions(backend, op, gen):
     n, v = 8, vocab_for(backend, 32003, 600)
     z = torch.randn(n, v, generator=gen)
     u = 0.99 * z + math.sqrt(1 - 0.99 ** 2) * torch.randn(n, v, generator=gen)
+    for reduction in ("none", "mean"):
+        check_op(op, backend, z, u, tol_loss=2e-5, tol_grad=1e-4, reduction=reduction)
+
+
+@pytest.mark.parametrize("op", ["jsd_0.1", "jsd_0.5", "jsd_0.9"])
+@pytest.mark.parametrize("noise", [0.03, 0.01])
+def test_jsd_of_very_close_distributions(backend, op, noise, gen):
+    """Teacher = student + noise * randn: JSD ~ beta (1 - beta) noise^2 / 2 per row (4e-5 to 1e-4, 4e-6 to 1e-5).
+    g = log q - log m ~ -beta r and h ~ (1 - beta) r (r = log p - log q) were formed as -c - L, differences of two
+    numbers near log 2, rounded at ~6e-8 absolute: 1e-4 relative at noise 0.03 and 8e-4 at 0.01 on cpu and torch.
+    Taken as -log1p(beta expm1(r)) and -log1p((1 - beta) expm1(-r)) where |r| < 1/2: ~1e-6 and ~5e-6."""
+    n, v = 16, vocab_for(backend, 32000, 600)
+    z = 2.0 * torch.randn(n, v, generator=gen)
+    u = z + noise * torch.randn(n, v, generator=gen)
     for reduction in ("none", "mean"):
         check_op(op, backend, z, u, tol_loss=2e-5, tol_grad=1e-4, reduction=reduction)
 

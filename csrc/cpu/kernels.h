@@ -4,11 +4,12 @@
 // Shared conventions:
 //   * z (student) and u (teacher) are row sets of n_rows rows with unit stride along the vocabulary and any row
 //     stride; TZ, TU are float, bf16 or fp16 (dtypes.h), independently; only the first `vocab` = min(V_s, V_t)
-//     columns are read; z' = z * inv_temp, u' = u * inv_temp (float32, as the reference backend rounds them);
-//   * q = softmax(z'), p = softmax(u'); all sums in float32 per block, double across blocks;
+//     columns are read; the centred logits are x_q = (z - m_q) * inv_temp, x_p = (u - m_p) * inv_temp with the raw
+//     row maxima, subtracted before scaling (simd::centre, float32, as the reference backend forms them);
+//   * q = softmax(z / tau), p = softmax(u / tau); all sums in float32 per block, double across blocks;
 //   * stats is float32 [n_rows, 13] in the layout of minillm_fast.backends (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC,
-//     EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO); log-probabilities are always formed as (x' - m) - log s, never
-//     x' - lse;
+//     EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO; M, ZY, UY, UA raw); log-probabilities are always formed as
+//     x - log s, never z / tau - lse;
 //   * gradients are written for the whole [n_rows, dz_cols] contiguous output, zeros included;
 //   * float32 logits may also be vocabulary-major (VocabMajor): row_stats and logits_grad have versions for them.
 #pragma once
@@ -17,6 +18,7 @@
 
 #include "cpu/dtypes.h"
 #include "cpu/row_state.h"
+#include "cpu/simd.h"
 
 namespace minillm {
 namespace cpu {
@@ -25,7 +27,7 @@ namespace cpu {
 enum Stat : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO, NUM_STATS };
 enum Coef : int { C_KL = 0, C_Q, C_P, C_Y, NUM_COEFS };
 
-// A row's stats from its finished online state; z_y, u_y are the token's scaled logits (0 without tokens).
+// A row's stats from its finished online state; z_y, u_y are the token's raw logits (0 without tokens).
 inline void store_row_stats(float* out, const OnlinePair& state, float z_y, float u_y) {
   out[M_Q] = state.q.m;
   out[LOGS_Q] = state.q.log_s();
@@ -44,7 +46,7 @@ inline void store_row_stats(float* out, const OnlinePair& state, float z_y, floa
 
 // A row's logits_grad parameters from its stats and coefficients (shared by the row-major and vocabulary-major
 // kernels): the shifts sh = m (0 for an empty distribution), the log-normalisers, E_q[d], the anchor as the
-// kernels test and use it (anchor_off = fl(u'_a - sh_p), the x_p of the anchor's entries, and -E_q[d - d_a];
+// kernels test and use it (anchor_off = centre(u_a, sh_p), the x_p of the anchor's entries, and -E_q[d - d_a];
 // row_state.h; NaN: none), the four coefficients, whether any is nonzero (`active`: else the row's gradient is
 // zero) and the token (-1: none, or c_y = 0).
 struct LogitsGradRow {
@@ -54,7 +56,8 @@ struct LogitsGradRow {
   int64_t y;
 };
 
-inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, const int64_t* tokens, int64_t r) {
+inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, const int64_t* tokens, int64_t r,
+                                     float inv_temp) {
   const float* c = coef + r * NUM_COEFS;
   const float* s = stats + r * NUM_STATS;
   LogitsGradRow g;
@@ -64,7 +67,7 @@ inline LogitsGradRow logits_grad_row(const float* stats, const float* coef, cons
   g.shift_p = OnlineSoftmax::shift_of(s[M_P]);
   g.logs_p = s[LOGS_P];
   g.eq_d = s[EQ_D];
-  g.anchor_off = s[UA] - g.shift_p;
+  g.anchor_off = simd::centre(s[UA], g.shift_p, inv_temp);
   g.minus_eq_d_anchor = -s[EQ_DA];
   g.c_kl = c[C_KL];
   g.c_q = c[C_Q];
@@ -86,8 +89,9 @@ template <class TZ, class TU>
 void row_stats(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const int64_t* tokens, float inv_temp,
                float* stats);
 
-// dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], d = z' - u'; coef float32 [n_rows, 4]; at the
-// entries with z'_v = m_q and u'_v = UA (d_v = d_a exactly) d_v - E_q[d] is taken as -E_q[d - d_a] (row_state.h).
+// dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], d = x_q - x_p; coef float32 [n_rows, 4]; at
+// the entries with z_v = m_q and x_p = centre(UA, m_p) (d_v = d_a exactly) d_v - E_q[d] is taken as -E_q[d - d_a]
+// (row_state.h).
 // Reads u only for rows with c_kl or c_p nonzero and evaluates p only where c_p is nonzero; rows whose four
 // coefficients are zero are written as zeros without reading z or u; columns >= vocab are zero.
 template <class TZ, class TU>
@@ -124,7 +128,7 @@ void logits_grad_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t
                              const float* stats, const float* coef, float inv_temp, float* dz, int64_t ld_dz,
                              int64_t dz_cols);
 
-// Inverse-CDF draw per row from softmax(u') where use_teacher[r] else softmax(z'), with uniform[r] in [0, 1);
+// Inverse-CDF draw per row from softmax(u / tau) where use_teacher[r] else softmax(z / tau), uniform[r] in [0, 1);
 // -1 for a row whose chosen distribution is empty. Only the chosen row is read.
 template <class TZ, class TU>
 void sample_rows(Rows<TZ> z, Rows<TU> u, int64_t n_rows, int64_t vocab, const bool* use_teacher,

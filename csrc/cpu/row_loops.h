@@ -45,8 +45,8 @@ inline void for_each_vector(int64_t begin, int64_t end, F&& f) {
   if (i < end) f(i, static_cast<int>(end - i), TailVector{});
 }
 
-// max of x[begin, end) as stored (unscaled); -inf for an empty range or all -inf. Scaling by inv_temp > 0 is
-// monotone under rounding, so max(x) * inv_temp equals max(x * inv_temp) exactly.
+// max of x[begin, end) as stored (raw, unscaled: the kernels centre on it before scaling, simd::centre); -inf for
+// an empty range or all -inf.
 template <class T>
 inline float range_max(const T* x, int64_t begin, int64_t end) {
   using simd::Vec;
@@ -63,10 +63,10 @@ inline float range_max(const T* x, int64_t begin, int64_t end) {
 }
 
 // The seven sums a block of row_stats adds to a row's state (row_state.h), lane by lane: with the centred logits
-// xq = z' - sh_q, xp = u' - sh_p, d = xq - xp and their exps eq = exp(xq), ep = exp(xp),
+// xq = centre(z, sh_q), xp = centre(u, sh_p), d = xq - xp and their exps eq = exp(xq), ep = exp(xp),
 //     sq += eq   cq += eq xq   aq += eq d   an += eq (d - d_a)     sp += ep   cp += ep xp   ap -= ep d,
 // products with e = 0 masked (0 * inf = 0: -inf logits, and the -inf padding of a tail vector). d - d_a is formed
-// as d + anchor_off, anchor_off = fl(u'_a - sh_p) = -d_a (the block's constant): exactly 0 at the anchor itself,
+// as d + anchor_off, anchor_off = centre(u_a, sh_p) = -d_a (the block's constant): exactly 0 at the anchor itself,
 // where xq = 0 and xp = anchor_off.
 struct StatsSums {
   simd::Vec sq = simd::zero(), cq = simd::zero(), aq = simd::zero(), an = simd::zero();

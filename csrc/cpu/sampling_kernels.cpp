@@ -23,14 +23,14 @@ using simd::Vec;
 template <class T>
 int64_t sample_row(const T* x, int64_t vocab, float inv_temp, double uniform) {
   const Vec it = simd::set1(inv_temp);
-  OnlineSoftmax dist;  // m and s (c unused)
+  OnlineSoftmax dist(inv_temp);  // the raw m and s (c unused)
   for (int64_t b = 0; b < vocab; b += kBlock) {
     const int64_t e = std::min(vocab, b + kBlock);
-    dist.rescale_to(std::max(dist.m, range_max(x, b, e) * inv_temp));
+    dist.rescale_to(std::max(dist.m, range_max(x, b, e)));
     const Vec shift = simd::set1(dist.shift());
     Vec acc = simd::zero();
     for_each_vector(b, e, [&](int64_t i, int n, auto tag) {
-      acc = acc + simd::exp(simd::scale(ld(x + i, n, tag), it) - shift);
+      acc = acc + simd::exp(simd::centre(ld(x + i, n, tag), shift, it));
     });
     dist.s += simd::reduce_add(acc);
   }
@@ -45,7 +45,7 @@ int64_t sample_row(const T* x, int64_t vocab, float inv_temp, double uniform) {
     const int64_t e = std::min(vocab, b + kBlock);
     Vec acc = simd::zero();
     for_each_vector(b, e, [&](int64_t i, int n, auto tag) {
-      const Vec ev = simd::exp(simd::scale(ld(x + i, n, tag), it) - shift);  // padded lanes: exp(-inf) = 0
+      const Vec ev = simd::exp(simd::centre(ld(x + i, n, tag), shift, it));  // padded lanes: exp(-inf) = 0
       acc = acc + ev;
       simd::store(e_block + (i - b), ev);
     });

@@ -89,9 +89,8 @@ inline Vec zero() { return {_mm512_setzero_ps()}; }
 inline Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
-// x * inv_temp rounded to float32 on its own, never fused into a following subtraction (-ffp-contract=fast would
-// fuse a plain product): z' must be the float32 value the statistics are defined on, so that z' - m is exactly 0
-// at the max and the centred logits of different kernels agree.
+// x * inv_temp rounded to float32 on its own, never fused into a following operation (-ffp-contract=fast would
+// fuse a plain product): the centred logits (centre, below) must be the same float32 values in every kernel.
 inline Vec scale(Vec x, Vec inv_temp) {
   return {_mm512_mul_round_ps(x.v, inv_temp.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
 }
@@ -106,6 +105,7 @@ inline Vec mask_fmadd(Vec a, Vec b, Vec c, Mask k) { return {_mm512_mask3_fmadd_
 inline Vec mask_fnmadd(Vec a, Vec b, Vec c, Mask k) { return {_mm512_mask3_fnmadd_ps(a.v, b.v, c.v, k)}; }
 inline Vec mask_add(Vec a, Vec b, Mask k) { return {_mm512_mask_add_ps(a.v, k, a.v, b.v)}; }  // k ? a+b : a
 inline Mask lane_mask(int lane) { return static_cast<Mask>(1u << lane); }
+inline bool any(Mask k) { return k != 0; }
 inline float reduce_add(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline float first_lane(Vec a) { return _mm512_cvtss_f32(a.v); }
 inline float reduce_max(Vec a) { return _mm512_reduce_max_ps(a.v); }
@@ -180,10 +180,10 @@ inline Vec exp(Vec x) {
   return x;
 }
 
-// log1p(t) for t in [0, 1]: log(w) for w = 1 + t (exponent/mantissa split, Cephes logf polynomial), plus the
+// log1p(t) for t in [-0.4, 1]: log(w) for w = 1 + t (exponent/mantissa split, Cephes logf polynomial), plus the
 // first-order correction (t - (w - 1)) / w for the rounding of w, which keeps full relative precision for tiny t
 // (1/w from a 14-bit reciprocal and one Newton step, cheaper than a division). Max error 1.3 ulp.
-inline Vec log1p_unit(Vec t) {
+inline Vec log1p_small(Vec t) {
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 w = _mm512_add_ps(one, t.v);
   __m512 e = _mm512_getexp_ps(w);
@@ -253,6 +253,12 @@ inline Mask lane_mask(int lane) {
   Mask k{};
   k[lane] = -1;
   return k;
+}
+inline bool any(Mask k) {
+  for (int i = 0; i < kWidth; ++i) {
+    if (k[i]) return true;
+  }
+  return false;
 }
 inline float first_lane(Vec a) { return a.v[0]; }
 inline float reduce_add(Vec a) {  // a fixed pairwise tree
@@ -342,9 +348,9 @@ inline Vec exp(Vec x) {
   exp_n<1>(&x);
   return x;
 }
-// log1p(t) for t in [0, 1]: the AVX-512 build's formula (see there), with the exponent and mantissa of w = 1 + t
+// log1p(t) for t in [-0.4, 1]: the AVX-512 build's formula (see there), with the exponent and mantissa of w = 1 + t
 // taken from its bits (w is a normal positive float) and an exact division for the correction's 1 / w.
-inline Vec log1p_unit(Vec t) {
+inline Vec log1p_small(Vec t) {
   const F8 one = F8{} + 1.0f;
   const F8 w = one + t.v;
   const I8 bits = (I8)w;  // a vector cast reinterprets the bits
@@ -367,6 +373,25 @@ inline Vec log1p_unit(Vec t) {
 }
 
 #endif
+
+// expm1(r) for |r| <= 0.5, with full relative precision for tiny r: r (1 + r/2! + r^2/3! + ... + r^8/9!)
+// (truncation below 6e-10 relative).
+inline Vec expm1_small(Vec r) {
+  Vec s = set1(1.0f / 362880.0f);
+  constexpr float kInverseFactorials[8] = {1.0f / 40320.0f, 1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f,
+                                           1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f};
+  for (float c : kInverseFactorials) s = fmadd(s, r, set1(c));
+  return s * r;
+}
+
+// The centred, scaled logit x = fl(fl(v - shift) * inv_temp): the raw row max subtracted first (exact, or rounded
+// relative to |v - shift|), then scaled unfused (scale), so that every kernel and every pass forms bitwise the same
+// x. Scaling first would round v * inv_temp at ulp(|v / tau|) before the cancellation.
+inline Vec centre(Vec v, Vec shift, Vec inv_temp) { return scale(v - shift, inv_temp); }
+// The same for one value, through the vector code so that it equals the lanes' results bit for bit.
+inline float centre(float v, float shift, float inv_temp) {
+  return first_lane(centre(set1(v), set1(shift), set1(inv_temp)));
+}
 
 }  // namespace simd
 }  // namespace minillm

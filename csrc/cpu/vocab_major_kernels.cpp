@@ -55,10 +55,10 @@ inline Vec load_vector(const float* p, int lanes) {
   else return simd::load_tail(p, lanes);
 }
 
-// u'(r, v) at the first v in [b, e) with z'(r, v) = m (row r's block max, scaled).
-inline float u_at_first_max(VocabMajor z, VocabMajor u, int64_t r, int64_t b, int64_t e, float m, float inv_temp) {
+// u(r, v) at the first v in [b, e) with z(r, v) = m (row r's raw block max).
+inline float u_at_first_max(VocabMajor z, VocabMajor u, int64_t r, int64_t b, int64_t e, float m) {
   for (int64_t v = b; v < e; ++v) {
-    if (*z.at(r, v) * inv_temp == m) return *u.at(r, v) * inv_temp;
+    if (*z.at(r, v) == m) return *u.at(r, v);
   }
   return std::numeric_limits<float>::quiet_NaN();  // not reached: m is the block's max
 }
@@ -76,29 +76,29 @@ void stats_vector(VocabMajor z, VocabMajor u, int64_t r, int lanes, int64_t b, i
   simd::store(lane_q, simd::max(max_q[0], max_q[1]));
   simd::store(lane_p, simd::max(max_p[0], max_p[1]));
   for (int l = 0; l < lanes; ++l) {
-    const float m_q = lane_q[l] * inv_temp;
-    const float ua = m_q > state[l].q.m ? u_at_first_max(z, u, r + l, b, e, m_q, inv_temp) : state[l].ua;
-    state[l].rescale_to(m_q, lane_p[l] * inv_temp, ua);
+    const float m_q = lane_q[l];
+    const float ua = m_q > state[l].q.m ? u_at_first_max(z, u, r + l, b, e, m_q) : state[l].ua;
+    state[l].rescale_to(m_q, lane_p[l], ua);
     lane_q[l] = state[l].q.shift();
     lane_p[l] = state[l].p.shift();
-    lane_anchor[l] = state[l].ua - state[l].p.shift();
+    lane_anchor[l] = simd::centre(state[l].ua, state[l].p.shift(), inv_temp);
   }
   const Vec shift_q = simd::load(lane_q), shift_p = simd::load(lane_p), anchor_off = simd::load(lane_anchor);
   StatsSums sums;
   int64_t v = b;
   for (; v + 2 <= e; v += 2) {
-    const Vec x[4] = {simd::scale(load_vector<FullVec>(z.at(r, v), lanes), it) - shift_q,
-                      simd::scale(load_vector<FullVec>(z.at(r, v + 1), lanes), it) - shift_q,
-                      simd::scale(load_vector<FullVec>(u.at(r, v), lanes), it) - shift_p,
-                      simd::scale(load_vector<FullVec>(u.at(r, v + 1), lanes), it) - shift_p};
+    const Vec x[4] = {simd::centre(load_vector<FullVec>(z.at(r, v), lanes), shift_q, it),
+                      simd::centre(load_vector<FullVec>(z.at(r, v + 1), lanes), shift_q, it),
+                      simd::centre(load_vector<FullVec>(u.at(r, v), lanes), shift_p, it),
+                      simd::centre(load_vector<FullVec>(u.at(r, v + 1), lanes), shift_p, it)};
     Vec ex[4] = {x[0], x[1], x[2], x[3]};
     simd::exp_n<4>(ex);
     sums.add(x[0], x[2], ex[0], ex[2], anchor_off);
     sums.add(x[1], x[3], ex[1], ex[3], anchor_off);
   }
   if (v < e) {
-    const Vec x[2] = {simd::scale(load_vector<FullVec>(z.at(r, v), lanes), it) - shift_q,
-                      simd::scale(load_vector<FullVec>(u.at(r, v), lanes), it) - shift_p};
+    const Vec x[2] = {simd::centre(load_vector<FullVec>(z.at(r, v), lanes), shift_q, it),
+                      simd::centre(load_vector<FullVec>(u.at(r, v), lanes), shift_p, it)};
     Vec ex[2] = {x[0], x[1]};
     simd::exp_n<2>(ex);
     sums.add(x[0], x[1], ex[0], ex[1], anchor_off);
@@ -136,11 +136,12 @@ struct GradTile {
   bool any_active = false, any_kl = false, any_p = false;
 };
 
-GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows) {
+GradTile grad_tile(const float* stats, const float* coef, int64_t r0, int rows, float inv_temp) {
   alignas(64) float lanes[13][kTileRows] = {};
   GradTile g;
   for (int l = 0; l < rows; ++l) {
-    const LogitsGradRow row = logits_grad_row(stats, coef, nullptr, r0 + l);  // the token term: added afterwards
+    // the token term: added afterwards
+    const LogitsGradRow row = logits_grad_row(stats, coef, nullptr, r0 + l, inv_temp);
     const float values[13] = {row.shift_q, row.logs_q, row.shift_p, row.logs_p, row.eq_d, row.c_kl, row.c_q, row.c_p,
                               row.active ? 1.0f : 0.0f, row.c_kl != 0.0f ? 1.0f : 0.0f, row.c_p != 0.0f ? 1.0f : 0.0f,
                               row.anchor_off, row.minus_eq_d_anchor};
@@ -192,7 +193,7 @@ void grad_span(VocabMajor z, VocabMajor u, const GradTile& g, int64_t r0, int ta
   for (int64_t v = begin; v < end; ++v) {
     Vec xq[kVecs], q[kVecs];
     for (int k = 0; k < kVecs; ++k) {
-      xq[k] = simd::scale(load_lanes<Whole>(z.at(r0 + k * simd::kWidth, v), tail, k), it) - g.shift_q[k];
+      xq[k] = simd::centre(load_lanes<Whole>(z.at(r0 + k * simd::kWidth, v), tail, k), g.shift_q[k], it);
       q[k] = xq[k] - g.logs_q[k];
     }
     simd::exp_n<kVecs>(q);
@@ -201,7 +202,7 @@ void grad_span(VocabMajor z, VocabMajor u, const GradTile& g, int64_t r0, int ta
     if constexpr (KL || P) {
       Vec xp[kVecs], p[kVecs];
       for (int k = 0; k < kVecs; ++k) {
-        xp[k] = simd::scale(load_lanes<Whole>(u.at(r0 + k * simd::kWidth, v), tail, k), it) - g.shift_p[k];
+        xp[k] = simd::centre(load_lanes<Whole>(u.at(r0 + k * simd::kWidth, v), tail, k), g.shift_p[k], it);
         p[k] = xp[k] - g.logs_p[k];
       }
       if constexpr (KL) {
@@ -262,7 +263,7 @@ void row_stats_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t v
   const int64_t tiles = (n_rows + kTileRows - 1) / kTileRows;
   const int64_t chunks = std::max<int64_t>(1, (vocab + kChunk - 1) / kChunk);
   // Each (chunk, tile) task's row states, merged chunk by chunk below.
-  std::vector<OnlinePair> parts(static_cast<size_t>(chunks * tiles * kTileRows));
+  std::vector<OnlinePair> parts(static_cast<size_t>(chunks * tiles * kTileRows), OnlinePair(inv_temp));
   parallel_for(chunks * tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t % tiles) * kTileRows, c0 = (t / tiles) * kChunk, c1 = std::min(vocab, c0 + kChunk);
@@ -274,11 +275,10 @@ void row_stats_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t v
     }
   });
   for (int64_t r = 0; r < n_rows; ++r) {
-    OnlinePair state;
+    OnlinePair state(inv_temp);
     for (int64_t j = 0; j < chunks; ++j) state.merge(parts[(j * tiles + r / kTileRows) * kTileRows + r % kTileRows]);
     const int64_t y = tokens != nullptr ? tokens[r] : -1;
-    store_row_stats(stats + r * NUM_STATS, state, y >= 0 ? *z.at(r, y) * inv_temp : 0.0f,
-                    y >= 0 ? *u.at(r, y) * inv_temp : 0.0f);
+    store_row_stats(stats + r * NUM_STATS, state, y >= 0 ? *z.at(r, y) : 0.0f, y >= 0 ? *u.at(r, y) : 0.0f);
   }
 }
 
@@ -292,7 +292,7 @@ void logits_grad_vocab_major(VocabMajor z, VocabMajor u, int64_t n_rows, int64_t
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t % tiles) * kTileRows, c0 = (t / tiles) * kChunk, c1 = std::min(dz_cols, c0 + kChunk);
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n_rows - r0));
-      const GradTile g = grad_tile(stats, coef, r0, rows);
+      const GradTile g = grad_tile(stats, coef, r0, rows, inv_temp);
       with_tile_shape(rows, [&](auto whole, int tail) {
         grad_tile_span<decltype(whole)::value>(z, u, g, r0, tail, vocab, c0, c1, inv_temp, dz, ld_dz);
       });

@@ -34,16 +34,21 @@ the centred logits taken as (z - m_q)/tau and (u - m_p)/tau (z' = z/tau, u' = u/
        S_p = sum exp(u' - M_p)               = exp(log s_p + delta_p)
        A_p = sum exp(u' - M_p) (-D)          = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
        B_p = sum exp(u' - M_p) (u' - M_p)    = S_p (EP_UC + delta_p)
+       D   = sum exp(z' - M_q) - exp(u' - M_p) = S_q - S_p = S_p expm1(LOG_RATIO + delta_q - delta_p)
        ZY, UY: z_y, u_y on the rank whose shard holds the row's token y, 0 on every other rank.
 
-   These are plain sums over columns, so ``all_reduce(SUM)`` of the 9 values (7 without tokens) gives the
-   global ones. One collective, at most 9 floats per row. N_q keeps the anchor's precision: on the shard holding
+   D is the shard's s_q - s_p (LOG_RATIO = log1p((s_q - s_p) / s_p), minillm_fast.backends) against the global
+   maxima, rounded relative to the difference, not to S (as S_q - S_p of the two rounded sums would be): where the
+   two models are close it is what keeps their KL's log-ratio accurate (S_q - S_p itself where |LOG_RATIO +
+   delta_q - delta_p| >= 1, or either shard distribution is empty). These are plain sums over columns, so
+   ``all_reduce(SUM)`` of the 10 values (8 without tokens) gives the global ones. One collective, at most 10
+   floats per row. N_q keeps the anchor's precision: on the shard holding
    the global anchor delta_q = 0 and u_a = U_A exactly, so its term is S_q EQ_DA, with no 1e4-sized part that
    the sum could round; every other shard's term is weighted by exp(delta_q), negligible in the nearly one-hot
    rows the anchor exists for.
 3. Back to statistics: LOGS_Q = log S_q, EQ_D = A_q / S_q, EQ_ZC = B_q / S_q, EQ_DA = N_q / S_q, and the same for
-   p, LOG_RATIO = log S_q - log S_p (float64 of the summed float32 terms; not yet each shard's s_q - s_p); M_Q,
-   M_P are the global maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is not
+   p, LOG_RATIO = log1p(D / S_p) (log S_q - log S_p where S_q < S_p / 2 or either is 0); M_Q, M_P are the global
+   maxima, UA = U_A; ZY, UY the owner's values. UA and EQ_DA are NaN where either is not
    finite, as in the backends (a shard whose anchor is NaN, e.g. u_a = -inf, makes the row's NaN: its reverse KL
    is infinite anyway).
 
@@ -57,8 +62,8 @@ backends take it, so it contributes 0 to the cross sums); NaN inputs stay NaN. T
 the wire format is float32, as the statistics are: the merged statistics equal the unsharded ones to float32
 rounding.
 
-Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 int64 + 7 float32 per
-row without tokens, 2 int64 + 9 float32 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums
+Communication per op call, every op of ``minillm_fast.loss``: the two collectives above (2 int64 + 8 float32 per
+row without tokens, 2 int64 + 10 float32 with tokens), plus ``jsd``'s second pass (its two per-row sums are sums
 over columns: one more all_reduce(SUM) of 2 floats per row), plus, for the ops with token ids, one all_reduce of
 ``world_size`` int64 that tells each rank where its shard starts (``vocab_shard``). Nothing of size V is ever sent.
 
@@ -85,9 +90,9 @@ __all__ = ["VocabShard", "vocab_shard", "local_tokens", "zero_unowned_token_coef
            "NUM_SUMS"]
 
 # Columns of the partial sums (step 2 above).
-S_Q, A_Q, B_Q, N_Q, S_P, A_P, B_P, SUM_ZY, SUM_UY = range(9)
-NUM_SUMS = 9
-_WITHOUT_TOKENS = 7  # the first seven columns: what is summed when the op has no token ids
+S_Q, A_Q, B_Q, N_Q, S_P, A_P, B_P, D_QP, SUM_ZY, SUM_UY = range(10)
+NUM_SUMS = 10
+_WITHOUT_TOKENS = 8  # the first eight columns: what is summed when the op has no token ids
 # Columns of the global maxima (step 1 above).
 GLOBAL_M_Q, GLOBAL_M_P, GLOBAL_UA = range(3)
 
@@ -182,7 +187,7 @@ def global_maxima(keys: torch.Tensor) -> torch.Tensor:
 
 
 def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor, *, inv_temp: float) -> torch.Tensor:
-    """float32 [n, 9] unnormalised sums (S_q, A_q, B_q, N_q, S_p, A_p, B_p, ZY, UY) of one shard's statistics
+    """float32 [n, 10] unnormalised sums (S_q, A_q, B_q, N_q, S_p, A_p, B_p, D, ZY, UY) of one shard's statistics
     ``stats`` [n, NUM_STATS], relative to the rows' global maxima and anchor ``global_max`` [n, 3] = (M_q, M_p, U_A)
     (``global_maxima``; raw logits, so the shifts are scaled by ``inv_temp`` = 1/tau, the one the statistics were
     computed with). See the module docstring; summing these over shards and ``from_partial_sums`` give the
@@ -197,6 +202,9 @@ def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor, *, inv_temp: 
     empty_p = (s[:, M_P] == -math.inf) | (torch.exp(delta_p).to(torch.float32) == 0)
     s_q = torch.exp(s[:, LOGS_Q] + delta_q)
     s_p = torch.exp(s[:, LOGS_P] + delta_p)
+    log_ratio = s[:, LOG_RATIO] + (delta_q - delta_p)
+    close = (s_q > 0) & (s_p > 0) & (log_ratio.abs() < 1)
+    difference = torch.where(close, s_p * torch.expm1(torch.where(close, log_ratio, 0.0)), s_q - s_p)
     return torch.stack([
         s_q,
         _weighted(s_q, s[:, EQ_D] + (delta_q - delta_p), empty_q),
@@ -205,6 +213,7 @@ def to_partial_sums(stats: torch.Tensor, global_max: torch.Tensor, *, inv_temp: 
         s_p,
         _weighted(s_p, s[:, EP_D] + (delta_p - delta_q), empty_p),
         _weighted(s_p, s[:, EP_UC] + delta_p, empty_p),
+        difference,
         s[:, ZY],
         s[:, UY],
     ], dim=1).to(torch.float32)
@@ -216,13 +225,16 @@ def _mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def from_partial_sums(sums: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
-    """float32 [n, NUM_STATS] row statistics from the partial sums [n, 9] (or [n, 7]: ZY = UY = 0) summed over all
+    """float32 [n, NUM_STATS] row statistics from the partial sums [n, 10] (or [n, 8]: ZY = UY = 0) summed over all
     shards, and the global maxima and anchor [n, 3]."""
     t, gm = sums.to(torch.float64), global_max.to(torch.float64)
     out = torch.zeros(t.shape[0], NUM_STATS, dtype=torch.float64, device=t.device)
     out[:, M_Q], out[:, M_P] = gm[:, GLOBAL_M_Q], gm[:, GLOBAL_M_P]
     out[:, LOGS_Q], out[:, LOGS_P] = torch.log(t[:, S_Q]), torch.log(t[:, S_P])
-    out[:, LOG_RATIO] = out[:, LOGS_Q] - out[:, LOGS_P]  # float64 (not yet each shard's s_q - s_p)
+    ratio = t[:, D_QP] / t[:, S_P]
+    use_difference = (t[:, S_Q] > 0) & (t[:, S_P] > 0) & (ratio > -0.5)
+    out[:, LOG_RATIO] = torch.where(use_difference, torch.log1p(torch.where(use_difference, ratio, 0.0)),
+                                    out[:, LOGS_Q] - out[:, LOGS_P])
     out[:, EQ_D], out[:, EQ_ZC] = _mean(t[:, A_Q], t[:, S_Q]), _mean(t[:, B_Q], t[:, S_Q])
     out[:, EP_D], out[:, EP_UC] = _mean(t[:, A_P], t[:, S_P]), _mean(t[:, B_P], t[:, S_P])
     if t.shape[1] > SUM_UY:
@@ -255,9 +267,9 @@ def all_reduce_row_stats(stats: torch.Tensor, group, *, inv_temp: float, owned: 
     ``group``.
 
     ZY/UY must hold this rank's token logits where it owns the row's token and 0 elsewhere; pass ``owned`` (bool
-    [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 7 columns
-    instead of 9 and returns ZY = UY = 0. Two collectives, on ``stats``' device: all_reduce(MAX) of [n, 2] int64,
-    all_reduce(SUM) of [n, 9] (or [n, 7]) float32.
+    [n], from ``local_tokens``) to have them zeroed here. ``with_tokens=False`` (no token ids) sums 8 columns
+    instead of 10 and returns ZY = UY = 0. Two collectives, on ``stats``' device: all_reduce(MAX) of [n, 2] int64,
+    all_reduce(SUM) of [n, 10] (or [n, 8]) float32.
     """
     dist = _dist()
     if owned is not None:

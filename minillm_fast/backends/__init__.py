@@ -32,7 +32,7 @@ float32/bfloat16/float16, possibly of different dtypes; the distributions are ta
     would by themselves exceed the design's 2e-5 there. Every backend forms it as log1p(D / s_p) from
     D = sum (exp(x_q) - exp(x_p)) = s_q - s_p accumulated entry by entry (small where q ~ p, so rounded
     relative to the difference; online D' = f_q D + (f_q - f_p) s_p with the two rescale factors f), and as
-    log s_q - log s_p where s_q < s_p / 2 or either is 0 (minillm_fast.distributed: not yet D). Online, when the
+    log s_q - log s_p where s_q < s_p / 2 or either is 0 (minillm_fast.distributed sums D too). Online, when the
     raw maxima grow, by delta_q = fl(fl(m_q,new - m_q,old) * inv_temp) in centred units (and delta_p), the cross
     sum A_q = sum exp(x_q) d becomes exp(-delta_q) (A_q - (delta_q - delta_p) S_q) (symmetrically for A_p) and the
     centred sum B_q = sum exp(x_q) x_q becomes exp(-delta_q) (B_q - delta_q S_q).

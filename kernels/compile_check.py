@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     for fn, a, kw in record_launches():
         if kw.get("enable_fp_fusion") is not False:
             print(f"FAILED {fn.__name__}: launched without kernels.LAUNCH_OPTIONS (enable_fp_fusion=False); a "
-                  "contracted z * inv_temp - m_q breaks the argmax anchor", file=sys.stderr)
+                  "contracted fl(z - m_q) * inv_temp breaks the argmax anchor", file=sys.stderr)
             return 1
         signature, constexprs, attrs, options = launch_spec(fn, a, kw)
         key = (fn.__name__, tuple(signature.items()), tuple(sorted((k, repr(v)) for k, v in constexprs.items())),

@@ -3,49 +3,55 @@ anywhere.
 
 Each model's logits are what its lm_head produces (``minillm_fast.fused_linear``), every step optional::
 
-    logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap),      x = logits / tau
+    logits = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)      (raw: before the temperature)
 
 for the student (hidden [N, H_s], weight [V_s, H_s]: z) and the teacher ([N, H_t], [V_t, H_t]: u); the
 distributions are over the first V = min(V_s, V_t) columns. A tile of BLOCK_N rows x BLOCK_V columns of one model's
 logits is an on-chip matmul: sum over H in chunks of BLOCK_K of tl.dot(hidden[rows, k], weight[cols, k]^T) with
 float32 accumulation (full-precision IEEE dots for float32 inputs, not TF32: the library promises 2e-5 relative
-accuracy for float32; bf16/fp16 operands go to the tensor cores as they are), then bias, scale, soft-cap and
-1/tau in float32. No [N, V] tensor of any dtype exists at any time.
+accuracy for float32; bf16/fp16 operands go to the tensor cores as they are), then bias, scale and soft-cap in
+float32. The temperature is never applied to a tile: every centred logit is x = fl(fl(logit - M) * inv_temp) with M
+the row's raw max (``online_softmax.centre``), as in the row kernels. No [N, V] tensor of any dtype exists at any
+time.
 
 ``fused_linear_stats_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT)): program (i, j) forms the student and teacher tiles
 of row block i for the vocabulary tiles of split j and folds each pair of tiles into per-row online states
-(``online_update_pair_rows``: running maxima m_q, m_p and sums s, a, b relative to them, the argmax anchor and
-s_q - s_p, the same state as the ``row_stats`` kernel's, reduced along the tile's columns), and picks
-ZY = z'_y, UY = u'_y out of the tile that holds the row's token y (0 where no tile does: no tokens, y = -1 or y
+(``online_update_pair_rows``: running raw maxima m_q, m_p and sums s, a, b relative to them, the argmax anchor
+and s_q - s_p, the same state as the ``row_stats`` kernel's, reduced along the tile's columns), and picks the raw
+ZY = z_y, UY = u_y out of the tile that holds the row's token y (0 where no tile does: no tokens, y = -1 or y
 outside [0, V)). It writes that partial state, 13 floats per row. Splitting the vocabulary fills the GPU when N is
 small (N / BLOCK_N programs alone would not).
 
 ``fused_linear_merge_kernel`` (grid cdiv(N, BLOCK_R)): merges the SPLIT partial states of each row
-(``merge_state_pairs``, ``merge_anchors`` and ``merge_differences``, ZY and UY summed since exactly one split can
-hold the token) and writes the row statistics [N, 13] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D,
-EQ_ZC, EP_D, EP_UC, ZY, UY, UA, EQ_DA, LOG_RATIO), exactly what ``row_stats`` returns on the materialised logits, to
-float32 rounding: an empty row (all -inf) gets M = LOGS = -inf and 0/0 for its means, as there.
+(``merge_state_pairs``, ``merge_anchors`` and ``merge_differences``: each moved to the merged raw maxima M by
+fl(fl(M - m) * inv_temp) in scaled units; ZY and UY summed since exactly one split can hold the token) and writes
+the row statistics [N, 13] of ``minillm_fast.backends`` (M_Q, LOGS_Q, M_P, LOGS_P, EQ_D, EQ_ZC, EP_D, EP_UC, ZY, UY,
+UA, EQ_DA, LOG_RATIO), exactly what ``row_stats`` returns on the materialised logits, to float32 rounding: an
+empty row (all -inf) gets M = LOGS = -inf and 0/0 for its means, as there.
 
 ``fused_linear_jsd_rows_kernel`` (grid (cdiv(N, BLOCK_N), SPLIT), the generalised JSD for 0 < beta < 1: a second
 pass, after the statistics, over the same tiles): program (i, j) recomputes the student and teacher tiles of row
 block i for the vocabulary tiles of split j and, from the final statistics, sums per row (``jsd_terms``, the element
 math of ``jsd_rows``)::
 
-    log q = (z' - M_Q) - LOGS_Q,  log p = (u' - M_P) - LOGS_P,
+    x_q = fl(fl(z - M_Q) * inv_temp),  x_p = fl(fl(u - M_P) * inv_temp),  log q = x_q - LOGS_Q,  log p = x_p - LOGS_P,
     log m = logaddexp(log beta + log p, log(1 - beta) + log q)      (m = beta p + (1 - beta) q, never log of a sum)
     g = log q - log m,  h = log p - log m                           (0 where the probability is 0: 0 * inf = 0)
+      = -log1p(beta expm1(r)),  -log1p((1 - beta) expm1(-r))        (where |r| < 1/2, r = log p - log q)
     S_Q = sum_v q_v g_v,  S_P = sum_v p_v h_v,  S_A = sum_v q_v (g_v - g_a)    (over the split's columns v < V)
 
-with g_a the g of the statistics' anchor (``jsd_anchor``, ``jsd_terms``: g_v - g_a is exactly 0 at the anchor's
-entries), and writes (S_Q, S_P, S_A), 3 floats per (row, split). ``fused_linear_jsd_merge_kernel`` adds
-the splits' partial sums (plain sums: the statistics are final, nothing to rescale) and writes ``jsd_rows``'s
+with g_a the g of the statistics' anchor (``jsd_anchor``, ``jsd_mixture_terms``: g_v - g_a is exactly 0 at the
+anchor's entries; the near forms, ``near_ratio_terms``, keep the small g and h of close distributions accurate
+relative to themselves, with beta = exp(log beta) and 1 - beta = exp(log(1 - beta)) formed once per program from
+the launch's two logs), and writes (S_Q, S_P, S_A), 3 floats per (row, split). ``fused_linear_jsd_merge_kernel``
+adds the splits' partial sums (plain sums: the statistics are final, nothing to rescale) and writes ``jsd_rows``'s
 [N, 2]: (JSD_beta = beta S_P + (1 - beta) S_Q, E_q[g - g_a] = S_A), to float32 rounding.
 
 ``fused_linear_grad_kernel`` (grid cdiv(N, BLOCK_N) * cdiv(V, BLOCK_V), grouped): program (i, j) recomputes the
 student tile (and the teacher tile, only if some row of the block has c_kl or c_p != 0) from the final statistics
 and coefficients (c_kl, c_q, c_p, c_y), forms the logit gradient as ``logits_grad`` does::
 
-    q = exp((z' - M_Q) - LOGS_Q),  p = exp((u' - M_P) - LOGS_P),  d = (z' - M_Q) - (u' - M_P)
+    q = exp(x_q - LOGS_Q),  p = exp(x_p - LOGS_P),  d = x_q - x_p        (x_q, x_p centred as above)
     dz = c_kl q (d - EQ_D) + c_q q + c_p p + c_y [v == y]          (0 for v >= V, 0 on rows whose c are all 0)
 
 (0 * inf = 0: the KL term is 0 where q = 0, a term whose coefficient is 0 is skipped, not multiplied by 0). With
@@ -78,11 +84,12 @@ path's 4, i.e. 4 recomputed tiles. Offsets are int64 (row * stride).
 import triton
 import triton.language as tl
 
-from .online_softmax import (NUM_STATS, anchor_stats, finite_or_zero, jsd_anchor, jsd_terms, log_ratio,
-                             merge_anchors, merge_differences, merge_state_pairs, online_update_pair_rows)
+from .online_softmax import (NUM_STATS, anchor_stats, centre, finite_or_zero, jsd_anchor, jsd_mixture_terms, jsd_terms,
+                             log_ratio, merge_anchors, merge_differences, merge_state_pairs, online_update_pair_rows)
 
 NUM_COEFS = tl.constexpr(4)
-# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an, d_qp.
+# The partial state of one (row, split): m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, zy, uy, ua, an, d_qp (maxima, zy, uy
+# and ua raw).
 NUM_PARTIAL = tl.constexpr(13)
 # The partial JSD sums of one (row, split): sum q g, sum p h, sum q (g - g_a).
 NUM_JSD_PARTIAL = tl.constexpr(3)
@@ -166,22 +173,22 @@ def empty_pair_states(ROWS: tl.constexpr):
 
 
 @triton.jit
-def scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
-                     stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t, inv_temp,
-                     HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr,
+def logit_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                    stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
+                    HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr,
                      PRECISION_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr,
-                     HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr, BF16_UPCAST: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(x, y) = the student's and the teacher's logit tiles divided by the temperature, -inf in columns >= V (outside
-    ``col_ok``): what the statistics and JSD-rows passes fold into their per-row sums."""
+                    HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr, BF16_UPCAST: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x, y) = the student's and the teacher's raw logit tiles (before the temperature), -inf in columns >= V
+    (outside ``col_ok``): what the statistics and JSD-rows passes fold into their per-row sums."""
     z, _ = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
                      scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
                      BLOCK_N, BLOCK_V, BLOCK_K)
     u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
                      scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                      BLOCK_N, BLOCK_V, BLOCK_K)
-    x = tl.where(col_ok[None, :], z * inv_temp, float("-inf"))
-    y = tl.where(col_ok[None, :], u * inv_temp, float("-inf"))
+    x = tl.where(col_ok[None, :], z, float("-inf"))
+    y = tl.where(col_ok[None, :], u, float("-inf"))
     return x, y
 
 
@@ -207,7 +214,7 @@ def fused_linear_stats_kernel(
     m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_N)
     zy = tl.zeros([BLOCK_N], tl.float32)
     uy = tl.zeros([BLOCK_N], tl.float32)
-    an = tl.zeros([BLOCK_N], tl.float32)  # the anchored cross sum and its u'_a (online_update_pair_rows)
+    an = tl.zeros([BLOCK_N], tl.float32)  # the anchored cross sum and its raw u_a (online_update_pair_rows)
     ua = tl.full([BLOCK_N], float("nan"), tl.float32)
     d_qp = tl.zeros([BLOCK_N], tl.float32)  # s_q - s_p, summed entry by entry
 
@@ -217,17 +224,17 @@ def fused_linear_stats_kernel(
     for tile in range(first, last):
         cols = tile * BLOCK_V + lanes
         col_ok = cols < V
-        x, y = scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
-                                stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
-                                inv_temp, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T,
-                                HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        x, y = logit_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                               stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
+                               HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T, HAS_SCALE_T,
+                               HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         if HAS_TOKENS:
             # Exactly one tile of one split holds a row's token (none when y is -1 or >= V): the merge sums these.
             hit = (cols[None, :].to(tl.int64) == tok[:, None]) & col_ok[None, :]
             zy += tl.sum(tl.where(hit, x, 0.0), 1)
             uy += tl.sum(tl.where(hit, y, 0.0), 1)
         m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp = online_update_pair_rows(
-            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y)
+            m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p, an, ua, d_qp, x, y, inv_temp)
 
     # Partial states as [N, SPLIT, 13] (row-major in the rows: the int64 row index carries the offset).
     out = part_ptr + (rows.to(tl.int64) * tl.num_programs(1) + split) * NUM_PARTIAL
@@ -247,7 +254,7 @@ def fused_linear_stats_kernel(
 
 
 @triton.jit
-def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.constexpr):
+def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, inv_temp, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = empty_pair_states(BLOCK_R)
@@ -261,17 +268,17 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
         d_qp = merge_differences(d_qp, s_p, m_q, m_p,
                                  tl.load(part + 12, mask=row_ok, other=0.0), tl.load(part + 5, mask=row_ok, other=0.0),
                                  tl.load(part + 0, mask=row_ok, other=float("-inf")),
-                                 tl.load(part + 4, mask=row_ok, other=float("-inf")))
+                                 tl.load(part + 4, mask=row_ok, other=float("-inf")), inv_temp)
         an, ua = merge_anchors(an, s_q, m_q, ua,
                                tl.load(part + 11, mask=row_ok, other=0.0), tl.load(part + 1, mask=row_ok, other=0.0),
                                tl.load(part + 0, mask=row_ok, other=float("-inf")),
-                               tl.load(part + 10, mask=row_ok, other=float("nan")))
+                               tl.load(part + 10, mask=row_ok, other=float("nan")), inv_temp)
         m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p = merge_state_pairs(
             m_q, s_q, a_q, b_q, m_p, s_p, a_p, b_p,
             tl.load(part + 0, mask=row_ok, other=float("-inf")), tl.load(part + 1, mask=row_ok, other=0.0),
             tl.load(part + 2, mask=row_ok, other=0.0), tl.load(part + 3, mask=row_ok, other=0.0),
             tl.load(part + 4, mask=row_ok, other=float("-inf")), tl.load(part + 5, mask=row_ok, other=0.0),
-            tl.load(part + 6, mask=row_ok, other=0.0), tl.load(part + 7, mask=row_ok, other=0.0))
+            tl.load(part + 6, mask=row_ok, other=0.0), tl.load(part + 7, mask=row_ok, other=0.0), inv_temp)
         zy += tl.load(part + 8, mask=row_ok, other=0.0)
         uy += tl.load(part + 9, mask=row_ok, other=0.0)
 
@@ -296,7 +303,7 @@ def fused_linear_merge_kernel(part_ptr, out_ptr, N, num_splits, BLOCK_R: tl.cons
 def fused_linear_jsd_rows_kernel(
         hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, stats_ptr, part_ptr,
         N, V, H_s, H_t, stride_hs, stride_ws, stride_ht, stride_wt,
-        scale_s, cap_s, scale_t, cap_t, inv_temp, log_beta, log_1m_beta, tiles_per_split,
+        scale_s, cap_s, scale_t, cap_t, inv_temp, log_beta, log_1m_beta, beta, one_m_beta, tiles_per_split,
         HAS_BIAS_S: tl.constexpr, HAS_SCALE_S: tl.constexpr, HAS_SOFTCAP_S: tl.constexpr, PRECISION_S: tl.constexpr,
         HAS_BIAS_T: tl.constexpr, HAS_SCALE_T: tl.constexpr, HAS_SOFTCAP_T: tl.constexpr, PRECISION_T: tl.constexpr,
         BF16_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -312,7 +319,7 @@ def fused_linear_jsd_rows_kernel(
     m_p = tl.load(stats + 2, mask=row_ok, other=0.0)[:, None]
     log_s_p = tl.load(stats + 3, mask=row_ok, other=0.0)[:, None]
     ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))[:, None]
-    c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta)
+    c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta, inv_temp)
 
     sum_q = tl.zeros([BLOCK_N], tl.float32)  # sum_v q_v g_v over this split's columns
     sum_p = tl.zeros([BLOCK_N], tl.float32)  # sum_v p_v h_v
@@ -323,11 +330,12 @@ def fused_linear_jsd_rows_kernel(
     for tile in range(first, last):
         cols = tile * BLOCK_V + lanes
         col_ok = cols < V
-        x, y = scaled_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
-                                stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
-                                inv_temp, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T,
-                                HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
-        q, g, g_rel, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta, c_a, l_a, anchor_off)
+        x, y = logit_tile_pair(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                               stride_hs, stride_ws, stride_ht, stride_wt, H_s, H_t, scale_s, cap_s, scale_t, cap_t,
+                               HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, HAS_BIAS_T, HAS_SCALE_T,
+                               HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+        q, g, g_rel, p, h = jsd_terms(x, y, m_q, log_s_q, m_p, log_s_p, log_beta, log_1m_beta, beta, one_m_beta,
+                                      c_a, l_a, anchor_off, inv_temp)
         sum_q += tl.sum(q * g, 1)
         sum_p += tl.sum(p * h, 1)
         sum_a += tl.sum(q * g_rel, 1)
@@ -408,17 +416,16 @@ def fused_linear_grad_kernel(
         z, slope_s = head_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, stride_hs, stride_ws, H_s,
                             scale_s, cap_s, HAS_BIAS_S, HAS_SCALE_S, HAS_SOFTCAP_S, PRECISION_S, BF16_UPCAST,
                             BLOCK_N, BLOCK_V, BLOCK_K)
-        x = z * inv_temp
         if JSD:
             eq_g_rel = tl.load(jsd_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0)
             ua = tl.load(stats + 10, mask=row_ok, other=float("nan"))
-            c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta)
+            c_a, l_a, anchor_off = jsd_anchor(m_q, log_s_q, m_p, log_s_p, ua, log_beta, log_1m_beta, inv_temp)
             u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
                              scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                              BLOCK_N, BLOCK_V, BLOCK_K)
-            q, _, g_rel, _, _ = jsd_terms(x, u * inv_temp, m_q[:, None], log_s_q[:, None], m_p[:, None],
-                                          log_s_p[:, None], log_beta, log_1m_beta, c_a[:, None], l_a[:, None],
-                                          anchor_off[:, None])
+            q, g_rel, _, _, _, _ = jsd_mixture_terms(z, u, m_q[:, None], log_s_q[:, None], m_p[:, None],
+                                                     log_s_p[:, None], log_beta, log_1m_beta, c_a[:, None],
+                                                     l_a[:, None], anchor_off[:, None], inv_temp)
             g = (c_jsd[:, None] * q) * (g_rel - eq_g_rel[:, None])
         else:
             eq_d = tl.load(stats + 4, mask=row_ok, other=0.0)
@@ -428,19 +435,18 @@ def fused_linear_grad_kernel(
                 tok = tl.load(tok_ptr + rows64 * stride_tok, mask=row_ok, other=-1).to(tl.int64)
             else:
                 tok = tl.full([BLOCK_N], -1, tl.int64)
-            q = tl.exp((x - m_q[:, None]) - log_s_q[:, None])
+            xq = centre(z, m_q[:, None], inv_temp)
+            q = tl.exp(xq - log_s_q[:, None])
             g = c_q[:, None] * q
             if any_teacher:
                 u, _ = head_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, stride_ht, stride_wt, H_t,
                                  scale_t, cap_t, HAS_BIAS_T, HAS_SCALE_T, HAS_SOFTCAP_T, PRECISION_T, BF16_UPCAST,
                                  BLOCK_N, BLOCK_V, BLOCK_K)
-                y = u * inv_temp
-                xq = x - m_q[:, None]
-                xp = y - m_p[:, None]
-                at_anchor = (xq == 0.0) & (xp == (ua - m_p)[:, None])  # d_v = d_a: use E_q[d - d_a]
+                xp = centre(u, m_p[:, None], inv_temp)
+                at_anchor = (xq == 0.0) & (xp == centre(ua, m_p, inv_temp)[:, None])  # d_v = d_a: use E_q[d - d_a]
                 centred = tl.where(q > 0, q * tl.where(at_anchor, -eq_da[:, None], (xq - xp) - eq_d[:, None]), 0.0)
                 g = tl.where(c_kl[:, None] != 0, g + c_kl[:, None] * centred, g)
-                p = tl.exp((y - m_p[:, None]) - log_s_p[:, None])
+                p = tl.exp(xp - log_s_p[:, None])
                 g = tl.where(c_p[:, None] != 0, g + c_p[:, None] * p, g)
             g += tl.where(cols[None, :].to(tl.int64) == tok[:, None], c_y[:, None], 0.0)
         # Columns >= V and rows whose coefficients are all 0 (an empty row's q is NaN; the statistics of such a row

@@ -2,10 +2,12 @@
 
 With the row's statistics (``row_stats``) and coefficients (c_kl, c_q, c_p, c_y)::
 
-    q_v  = exp((z'_v - M_Q) - LOGS_Q),   p_v = exp((u'_v - M_P) - LOGS_P),   d_v = z'_v - u'_v
+    x_q,v = fl(fl(z_v - M_Q) * inv_temp),   x_p,v = fl(fl(u_v - M_P) * inv_temp)      (raw maxima: ``centre``)
+    q_v  = exp(x_q,v - LOGS_Q),   p_v = exp(x_p,v - LOGS_P),   d_v = x_q,v - x_p,v
     dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y]      (v < V;  dz_v = 0 for V <= v < V_s)
 
-with d_v - E_q[d] taken as -EQ_DA at the argmax anchor's entries (z'_v = M_Q, u'_v - M_P = fl(UA - M_P)).
+with d_v - E_q[d] taken as -EQ_DA at the argmax anchor's entries (x_q,v = 0, x_p,v = fl(fl(UA - M_P) * inv_temp)),
+the same expressions as in ``row_stats``, so that the anchor's entries match bitwise.
 
 The KL term is 0 where q_v = 0 (0 * inf = 0), and a term whose coefficient is 0 is skipped, not multiplied by 0
 (so an infinite d or an empty teacher row cannot leak NaN into a row that does not use them). A row whose four
@@ -15,7 +17,7 @@ c_p is non-zero for that row. The output is rounded to z's dtype (round to neare
 import triton
 import triton.language as tl
 
-from .online_softmax import NUM_STATS, finite_or_zero, load_scaled, log_prob
+from .online_softmax import NUM_STATS, centre, finite_or_zero, load_logits
 
 NUM_COEFS = tl.constexpr(4)
 
@@ -32,17 +34,15 @@ def _grad_row(z_row, u_row, dz_row, V, Vs, inv_temp, m_q, log_s_q, m_p, log_s_p,
         if MODE == 0:
             g = tl.zeros([BLOCK], tl.float32)
         else:
-            x = load_scaled(z_row, cols, in_v, inv_temp)
-            q = tl.exp(log_prob(x, m_q, log_s_q))
+            xq = centre(load_logits(z_row, cols, in_v), finite_or_zero(m_q), inv_temp)
+            q = tl.exp(xq - log_s_q)
             g = c_q * q
             if MODE == 2:
-                y = load_scaled(u_row, cols, in_v, inv_temp)
-                xq = x - finite_or_zero(m_q)
-                xp = y - finite_or_zero(m_p)
-                at_anchor = (xq == 0.0) & (xp == ua - finite_or_zero(m_p))  # d_v = d_a: use E_q[d - d_a]
+                xp = centre(load_logits(u_row, cols, in_v), finite_or_zero(m_p), inv_temp)
+                at_anchor = (xq == 0.0) & (xp == centre(ua, finite_or_zero(m_p), inv_temp))  # d_v = d_a: E_q[d - d_a]
                 centred = tl.where(q > 0, q * tl.where(at_anchor, -eq_da, (xq - xp) - eq_d), 0.0)
                 g = tl.where(c_kl != 0, g + c_kl * centred, g)
-                p = tl.exp(log_prob(y, m_p, log_s_p))
+                p = tl.exp(xp - log_s_p)
                 g = tl.where(c_p != 0, g + c_p * p, g)
             g = g + tl.where(cols == tok, c_y, 0.0)
             g = tl.where(in_v, g, 0.0)

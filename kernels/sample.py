@@ -1,15 +1,16 @@
-"""sample_rows: one inverse-CDF draw per row from softmax(u') where use_teacher else softmax(z').
+"""sample_rows: one inverse-CDF draw per row from softmax(u / tau) where use_teacher else softmax(z / tau).
 
-Only the chosen row is read. Pass 1: online max m and s = sum exp(x - m). Pass 2: a block-wise running cumulative
-sum c_v of e_v = exp(x_v - m); the draw is the first v with c_v > U * s and e_v > 0 (U the row's uniform in [0, 1),
-given as float64 and used in float32 like the reference backend), so an entry of probability 0 is never returned.
-Pass 2 stops at the block that holds the draw. If rounding leaves every c_v <= U * s, the last entry with e_v > 0
-is returned; an empty row (all -inf) gives -1.
+Only the chosen row is read. Pass 1: online raw max m and s = sum e_v, e_v = exp(fl(fl(x_v - m) * inv_temp)) (the
+raw max subtracted before the scaling: ``centre``). Pass 2: a block-wise running cumulative sum S_v of e_v; the draw
+is the first v with S_v > U * s and e_v > 0 (U the row's uniform in [0, 1), given as float64 and used in float32
+like the reference backend), so an entry of probability 0 is never returned. Pass 2 stops at the block that holds
+the draw. If rounding leaves every S_v <= U * s, the last entry with e_v > 0 is returned; an empty row (all -inf)
+gives -1.
 """
 import triton
 import triton.language as tl
 
-from .online_softmax import finite_or_zero, load_scaled, online_max_sum
+from .online_softmax import centre, finite_or_zero, load_logits, online_max_sum
 
 
 @triton.jit
@@ -19,7 +20,7 @@ def _sample_row(x_row, V, inv_temp, uniform, BLOCK: tl.constexpr):
     s = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + lanes
-        m, s = online_max_sum(m, s, load_scaled(x_row, cols, cols < V, inv_temp))
+        m, s = online_max_sum(m, s, load_logits(x_row, cols, cols < V), inv_temp)
     shift = finite_or_zero(m)
     target = uniform * tl.sum(s, 0)
 
@@ -29,7 +30,7 @@ def _sample_row(x_row, V, inv_temp, uniform, BLOCK: tl.constexpr):
     start = tl.full([], 0, tl.int32)
     while (start < V) & (found < 0):
         cols = start + lanes
-        e = tl.exp(load_scaled(x_row, cols, cols < V, inv_temp) - shift)
+        e = tl.exp(centre(load_logits(x_row, cols, cols < V), shift, inv_temp))
         cum = tl.cumsum(e, 0) + running
         hit = (cum > target) & (e > 0)
         first = tl.min(tl.where(hit, cols, V), 0)

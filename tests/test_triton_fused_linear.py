@@ -130,14 +130,15 @@ def logits64(head: Head, hidden=None, weight=None, bias=None, surrogate=False) -
 
 
 def ref_stats(student: Head, teacher: Head, tokens, inv_temp) -> torch.Tensor:
-    """float64 [N, NUM_STATS] row statistics by definition (the layout of ``minillm_fast.backends``)."""
+    """float64 [N, NUM_STATS] row statistics by definition (the layout of ``minillm_fast.backends``: the maxima, ZY,
+    UY and UA of the raw logits, the rest of the centred ones (logits - max) / tau)."""
     vocab = min(student.weight.shape[0], teacher.weight.shape[0])
-    x = logits64(student)[:, :vocab] * inv_temp
-    y = logits64(teacher)[:, :vocab] * inv_temp
-    out = torch.zeros(x.shape[0], NUM_STATS, dtype=torch.float64)
-    m_q, m_p = x.amax(1), y.amax(1)
-    xc = x - torch.where(torch.isfinite(m_q), m_q, 0.0)[:, None]
-    yc = y - torch.where(torch.isfinite(m_p), m_p, 0.0)[:, None]
+    z = logits64(student)[:, :vocab]
+    u = logits64(teacher)[:, :vocab]
+    out = torch.zeros(z.shape[0], NUM_STATS, dtype=torch.float64)
+    m_q, m_p = z.amax(1), u.amax(1)
+    xc = (z - torch.where(torch.isfinite(m_q), m_q, 0.0)[:, None]) * inv_temp
+    yc = (u - torch.where(torch.isfinite(m_p), m_p, 0.0)[:, None]) * inv_temp
     e_q, e_p = xc.exp(), yc.exp()
     s_q, s_p = e_q.sum(1), e_p.sum(1)
 
@@ -146,13 +147,13 @@ def ref_stats(student: Head, teacher: Head, tokens, inv_temp) -> torch.Tensor:
     out[:, M_Q], out[:, LOGS_Q], out[:, M_P], out[:, LOGS_P] = m_q, s_q.log(), m_p, s_p.log()
     out[:, EQ_D], out[:, EQ_D + 1] = mean(e_q, s_q, xc - yc), mean(e_q, s_q, xc)
     out[:, EP_D], out[:, EP_D + 1] = mean(e_p, s_p, yc - xc), mean(e_p, s_p, yc)
-    out[:, UA] = y.gather(1, x.argmax(1, keepdim=True))[:, 0]  # the anchor: u' at the (first) argmax of z'
-    out[:, EQ_DA] = mean(e_q, s_q, xc - (y - out[:, UA, None]))
+    out[:, UA] = u.gather(1, z.argmax(1, keepdim=True))[:, 0]  # the anchor: u at the (first) argmax of z
+    out[:, EQ_DA] = mean(e_q, s_q, xc - (u - out[:, UA, None]) * inv_temp)
     if tokens is not None:
         ok = (tokens >= 0) & (tokens < vocab)
         idx = torch.where(ok, tokens, 0)[:, None]
-        out[:, ZY] = torch.where(ok, x.gather(1, idx)[:, 0], 0.0)
-        out[:, UY] = torch.where(ok, y.gather(1, idx)[:, 0], 0.0)
+        out[:, ZY] = torch.where(ok, z.gather(1, idx)[:, 0], 0.0)
+        out[:, UY] = torch.where(ok, u.gather(1, idx)[:, 0], 0.0)
     return out
 
 
@@ -472,7 +473,7 @@ def test_saturated_soft_cap_gradient(gen):
     t = make_head(gen, 12, 16, 60, F32)
     tokens = torch.randint(0, 60, (12,), generator=gen)
     # The capped logits sit within ~1e-3 of the cap, where float32 logits are rounded at 2e-6: the statistics
-    # that centre them on the max (E_q[z' - m_q], ...) inherit that rounding, as any float32 logits would.
+    # that centre them on the max (E_q[(z - m_q) / tau], ...) inherit that rounding, as any float32 logits would.
     run_and_check(s, t, tokens, row_weights(gen, 12), 1.0, stats_tol=1e-2)
 
 
@@ -502,11 +503,12 @@ def ref_jsd(student: Head, teacher: Head, weights, beta, inv_temp, stats):
     return torch.stack([jsd, (q * (g - g_a[:, None])).sum(1)], 1).detach(), grads
 
 
-def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, grad_tol_=None,
-                      needs=(True, True, True)):
+def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, grad_tol_=None, value_tol=None,
+                      value_slack=1e-6, needs=(True, True, True)):
     """Kernel jsd_rows and jsd_grad_pullback against the float64 oracle, from the oracle's statistics (float32)
-    unless ``stats`` is given; the pull-back gets the kernel's jsd rows, with the statistics and jsd rows of
-    the rows whose weight is 0 poisoned with NaN. Returns (jsd rows, grads)."""
+    unless ``stats`` is given (JSD_beta within ``value_tol``, default ``loss_tol``, and ``value_slack``); the
+    pull-back gets the kernel's jsd rows, with the statistics and jsd rows of the rows whose weight is 0 poisoned
+    with NaN. Returns (jsd rows, grads)."""
     n = student.hidden.shape[0]
     dtypes = (student.hidden.dtype, teacher.hidden.dtype)
     if stats is None:
@@ -514,7 +516,8 @@ def run_and_check_jsd(student, teacher, weights, beta, inv_temp, *, stats=None, 
     want_rows, ref = ref_jsd(student, teacher, weights, beta, inv_temp, stats)
     rows = tfl.jsd_rows(on_device(student), on_device(teacher), on_device(stats), beta, inv_temp).cpu()
     assert rows.dtype == torch.float32 and rows.shape == (n, 2)
-    assert_close_rel(rows[:, 0], want_rows[:, 0], loss_tol(*dtypes), abs_slack=1e-6, what="JSD_beta")
+    assert_close_rel(rows[:, 0], want_rows[:, 0], loss_tol(*dtypes) if value_tol is None else value_tol,
+                     abs_slack=value_slack, what="JSD_beta")
     assert_close_rel(rows[:, 1], want_rows[:, 1], loss_tol(*dtypes), abs_slack=1e-6, what="E_q[g - g_a]")
 
     coef = (weights * ((1.0 - beta) * inv_temp)).to(torch.float32)
@@ -636,3 +639,47 @@ def test_jsd_shifted_logits(gen, monkeypatch):
     weights = torch.randn(n, generator=gen, dtype=torch.float64)
     weights[7] = 0.0
     run_and_check_jsd(s, t, weights, 0.6, 1.0 / 0.5)
+
+
+@pytest.mark.parametrize("tau", [2.7, 0.37])
+def test_offset_logits_centred_before_temperature(tau, gen):
+    """Logits far from 0 (student ~ -1000 + 3 randn, teacher ~ +700 and close to the student) at a temperature
+    != 1: the kernels centre the raw logits on the raw row maximum before scaling, fl(fl(z - M) * inv_temp), so the
+    statistics keep 1e-5 and the (reverse-KL and JSD) gradients 1e-4 relative to float64; z / tau rounded before the
+    centring carries ulp(|z / tau|) ~ 3e-5 .. 1e-4 into every centred logit (errors of 4e-4 .. 1e-3 here). Hidden
+    states, weights and biases are dyadic with few bits, so that the float32 logits are exact and nothing else
+    differs from the oracle."""
+    n, h, v = 20, 16, 70
+    hidden = torch.randint(-4, 5, (n, h), generator=gen) / 4.0
+    weight = torch.randint(-8, 9, (v, h), generator=gen) / 8.0
+    bias = torch.randint(-96, 97, (v,), generator=gen) / 32.0
+    s = Head(hidden, weight, bias - 1000.0)
+    t = Head(hidden.clone(), weight + torch.randint(-1, 2, (v, h), generator=gen) / 64.0, bias + 700.0)
+    assert torch.equal(logits64(s).float().double(), logits64(s))  # exact in float32
+    tokens = torch.randint(0, v, (n,), generator=gen)
+    weights = torch.zeros(n, 4, dtype=torch.float64)
+    weights[:, 0] = torch.randn(n, generator=gen, dtype=torch.float64)  # the reverse KL alone: the cancelling term
+    weights[3] = 0.0
+    run_and_check(s, t, tokens, weights, 1.0 / tau, stats_tol=1e-5, stats_slack=1e-7, grad_tol_=1e-4)
+    jsd_weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    run_and_check_jsd(s, t, jsd_weights, 0.3, 1.0 / tau, grad_tol_=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("step", [1 / 64, 1 / 128])
+def test_jsd_of_close_heads(step, beta, gen, monkeypatch):
+    """Teacher weight = student weight + step * {-1, 0, 1}, the same hidden states: r = log p - log q ~ 0.03 and
+    0.016, JSD ~ beta (1 - beta) E_q[r^2] / 2 per row (1e-5 .. 1.4e-4). g = log q - log m ~ -beta r and
+    h ~ (1 - beta) r formed as -c - L, differences of two numbers near log 2, were rounded at ~6e-8 absolute:
+    7e-5 .. 6e-4 relative error in the value; taken near q = p as -log1p(beta expm1(r)) and
+    -log1p((1 - beta) expm1(-r)): 2e-6 .. 4e-6. Dyadic inputs with few bits make the float32 logits exact (and
+    tau = 1 the centring), so that nothing else differs from the oracle."""
+    monkeypatch.setattr(tfl, "SPLIT_V", 3)
+    n, h, v = 37, 16, 97
+    hidden = torch.randint(-4, 5, (n, h), generator=gen) / 4.0
+    weight = torch.randint(-8, 9, (v, h), generator=gen) / 8.0
+    s = Head(hidden, weight)
+    t = Head(hidden.clone(), weight + torch.randint(-1, 2, (v, h), generator=gen) * step)
+    assert torch.equal(logits64(t).float().double(), logits64(t))  # exact in float32
+    weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    run_and_check_jsd(s, t, weights, beta, 1.0, value_tol=2e-5, value_slack=0.0)

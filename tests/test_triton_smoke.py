@@ -182,7 +182,8 @@ def _jsd_float64(z, u, beta):
 
 
 def test_jsd_nearly_equal_rows():
-    # p ~ q: JSD ~ 1e-6 is a sum of terms that cancel; in float32 log space both backends lose ~1% of it.
+    # p ~ q: JSD ~ 1e-6 is a sum of terms that cancel. g and h taken near q = p from expm1 / log1p: both backends
+    # within ~1e-4 of it (triton lost 6% with -c - L, rounded at ~6e-8 absolute).
     z = _logits(3, 500, torch.float32, seed=5)
     u = z + 1e-3 * _logits(3, 500, torch.float32, seed=6)
     stats = ref.row_stats(z, u, None, 1.0)
@@ -244,7 +245,7 @@ def test_sample_rows_distribution():
 
 
 @triton.jit
-def merge_kernel(x_ptr, v_ptr, out_ptr, V, SPLIT, BLOCK: tl.constexpr):
+def merge_kernel(x_ptr, v_ptr, out_ptr, V, SPLIT, inv_temp, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
     m1 = tl.full([], float("-inf"), tl.float32)
@@ -259,22 +260,24 @@ def merge_kernel(x_ptr, v_ptr, out_ptr, V, SPLIT, BLOCK: tl.constexpr):
         cols = start + lanes
         x = tl.load(x_ptr + row * V + cols, mask=cols < SPLIT, other=float("-inf"))
         v = tl.load(v_ptr + row * V + cols, mask=cols < SPLIT, other=0.0)
-        m1, s1, a1, b1 = online_update(m1, s1, a1, b1, x, v, tl.max(x, 0))
+        m1, s1, a1, b1 = online_update(m1, s1, a1, b1, x, v, tl.max(x, 0), inv_temp)
     for start in range(SPLIT, V, BLOCK):
         cols = start + lanes
         x = tl.load(x_ptr + row * V + cols, mask=cols < V, other=float("-inf"))
         v = tl.load(v_ptr + row * V + cols, mask=cols < V, other=0.0)
-        m2, s2, a2, b2 = online_update(m2, s2, a2, b2, x, v, tl.max(x, 0))
+        m2, s2, a2, b2 = online_update(m2, s2, a2, b2, x, v, tl.max(x, 0), inv_temp)
     m, s, a, b = merge_states(m1, tl.sum(s1, 0), tl.sum(a1, 0), tl.sum(b1, 0),
-                              m2, tl.sum(s2, 0), tl.sum(a2, 0), tl.sum(b2, 0))
+                              m2, tl.sum(s2, 0), tl.sum(a2, 0), tl.sum(b2, 0), inv_temp)
     tl.store(out_ptr + row * 4 + 0, m)
     tl.store(out_ptr + row * 4 + 1, tl.log(s))
     tl.store(out_ptr + row * 4 + 2, a / s)
     tl.store(out_ptr + row * 4 + 3, b / s)
 
 
-def test_merge_states():
-    """merge_states (for split-row reductions) of two halves equals the one-pass state of the whole row."""
+@pytest.mark.parametrize("tau", [1.0, 0.37])
+def test_merge_states(tau):
+    """merge_states (for split-row reductions) of two halves equals the one-pass state of the whole row: the raw
+    max, and the sums of c = (x - m) / tau."""
     n, v, split = 4, 90, 37
     x = _logits(n, v, torch.float32, seed=11)
     x[0, :split] = -math.inf        # empty first half
@@ -283,10 +286,82 @@ def test_merge_states():
     x[3, ::3] = -math.inf
     vals = _logits(n, v, torch.float32, seed=12)
     out = torch.empty(n, 4, device=DEVICE)
-    merge_kernel[(n,)](x, vals, out, v, split, BLOCK=16)
+    merge_kernel[(n,)](x, vals, out, v, split, 1.0 / tau, BLOCK=16)
     m = x.amax(1)
-    e = torch.exp(x - m[:, None])
+    c = (x - m[:, None]) / tau
+    e = torch.exp(c)
     s = e.sum(1)
-    want = torch.stack([m, s.log(), (e * vals).sum(1) / s,
-                        torch.where(e > 0, e * (x - m[:, None]), torch.zeros_like(e)).sum(1) / s], 1)
+    want = torch.stack([m, s.log(), (e * vals).sum(1) / s, torch.where(e > 0, e * c, torch.zeros_like(e)).sum(1) / s],
+                       1)
     _close(out, want)
+
+
+def _offset_rows(v, seed):
+    """float32 rows on a common offset far from 0 (the student's and the teacher's each their own), the teacher close
+    to the student (d small, so that the KL gradient is small against the roundings of the logits): rows 0-1 at
+    -1000 + 3 randn, rows 2-3 at +700 + 3 randn, row 4 student at -1000 and teacher at +700; row 5 student at
+    +3000 and an unrelated teacher at -3000."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([[-1000.0, -1000.0], [-1000.0, -1000.0], [700.0, 700.0], [700.0, 700.0], [-1000.0, 700.0],
+                            [3000.0, -3000.0]])
+    base = 3.0 * torch.randn(len(offsets), v, generator=g)
+    z = offsets[:, :1] + base
+    u = offsets[:, 1:] + base + 0.1 * torch.randn(len(offsets), v, generator=g)
+    u[-1] = offsets[-1, 1] + 3.0 * torch.randn(v, generator=g)
+    return z, u
+
+
+def _stats_float64(z, u, tokens, inv_temp):
+    """row_stats by definition in float64 from the float32 rows (minillm_fast.backends: maxima, ZY, UY, UA raw)."""
+    z, u = z.double(), u.double()
+    m_q, m_p = z.amax(1), u.amax(1)
+    xc, yc = (z - m_q[:, None]) * inv_temp, (u - m_p[:, None]) * inv_temp
+    q, p = torch.softmax(xc, 1), torch.softmax(yc, 1)
+    logs_q, logs_p = torch.logsumexp(xc, 1), torch.logsumexp(yc, 1)
+    ua = u.gather(1, z.argmax(1, keepdim=True))
+    d = xc - yc
+    y = tokens[:, None]
+    return torch.stack([m_q, logs_q, m_p, logs_p, (q * d).sum(1), (q * xc).sum(1), -(p * d).sum(1), (p * yc).sum(1),
+                        z.gather(1, y)[:, 0], u.gather(1, y)[:, 0], ua[:, 0],
+                        (q * (d + (ua - m_p[:, None]) * inv_temp)).sum(1), logs_q - logs_p], 1)
+
+
+@pytest.mark.parametrize("tau", [2.7, 0.37])
+def test_offset_rows_against_float64(tau, blocks):
+    """Rows far from 0 (|z| ~ 1e3) at a temperature != 1: the kernels centre the raw logits on the raw maximum
+    before scaling, c = fl(fl(z - M) / tau), so the statistics keep 1e-5 and the gradients 1e-4 relative to float64
+    (z / tau rounded first carries ulp(|z / tau|) ~ 3e-5 .. 1e-4 into every centred logit)."""
+    from _helpers import assert_close_rel
+    v, it = 300, 1.0 / tau
+    z, u = _offset_rows(v, seed=21)
+    tokens = torch.tensor([3, 250, 7, 299, 100, 42])
+    stats = tri.row_stats(z.to(DEVICE), u.to(DEVICE), tokens.to(DEVICE), it).cpu()
+    want = _stats_float64(z, u, tokens, it)
+    for j in range(NUM_STATS):
+        assert_close_rel(stats[:, j], want[:, j], 1e-5, abs_slack=1e-6, what=f"stats column {j}")
+
+    zd, ud = z.double(), u.double()
+    xc, yc = (zd - want[:, :1]) * it, (ud - want[:, 2:3]) * it
+    q, p = torch.softmax(xc, 1), torch.softmax(yc, 1)
+    d = xc - yc
+    coef = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.3, -0.2, 0.5, 0.2], [1.0, 0.0, 0.0, 0.0], [0.0, 0.7, -0.4, -0.7],
+                         [0.6, 0.1, 0.0, 0.0], [0.5, 0.0, -0.5, 0.0]])
+    grad = tri.logits_grad(z.to(DEVICE), u.to(DEVICE), tokens.to(DEVICE), stats.to(DEVICE), coef.to(DEVICE), it)
+    c = coef.double()
+    want_grad = (c[:, :1] * q * (d - (q * d).sum(1, keepdim=True)) + c[:, 1:2] * q + c[:, 2:3] * p
+                 + c[:, 3:] * torch.nn.functional.one_hot(tokens, v))
+    for r in range(z.shape[0]):
+        assert_close_rel(grad[r].cpu(), want_grad[r], 1e-4, abs_slack=0.0, what=f"logits_grad row {r}")
+
+    beta = 0.3
+    log_m = torch.logaddexp(math.log(beta) + torch.log_softmax(yc, 1), math.log1p(-beta) + torch.log_softmax(xc, 1))
+    g = torch.log_softmax(xc, 1) - log_m
+    h = torch.log_softmax(yc, 1) - log_m
+    rows = tri.jsd_rows(z.to(DEVICE), u.to(DEVICE), stats.to(DEVICE), beta, it).cpu()
+    assert_close_rel(rows[:, 0], beta * (p * h).sum(1) + (1 - beta) * (q * g).sum(1), 1e-5, abs_slack=1e-7,
+                     what="JSD")
+    jcoef = torch.tensor([1.0, -0.5, 0.8, 1.2, -1.0, 0.7])
+    jgrad = tri.jsd_grad(z.to(DEVICE), u.to(DEVICE), stats.to(DEVICE), rows.to(DEVICE), jcoef.to(DEVICE), beta, it)
+    want_jgrad = jcoef.double()[:, None] * q * (g - (q * g).sum(1, keepdim=True))
+    for r in range(z.shape[0]):
+        assert_close_rel(jgrad[r].cpu(), want_jgrad[r], 1e-4, abs_slack=0.0, what=f"jsd_grad row {r}")

@@ -8,8 +8,9 @@ triton is imported), which is how CI tests it.
 A *head* is any object with the attributes of ``minillm_fast.fused_linear._Head``: ``hidden`` [N, H] (2-D),
 ``weight`` [V, H] (same dtype as ``hidden``: float32, bfloat16 or float16), ``bias`` [V] or None, ``logit_scale``
 and ``softcap`` (a float, or None for "not applied"). Its logits are
-``softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)``; the primitives below then divide them by
-the temperature (``inv_temp`` = 1/tau) exactly as the row primitives of ``minillm_fast.backends`` do.
+``softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (the raw logits, whose maxima, ZY, UY and UA
+the statistics hold); the primitives below then apply the temperature (``inv_temp`` = 1/tau) exactly as the row
+primitives of ``minillm_fast.backends`` do, to the logits centred on their raw row maximum.
 
 ``row_stats(student, teacher, tokens, inv_temp) -> float32 [N, NUM_STATS]``
     ``backends.row_stats`` of the two heads' logits (same layout and semantics; ``tokens`` int [N] or None, ids
@@ -203,7 +204,7 @@ def row_stats(student, teacher, tokens, inv_temp) -> torch.Tensor:
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS)
         _k.fused_linear_merge_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
-            partial, out, n_rows, splits, BLOCK_R=MERGE_BLOCK, num_warps=4, **_LAUNCH_OPTIONS)
+            partial, out, n_rows, splits, float(inv_temp), BLOCK_R=MERGE_BLOCK, num_warps=4, **_LAUNCH_OPTIONS)
     return out
 
 
@@ -229,7 +230,8 @@ def jsd_rows(student, teacher, stats, beta, inv_temp) -> torch.Tensor:
         _k.fused_linear_jsd_rows_kernel[(triton.cdiv(n_rows, cfg.block_n), splits)](
             *s.pointers(), *t.pointers(), stats, partial,
             n_rows, vocab, s.size, t.size, *s.strides(), *t.strides(),
-            *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta, tiles_per_split,
+            *s.scalars(), *t.scalars(), float(inv_temp), log_beta, log_1m_beta, float(beta), 1.0 - float(beta),
+            tiles_per_split,
             *s.flags(), *t.flags(), _bf16_upcast(s.hidden),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH_OPTIONS)

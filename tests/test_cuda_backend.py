@@ -4,9 +4,10 @@ plus one N*V > 2^31 case checked against float64 math. Skipped without a GPU or 
 
 Covers: the 9 (student, teacher) dtype pairs, odd vocabularies (1, 7, 33, 32003, 128256), padded vocabularies,
 -inf entries and empty rows, extreme logits, non-contiguous and misaligned rows (scalar path), rows split across
-blocks (small N, large V) and one block per row (large N), zero-coefficient rows, no host synchronisation; and the
-optional row_stats_grad (rows split across a thread-block cluster; against row_stats + logits_grad composed by
-``loss.row_stats_grad_composed``) and scale_unless_one_.
+blocks (small N, large V) and one block per row (large N), zero-coefficient rows, no host synchronisation, rows with
+a large common offset under a temperature (against float64); and the optional row_stats_grad (rows split across a
+thread-block cluster; against row_stats + logits_grad composed by ``loss.row_stats_grad_composed``) and
+scale_unless_one_.
 
 Without a GPU the same tests can run the kernels' logic through the CPU emulator (csrc/cuda/emulator/build.sh):
 ``MINILLM_FAST_CUDA_EMULATOR=/path/libminillm_cuda_emu.so pytest tests/test_cuda_backend.py`` (slow: minutes).
@@ -103,12 +104,13 @@ def check_stats(z, u, tokens, inv_temp, what=""):
 
 
 def check_anchor(z, u, inv_temp, stats, what=""):
-    """UA and EQ_DA (minillm_fast.backends): where finite, UA is u' at an entry with z' = M_Q (the kernels may pick
-    another entry of a tied max than torch's first one) and EQ_DA = E_q[(z' - m_q) - (u' - UA)] in float64; NaN
-    together, and only where the float64 value is not finite."""
+    """UA and EQ_DA (minillm_fast.backends): where finite, UA is the raw u at an entry with z = M_Q (the kernels may
+    pick another entry of a tied max than torch's first one) and EQ_DA = E_q[(z - m_q) / tau - (u - UA) / tau] in
+    float64; NaN together, and only where the float64 value is not finite."""
     vocab = min(z.shape[1], u.shape[1])
-    zs = (z[:, :vocab].float() * inv_temp).double().cpu()
-    us = (u[:, :vocab].float() * inv_temp).double().cpu()
+    it = torch.tensor(inv_temp, dtype=torch.float32).item()
+    zs = z[:, :vocab].double().cpu()
+    us = u[:, :vocab].double().cpu()
     st = stats.double().cpu()
     ua, eq_da = st[:, UA], st[:, EQ_DA]
     assert torch.equal(torch.isnan(ua), torch.isnan(eq_da)), f"{what}: UA and EQ_DA NaN apart"
@@ -116,9 +118,9 @@ def check_anchor(z, u, inv_temp, stats, what=""):
     at_max = zs == m_q
     is_anchor = at_max & (us == ua[:, None])
     has = ~torch.isnan(ua)
-    assert bool(is_anchor[has].any(1).all()), f"{what}: UA is not u' at an argmax of z'"
-    e_q = torch.exp(zs - torch.where(torch.isfinite(m_q), m_q, 0.0))
-    terms = torch.where(e_q > 0, e_q * ((zs - m_q) - (us - ua[:, None])), 0.0)
+    assert bool(is_anchor[has].any(1).all()), f"{what}: UA is not u at an argmax of z"
+    e_q = torch.exp((zs - torch.where(torch.isfinite(m_q), m_q, 0.0)) * it)
+    terms = torch.where(e_q > 0, e_q * ((zs - m_q) * it - (us - ua[:, None]) * it), 0.0)
     want = terms.sum(1) / e_q.sum(1)
     assert_close(eq_da[has], want[has], STATS_RTOL, f"{what} row_stats[EQ_DA]", atol=1e-6)
     # the anchor is dropped only where it cannot be finite: an empty student row, the teacher -inf at every argmax
@@ -376,6 +378,23 @@ def test_kl_of_close_distributions(v, noise, tol):
     assert_close(stats[:, EP_D].double() + stats[:, LOG_RATIO].double(), ref, tol, "KL(p||q)", atol=0.0)
 
 
+@pytest.mark.parametrize("v", [1000, 128256])
+@pytest.mark.parametrize("noise", [0.03, 0.01])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_of_very_close_distributions(v, noise, beta):
+    """Teacher = student + noise * randn (JSD ~ 4e-5..1e-4, 4e-6..1e-5 per row): the value's g and h near q = p
+    come from -log1p(beta expm1(r)) and r + g (jsd.cu kNearRatio; rows of 128256 split across blocks). From the
+    logaddexp forms (-c - l, near log 2) they were 1e-4 and 1e-3 off; the test asserts 2e-5 against float64."""
+    from minillm_fast import reference
+    g = gen_for(v)
+    z = 2.0 * torch.randn(8, v, device=DEVICE, generator=g)
+    u = z + noise * torch.randn(8, v, device=DEVICE, generator=g)
+    stats = ops.row_stats(z, u, None, 1.0)
+    out = ops.jsd_rows(z, u, stats, beta, 1.0)
+    ref = reference.jsd(z.double(), u.double(), beta=beta, reduction="none")
+    assert_close(out[:, 0].double(), ref, 2e-5, "JSD", atol=0.0)
+
+
 @pytest.mark.parametrize("n,v", [(8, 3001), (2, 128256)])
 def test_jsd_of_a_student_peaked_where_the_teacher_is_not(n, v):
     """Independent logits ~ 10 randn: the gradient at the student's argmax, -q_a E_q[g - g_a], is far below
@@ -516,7 +535,7 @@ def _policy_near_ratio_one(z, u, tokens, inv_temp, seed):
     g = gen_for(seed)
     n = z.shape[0]
     st = torch_backend.row_stats(z, u, tokens, inv_temp)
-    logq = (st[:, ZY] - st[:, M_Q]) - st[:, LOGS_Q]
+    logq = (st[:, ZY] - st[:, M_Q]) * inv_temp - st[:, LOGS_Q]
     old = torch.nan_to_num(logq, neginf=0.0) + 0.3 * torch.randn(n, device=DEVICE, generator=g)
     adv = torch.randn(n, device=DEVICE, generator=g)
     w = 0.5 + torch.rand(n, device=DEVICE, generator=g)
@@ -802,3 +821,110 @@ def test_more_than_2_pow_31_elements():
     uniform = torch.rand(n, device=DEVICE, generator=g, dtype=torch.float64)
     idx = ops.sample_rows(z, u, use_teacher, uniform, 1.0)
     check_samples(z[rows], u[rows], use_teacher[rows], uniform[rows], 1.0, idx[rows], "2^31 sample", min_agree=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a common offset under a temperature: against float64
+# ----------------------------------------------------------------------------------------------------------
+
+def _f64_centred_rows(z, u, tokens, inv_temp):
+    """Float64 truth from each entry's float32 value and the float32 1/tau the kernels get: the 13 row_stats
+    columns (UA: the first argmax's u) and q, p, d, log q, log p over the first V columns."""
+    vocab = min(z.shape[1], u.shape[1])
+    it = torch.tensor(inv_temp, dtype=torch.float32).item()
+    x, w = z[:, :vocab].double().cpu(), u[:, :vocab].double().cpu()
+    m_q, m_p = x.amax(1, keepdim=True), w.amax(1, keepdim=True)
+    cq, cp = (x - m_q) * it, (w - m_p) * it
+    lse_q, lse_p = torch.logsumexp(cq, 1, keepdim=True), torch.logsumexp(cp, 1, keepdim=True)
+    log_q, log_p = cq - lse_q, cp - lse_p
+    q, p = log_q.exp(), log_p.exp()
+    d = cq - cp
+    y = tokens.cpu()[:, None]
+    ua = w.gather(1, x.argmax(1, keepdim=True))
+    eq_da = (q * (d + (ua - m_p) * it)).sum(1)
+    cols = [m_q[:, 0], lse_q[:, 0], m_p[:, 0], lse_p[:, 0], (q * d).sum(1), (q * cq).sum(1), -(p * d).sum(1),
+            (p * cp).sum(1), x.gather(1, y)[:, 0], w.gather(1, y)[:, 0], ua[:, 0], eq_da, (lse_q - lse_p)[:, 0]]
+    return torch.stack(cols, 1), dict(q=q, p=p, d=d, log_q=log_q, log_p=log_p, it=it, x=x, w=w)
+
+
+@pytest.mark.parametrize("tau", [2.7, 0.37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=SHORT.get)
+def test_offset_logits_under_temperature_against_float64(monkeypatch, dtype, tau):
+    """Rows of 3 randn around -1000, 700, -2e4 and 3e4: the centred logits are fl(fl(z - M) * inv_temp) from the
+    raw max, exact up to one rounding relative to |z - M|. Scaling first (fl(z * inv_temp) - M', the kernels before
+    the raw maxima) rounded them at ulp(|z / tau|) before the cancellation (3e-5 for -1000 at tau = 2.7, 7.8e-3 for
+    3e4 at tau = 0.37): float32 stats were off by up to 2e-4 (tau = 2.7) and 1.2e-3 (0.37) relative, gradients by
+    2.5e-4 and 1e-3; now ~4e-7 and ~5e-7 (bf16: LOG_RATIO 3.5e-6; emulator). Stats of row_stats and row_stats_grad (both
+    plans) to 1e-5, float32 gradients (logits_grad, jsd_grad, row_stats_grad with a policy factor) to 1e-4 of
+    float64; bf16 rows (coarse at these offsets: ties at the max) to their output rounding."""
+    n, v, beta = 4, 32000, 0.5
+    inv_temp = 1.0 / tau
+    offset = torch.tensor([-1000.0, 700.0, -2e4, 3e4], device=DEVICE)[:, None]
+    z = (logits(n, v, torch.float32, seed=101) + offset).to(dtype)
+    u = (logits(n, v, torch.float32, seed=102) + offset).to(dtype)
+    tokens = torch.randint(0, v, (n,), device=DEVICE, generator=gen_for(103))
+    ref, f = _f64_centred_rows(z, u, tokens, inv_temp)
+    q, p, d, it = f["q"], f["p"], f["d"], f["it"]
+    grad_rtol = 1e-4 if dtype == torch.float32 else GRAD_RTOL[dtype]
+
+    def check_f64_stats(stats, what):
+        stats = stats.double().cpu()
+        for col, name in enumerate(STAT_NAMES + ["UA", "EQ_DA", "LOG_RATIO"]):
+            if col in (UA, EQ_DA):
+                continue
+            assert_close(stats[:, col], ref[:, col], 1e-5, f"{what} [{name}]", atol=0.0)
+        # UA: u at an argmax of z (the kernels may take another tied entry); EQ_DA relative to that UA
+        ua = stats[:, UA, None]
+        assert bool(((f["x"] == ref[:, M_Q, None]) & (f["w"] == ua)).any(1).all()), f"{what}: UA"
+        eq_da = (q * (d + (ua - ref[:, M_P, None]) * it)).sum(1)
+        assert_close(stats[:, EQ_DA], eq_da, 1e-5, f"{what} [EQ_DA]", atol=0.0)
+
+    stats = ops.row_stats(z, u, tokens, inv_temp)
+    check_f64_stats(stats, "row_stats")
+
+    coef = random_coef(n, 104)
+    coef[:, C_Y] = 0.0  # the token's constant term would dominate the norms
+    cf = coef.double().cpu()
+    ref_dz = cf[:, C_KL, None] * q * (d - ref[:, EQ_D, None]) + cf[:, C_Q, None] * q + cf[:, C_P, None] * p
+    dz = ops.logits_grad(z, u, tokens, stats, coef, inv_temp)
+    assert_close(dz.double().cpu(), ref_dz, grad_rtol, "logits_grad", atol=0.0)
+
+    m = torch.logaddexp(f["log_p"] + math.log(beta), f["log_q"] + math.log(1 - beta))
+    g, h = f["log_q"] - m, f["log_p"] - m
+    at_anchor = (f["x"] == ref[:, M_Q, None]) & (f["w"] == stats.double().cpu()[:, UA, None])
+    g_a = torch.where(at_anchor, g, 0.0).sum(1, keepdim=True) / at_anchor.sum(1, keepdim=True)
+    ref_jsd = torch.stack((beta * (p * h).sum(1) + (1 - beta) * (q * g).sum(1), (q * (g - g_a)).sum(1)), 1)
+    jsd = ops.jsd_rows(z, u, stats, beta, inv_temp)
+    assert_close(jsd[:, 0].double().cpu(), ref_jsd[:, 0], 1e-5, "jsd_rows JSD", atol=0.0)
+    assert_close(jsd[:, 1].double().cpu(), ref_jsd[:, 1], 1e-5, "jsd_rows E_q[g - g_a]", atol=0.0)
+    jcoef = torch.full((n,), 0.7, device=DEVICE)
+    ref_jdz = 0.7 * q * (g - (q * g).sum(1, keepdim=True))
+    assert_close(ops.jsd_grad(z, u, stats, jsd, jcoef, beta, inv_temp).double().cpu(), ref_jdz, grad_rtol,
+                 "jsd_grad", atol=0.0)
+
+    # row_stats_grad with MiniLLM's policy factor inside the clip band (rho = exp(log q(y) - old) w, w = 1):
+    # d pg / d log q(y) = -A rho multiplies c_q, so log q(y) = (ZY - M_Q) inv_temp - LOGS_Q enters the gradient
+    log_q_y = f["log_q"].gather(1, tokens.cpu()[:, None])[:, 0]
+    noise = torch.randn(2, n, device=DEVICE, generator=gen_for(105)).double().cpu()
+    policy = torch.stack((noise[0], log_q_y + 0.02 * noise[1], torch.ones(n, dtype=torch.float64)), 1)
+    policy = policy.float().to(DEVICE)
+    pol = policy.double().cpu()
+    factor = -pol[:, 0] * torch.exp(log_q_y - pol[:, 1])
+    ref_pdz = cf[:, C_KL, None] * q * (d - ref[:, EQ_D, None]) + (cf[:, C_Q] * factor)[:, None] * q \
+        + cf[:, C_P, None] * p
+    for plan in ("one pass", "l2:3"):  # a cluster per row; two passes over chunks of rows in L2
+        if plan == "one pass":
+            monkeypatch.delenv("MINILLM_FAST_FUSED_PLAN", raising=False)
+        else:
+            monkeypatch.setenv("MINILLM_FAST_FUSED_PLAN", plan)
+        st, pdz = ops.row_stats_grad(z, u, tokens, coef, policy, 0.2, inv_temp, None)
+        check_f64_stats(st, f"row_stats_grad {plan}")
+        if pdz.numel() == 0:  # no one-pass plan on this GPU (no clusters, less shared memory than an H100's)
+            assert plan == "one pass" and not EMULATOR, f"row_stats_grad {plan}: no plan"
+            continue
+        assert_close(pdz.double().cpu(), ref_pdz, grad_rtol, f"row_stats_grad {plan} dz", atol=0.0)
+
+    use_teacher = torch.tensor([False, True, False, True], device=DEVICE)
+    uniform = torch.rand(n, device=DEVICE, generator=gen_for(106), dtype=torch.float64)
+    idx = ops.sample_rows(z, u, use_teacher, uniform, inv_temp)
+    check_samples(z, u, use_teacher, uniform, inv_temp, idx, "sample_rows", min_agree=0.75)

@@ -1,11 +1,12 @@
 // jsd_rows and jsd_grad: the generalised JSD for 0 < beta < 1, a second pass given row_stats.
 //
-// With log q_v = (z'_v - m_q) - log s_q, log p_v likewise, and log m_v = logaddexp(log p_v + log beta,
+// With log q_v = fl(fl(z_v - m_q) / tau) - log s_q (m_q: row_stats' raw max; the centred logit as every kernel forms
+// it, row_state.cuh centred), log p_v likewise, and log m_v = logaddexp(log p_v + log beta,
 // log q_v + log(1 - beta)) (never the log of a sum of rounded probabilities):
 //   g_v = log q_v - log m_v (0 where q_v = 0), h_v = log p_v - log m_v (0 where p_v = 0)
 //   jsd_rows: (beta * sum p h + (1 - beta) * sum q g, sum q (g - g_a))    (split rows: partial sums + merge)
 //   jsd_grad: dz_v = coef * q_v * ((g_v - g_a) - E_q[g - g_a]) on v < V; zeros for v >= V and rows with coef = 0,
-// with g_a the g of row_stats' anchor (z'_a = m_q, u'_a = UA; 0 where UA is NaN) and g_v - g_a exactly 0 at the
+// with g_a the g of row_stats' anchor (z_a = m_q, u_a = UA raw; 0 where UA is NaN) and g_v - g_a exactly 0 at the
 // anchor's entries: in nearly one-hot rows the anchor's gradient -q_a E_q[g - g_a] is far below ulp(|g_a|)
 // (minillm_fast/backends/__init__.py: jsd_rows).
 #include "launchers.h"
@@ -15,11 +16,20 @@ namespace minillm_fast {
 namespace cuda {
 namespace {
 
-enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, UA = 10 };
+enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, UA = 10, LOG_RATIO = 12 };
+
+// Near q = p (|r| < kNearRatio, in rows whose reverse KL is below kNearRowKl) the value's g and h are taken as
+// g = -log1p(beta expm1(r)) and h = r + g: there g ~ -beta r and h ~ (1 - beta) r are small, and -c - l, a
+// difference of two numbers near log 2, would round them at ~6e-8 absolute, which the JSD of close distributions
+// (~beta (1 - beta) E[r^2] / 2 per row) cannot afford. Other rows' JSD is large enough for those roundings
+// (csrc/cpu/divergence_kernels.cpp takes the same rule). The gradient keeps g - g_a from c and l.
+constexpr float kNearRatio = 0.5f;
+constexpr float kNearRowKl = 0.05f;
 
 struct JsdRow {
-  float shift_q, logs_q, shift_p, logs_p, log_beta, log1m_beta;
-  float anchor_off, c_a, l_a;  // fl(UA - m_p) (NaN: no anchor) and g_a = -c_a - l_a (0: no anchor)
+  float shift_q, logs_q, shift_p, logs_p, beta, log_beta, log1m_beta, it;
+  float anchor_off, c_a, l_a;  // fl(fl(UA - m_p) / tau) (NaN: no anchor) and g_a = -c_a - l_a (0: no anchor)
+  bool near;                   // KL(q || p) = EQ_D - LOG_RATIO < kNearRowKl: the value takes the near forms
 
   __device__ __forceinline__ void load(const JsdArgs& args, int64_t row) {
     const float* st = args.stats + row * kNumStats;
@@ -27,11 +37,14 @@ struct JsdRow {
     logs_q = st[LOGS_Q];
     shift_p = finite_or_zero(st[M_P]);
     logs_p = st[LOGS_P];
+    beta = args.beta;
     log_beta = args.log_beta;
     log1m_beta = args.log1m_beta;
-    anchor_off = st[UA] - shift_p;
+    it = args.inv_temp;
+    near = st[EQ_D] - st[LOG_RATIO] < kNearRowKl;
+    anchor_off = centred(st[UA], shift_p, it);
     float h;
-    mixture(anchor_off - (logs_p - logs_q), c_a, l_a, h);  // the anchor's entry: x_q = 0, x_p = fl(UA - m_p)
+    mixture(anchor_off - (logs_p - logs_q), c_a, l_a, h);  // the anchor's entry: x_q = 0, x_p = anchor_off
     if (!is_finite(anchor_off)) c_a = l_a = 0.0f;
   }
 
@@ -45,17 +58,24 @@ struct JsdRow {
     h = (delta > 0.0f ? -log_beta : r - log1m_beta) - l;
   }
 
-  // q, g and g - g_a (0 where q = 0), p, h (0 where p = 0) from r = ((u' - m_p) - (z' - m_q)) - (log s_p - log s_q)
+  // q, g and g - g_a (0 where q = 0), p, h (0 where p = 0) at the raw logits x, xu, from r = (x_p - x_q) -
+  // (log s_p - log s_q) with the centred x_q = fl(fl(x - m_q) / tau), x_p = fl(fl(xu - m_p) / tau)
   // (minillm_fast.backends: jsd_rows). g - g_a = (c_a - c) + (l_a - l), exactly 0 at the anchor's entries; where
-  // both sit on the log(1 - beta) branch it is l_a - l, exact however small.
+  // both sit on the log(1 - beta) branch it is l_a - l, exact however small. g and h near q = p: see kNearRatio.
   __device__ __forceinline__ void terms(float x, float xu, float& q, float& g, float& g_rel, float& p,
                                         float& h) const {
-    const float xq = x - shift_q, xp = xu - shift_p;
+    const float xq = centred(x, shift_q, it), xp = centred(xu, shift_p, it);
+    const float r = (xp - xq) - (logs_p - logs_q);
     float c, l;
-    mixture((xp - xq) - (logs_p - logs_q), c, l, h);
+    mixture(r, c, l, h);
     q = fast_exp(xq - logs_q);
     p = fast_exp(xp - logs_p);
-    g = q > 0.0f ? -c - l : 0.0f;
+    g = -c - l;
+    if (near && fabsf(r) < kNearRatio) {
+      g = -log1pf(beta * expm1f(r));
+      h = r + g;
+    }
+    g = q > 0.0f ? g : 0.0f;
     g_rel = q > 0.0f && !(xq == 0.0f && xp == anchor_off) ? (c_a - c) + (l_a - l) : 0.0f;
     h = p > 0.0f ? h : 0.0f;
   }
@@ -67,7 +87,6 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_rows_kernel(const JsdArgs arg
   const int split = blockIdx.y;
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-  const float it = args.inv_temp;
   JsdRow r;
   r.load(args, row);
 
@@ -78,8 +97,8 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_rows_kernel(const JsdArgs arg
   SumState<kJsdPartialFloats> acc = SumState<kJsdPartialFloats>::empty();
   for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < cv; c += blockDim.x * E) {
     float x[E], y[E];
-    load_scaled<Tz, E>(z + c, it, x);
-    load_scaled<Tu, E>(u + c, it, y);
+    load_floats<Tz, E>(z + c, x);
+    load_floats<Tu, E>(u + c, y);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       float q, g, g_rel, p, h;
@@ -91,7 +110,7 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_rows_kernel(const JsdArgs arg
   }
   for (int c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
     float q, g, g_rel, p, h;
-    r.terms(load_one(z + c, it), load_one(u + c, it), q, g, g_rel, p, h);
+    r.terms(load_one(z + c), load_one(u + c), q, g, g_rel, p, h);
     acc.v[0] += q * g;
     acc.v[1] += p * h;
     acc.v[2] += q * g_rel;
@@ -145,7 +164,6 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs arg
   const float mean_g_rel = args.jsd[row * 2 + 1];  // E_q[g - g_a]
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-  const float it = args.inv_temp;
   const int vocab = args.vocab;
   JsdRow r;
   r.load(args, row);
@@ -153,8 +171,8 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs arg
   const int ve = max(c0, min(c1, vocab / E * E));
   for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < ve; c += blockDim.x * E) {
     float x[E], y[E], o[E];
-    load_scaled<Tz, E>(z + c, it, x);
-    load_scaled<Tu, E>(u + c, it, y);
+    load_floats<Tz, E>(z + c, x);
+    load_floats<Tu, E>(u + c, y);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       float q, g, g_rel, p, h;
@@ -167,7 +185,7 @@ __global__ void __launch_bounds__(kMaxThreads) jsd_grad_kernel(const JsdArgs arg
     float o = 0.0f;
     if (c < vocab) {
       float q, g, g_rel, p, h;
-      r.terms(load_one(z + c, it), load_one(u + c, it), q, g, g_rel, p, h);
+      r.terms(load_one(z + c), load_one(u + c), q, g, g_rel, p, h);
       o = (coef * q) * (g_rel - mean_g_rel);
     }
     store_one<Tz>(out + c, o);

@@ -187,7 +187,7 @@ struct FusedPlan {
 
 constexpr int kFusedThreads = 512;
 constexpr int kMaxCluster = 8;  // the portable cluster size
-constexpr int kFusedStaticShared = 2048;  // room left in max_smem for the kernel's static arrays (1336 bytes)
+constexpr int kFusedStaticShared = 2048;  // room left in max_smem for the kernel's static arrays (1600 bytes)
 
 // vec: the pair's vector width (1 when rows are not aligned for 16-byte copies: then no plan); elem_bytes: the
 // student's plus the teacher's element size; max_cluster: kMaxCluster on sm_90 and later, else 1; max_smem: the

@@ -1,12 +1,13 @@
 // logits_grad: dz_v = c_kl q_v (d_v - E_q[d]) + c_q q_v + c_p p_v + c_y [v == y], one pass, with the centred
-// difference d = (z' - m_q) - (u' - m_p) of row_stats (m: the row max where finite, else 0); the formula is
-// GradRow (row_state.cuh).
+// difference d = fl(fl(z - m_q) / tau) - fl(fl(u - m_p) / tau) of row_stats (m: the raw row max where finite,
+// else 0); the formula is GradRow (row_state.cuh).
 //
 // Elementwise given the row statistics, so any number of blocks may share a row (grid = (rows, column chunks)).
-// q_v = exp((z'_v - m_q) - log s_q): the shift is exact, so logits ~1e4 keep their precision. The teacher row is
-// read only when c_kl or c_p is nonzero; rows whose four coefficients are zero, and columns >= V, are written as
-// zeros without reading anything. Matches torch_backend.logits_grad to float32 rounding. dz is written in the
-// student's dtype, or (logits_grad_into) in bfloat16 / float16 from float32 rows, with any row stride.
+// q_v = exp(fl(fl(z_v - m_q) / tau) - log s_q): the shift is exact, so logits ~1e4 (or a common offset under a
+// temperature) keep their precision. The teacher row is read only when c_kl or c_p is nonzero; rows whose four
+// coefficients are zero, and columns >= V, are written as zeros without reading anything. Matches
+// torch_backend.logits_grad to float32 rounding. dz is written in the student's dtype, or (logits_grad_into) in
+// bfloat16 / float16 from float32 rows, with any row stride.
 // row_stats_grad's two-pass plan runs it in_pass (LogitsGradArgs): coefficients completed from the statistics, and
 // split rows' statistics merged here rather than by row_stats' merge kernel (one launch less per chunk of rows).
 #include "cluster.cuh"
@@ -21,14 +22,14 @@ enum : int { M_Q = 0, LOGS_Q, M_P, LOGS_P, EQ_D, ZY = 8, UA = 10, EQ_DA };
 
 template <bool kNeedU, typename Tz, typename Tu, typename To, int E>
 __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restrict__ z, const Tu* __restrict__ u,
-                                             To* __restrict__ out, int c0, int c1, int vocab, float it) {
+                                             To* __restrict__ out, int c0, int c1, int vocab) {
   // Whole vectors inside the vocabulary: [c0, ve); ve - c0 is a multiple of E (see make_plan's chunking).
   const int ve = max(c0, min(c1, vocab / E * E));
   for (int c = c0 + static_cast<int>(threadIdx.x) * E; c < ve; c += blockDim.x * E) {
     float x[E], xu[E], r[E];
-    load_scaled<Tz, E>(z + c, it, x);
+    load_floats<Tz, E>(z + c, x);
     if constexpr (kNeedU) {
-      load_scaled<Tu, E>(u + c, it, xu);
+      load_floats<Tu, E>(u + c, xu);
     } else {
 #pragma unroll
       for (int i = 0; i < E; ++i) xu[i] = 0.0f;
@@ -40,7 +41,7 @@ __device__ __forceinline__ void grad_columns(const GradRow& g, const Tz* __restr
   // The rest: < E columns of the vocabulary, then the padded columns >= V (zeros).
   for (int c = ve + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {
     float r = 0.0f;
-    if (c < vocab) r = g(load_one(z + c, it), kNeedU ? load_one(u + c, it) : 0.0f, c);
+    if (c < vocab) r = g(load_one(z + c), kNeedU ? load_one(u + c) : 0.0f, c);
     store_one<To>(out + c, r);
   }
 }
@@ -61,10 +62,10 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
   if (args.partials != nullptr) {  // row_stats_grad's two-pass plan with split rows: merge the row's states here
     if (threadIdx.x < 32) {
       const RowPairState state = warp_merge_partials(
-          args.partials + row * args.partial_splits * kRowStatsPartialFloats, args.partial_splits);
+          args.partials + row * args.partial_splits * kRowStatsPartialFloats, args.partial_splits, args.inv_temp);
       if (threadIdx.x == 0) {
         float zy, uy;
-        token_logits(z, u, y, args.vocab, args.inv_temp, zy, uy);
+        token_logits(z, u, y, args.vocab, zy, uy);
         write_row_stats(merged, state, zy, uy);
         if (blockIdx.y == 0) write_row_stats(args.stats_out + row * kNumStats, state, zy, uy);
       }
@@ -75,18 +76,19 @@ __global__ void __launch_bounds__(kMaxThreads) logits_grad_kernel(const LogitsGr
   float cf[kNumCoefs];
   for (int i = 0; i < kNumCoefs; ++i) cf[i] = args.coef[row * kNumCoefs + i];
   if (args.in_pass) {
-    in_pass_coefs(cf, is_neg_inf(st[M_Q]) || is_neg_inf(st[M_P]), st[ZY], st[M_Q], st[LOGS_Q],
+    in_pass_coefs(cf, is_neg_inf(st[M_Q]) || is_neg_inf(st[M_P]), st[ZY], st[M_Q], st[LOGS_Q], args.inv_temp,
                   args.policy != nullptr ? args.policy + row * 3 : nullptr, args.clip_low, args.clip_high);
   }
   if (cf[0] == 0.0f && cf[1] == 0.0f && cf[2] == 0.0f && cf[3] == 0.0f) {
     store_zeros<To, E>(out, c0, c1);
     return;
   }
-  const GradRow g = GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], st[UA], st[EQ_DA], cf, y);
+  const GradRow g =
+      GradRow::make(st[M_Q], st[LOGS_Q], st[M_P], st[LOGS_P], st[EQ_D], st[UA], st[EQ_DA], cf, y, args.inv_temp);
   if (g.needs_teacher()) {
-    grad_columns<true, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+    grad_columns<true, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab);
   } else {
-    grad_columns<false, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab, args.inv_temp);
+    grad_columns<false, Tz, Tu, To, E>(g, z, u, out, c0, c1, args.vocab);
   }
 }
 

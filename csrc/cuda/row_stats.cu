@@ -1,9 +1,9 @@
 // row_stats: one pass over the student and teacher rows, both online softmaxes at once.
 //
-// Per row, with z' = z / tau and u' = u / tau over the first V columns (see minillm_fast/backends/__init__.py):
-//   M_Q = max z', LOGS_Q = log sum exp(z' - M_Q), EQ_D = E_q[d], EQ_ZC = E_q[z' - M_Q], and the same for p
-//   with u' (EP_D = E_p[-d], EP_UC = E_p[u' - M_P]); ZY = z'_y, UY = u'_y; d = (z' - M_Q) - (u' - M_P), the
-//   difference of the two centred (exact) logits.
+// Per row over the first V columns (see minillm_fast/backends/__init__.py), with the centred logits
+// c_q = fl(fl(z - M_Q) / tau), c_p = fl(fl(u - M_P) / tau) (the raw max subtracted first, exactly, then scaled):
+//   M_Q = max z (raw), LOGS_Q = log sum exp(c_q), EQ_D = E_q[d], EQ_ZC = E_q[c_q], and the same for p with u
+//   (EP_D = E_p[-d], EP_UC = E_p[c_p]); ZY = z_y, UY = u_y (raw); d = c_q - c_p.
 // Each thread folds its columns into a RowPairState (row_state.cuh); the block reduces the states. When the
 // rows alone cannot fill the GPU, a row is split across gridDim.y blocks that write partial states, and
 // row_stats_merge_kernel (one warp per row) merges and finalises them (or, for row_stats_grad's two-pass plan,
@@ -21,8 +21,7 @@ __device__ __forceinline__ void finalize_row(const RowStatsArgs& args, int64_t r
   float zy = 0.0f, uy = 0.0f;
   if (args.tokens != nullptr) {
     token_logits(static_cast<const Tz*>(args.z) + row * args.z_stride,
-                 static_cast<const Tu*>(args.u) + row * args.u_stride, args.tokens[row], args.vocab, args.inv_temp,
-                 zy, uy);
+                 static_cast<const Tu*>(args.u) + row * args.u_stride, args.tokens[row], args.vocab, zy, uy);
   }
   write_row_stats(args.stats + row * kNumStats, st, zy, uy);
 }
@@ -34,34 +33,33 @@ __global__ void __launch_bounds__(kMaxThreads) row_stats_kernel(const RowStatsAr
   const int split = blockIdx.y;
   const Tz* __restrict__ z = static_cast<const Tz*>(args.z) + row * args.z_stride;
   const Tu* __restrict__ u = static_cast<const Tu*>(args.u) + row * args.u_stride;
-  const float it = args.inv_temp;
 
   const int c0 = split * args.plan.chunk;
   const int c1 = min(args.vocab, c0 + args.plan.chunk);
   const int cv = c1 > c0 ? c0 + (c1 - c0) / E * E : c0;  // end of whole vectors
 
-  RowPairState st = RowPairState::empty();
+  RowPairState st = RowPairState::empty(args.inv_temp);
   const int step = static_cast<int>(blockDim.x) * E;
   int c = c0 + static_cast<int>(threadIdx.x) * E;
   for (; c + step < cv; c += 2 * step) {  // two vectors per side in flight before the math
     float x0[E], y0[E], x1[E], y1[E];
-    load_scaled<Tz, E>(z + c, it, x0);
-    load_scaled<Tu, E>(u + c, it, y0);
-    load_scaled<Tz, E>(z + c + step, it, x1);
-    load_scaled<Tu, E>(u + c + step, it, y1);
+    load_floats<Tz, E>(z + c, x0);
+    load_floats<Tu, E>(u + c, y0);
+    load_floats<Tz, E>(z + c + step, x1);
+    load_floats<Tu, E>(u + c + step, y1);
     st.add<E>(x0, y0);
     st.add<E>(x1, y1);
   }
   if (c < cv) {
     float x[E], y[E];
-    load_scaled<Tz, E>(z + c, it, x);
-    load_scaled<Tu, E>(u + c, it, y);
+    load_floats<Tz, E>(z + c, x);
+    load_floats<Tu, E>(u + c, y);
     st.add<E>(x, y);
   }
   for (c = cv + static_cast<int>(threadIdx.x); c < c1; c += blockDim.x) {  // < E leftover columns
     float x[1], y[1];
-    load_scaled<Tz, 1>(z + c, it, x);
-    load_scaled<Tu, 1>(u + c, it, y);
+    load_floats<Tz, 1>(z + c, x);
+    load_floats<Tu, 1>(u + c, y);
     st.add<1>(x, y);
   }
 
@@ -84,7 +82,8 @@ __global__ void __launch_bounds__(kMergeThreads) row_stats_merge_kernel(const Ro
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
   if (row >= args.n_rows) return;  // whole warps only
   const int splits = args.plan.splits;
-  const RowPairState st = warp_merge_partials(args.workspace + row * splits * kRowStatsPartialFloats, splits);
+  const RowPairState st =
+      warp_merge_partials(args.workspace + row * splits * kRowStatsPartialFloats, splits, args.inv_temp);
   if (lane == 0) finalize_row<Tz, Tu>(args, row, st);
 }
 

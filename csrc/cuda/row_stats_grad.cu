@@ -41,7 +41,7 @@ namespace {
 // in flight, so that these few dependent loads -- the token, then its logits -- cost no extra latency).
 struct RowInputs {
   int64_t y = -1;  // -1 without tokens
-  float zy = 0.0f, uy = 0.0f;  // z'_y and u'_y (0 for y out of [0, V))
+  float zy = 0.0f, uy = 0.0f;  // the raw z_y and u_y (0 for y out of [0, V))
   float coef[kNumCoefs];
   float policy[3];
 };
@@ -56,7 +56,7 @@ __device__ __forceinline__ RowInputs load_row_inputs(const RowStatsGradArgs& arg
   }
   if (args.tokens != nullptr) {
     in.y = args.tokens[row];
-    token_logits(z, u, in.y, args.vocab, args.inv_temp, in.zy, in.uy);
+    token_logits(z, u, in.y, args.vocab, in.zy, in.uy);
   }
   return in;
 }
@@ -65,10 +65,10 @@ __device__ __forceinline__ RowInputs load_row_inputs(const RowStatsGradArgs& arg
 __device__ __forceinline__ GradRow row_grad(const RowStatsGradArgs& args, const RowInputs& in, const RowPairState& st) {
   float cf[kNumCoefs];
   for (int i = 0; i < kNumCoefs; ++i) cf[i] = in.coef[i];
-  in_pass_coefs(cf, st.has_empty(), in.zy, st.q.m, st.q.log_s(), args.policy != nullptr ? in.policy : nullptr,
-                args.clip_low, args.clip_high);
+  in_pass_coefs(cf, st.has_empty(), in.zy, st.q.m, st.q.log_s(), args.inv_temp,
+                args.policy != nullptr ? in.policy : nullptr, args.clip_low, args.clip_high);
   return GradRow::make(st.q.m, st.q.log_s(), st.p.m, st.p.log_s(), st.q.mean_a(), st.anchor_u(), st.anchor_mean(), cf,
-                       in.y);
+                       in.y, args.inv_temp);
 }
 
 template <typename To, int E>
@@ -83,11 +83,11 @@ __device__ __forceinline__ void store_bounded(To* __restrict__ out, int c, int n
   }
 }
 
-// E elements of a row's slice in shared memory (column c at p), as floats times scale; columns >= vocab read as
-// -inf (the copies zero-filled them).
+// E elements of a row's slice in shared memory (column c at p), as floats; columns >= vocab read as -inf (the
+// copies zero-filled them).
 template <typename T, int E>
-__device__ __forceinline__ void shared_scaled(const T* p, int c, int vocab, float scale, float (&out)[E]) {
-  to_scaled<T, E>(*reinterpret_cast<const BitsVec<T, E>*>(p), scale, out);
+__device__ __forceinline__ void shared_floats(const T* p, int c, int vocab, float (&out)[E]) {
+  to_floats<T, E>(*reinterpret_cast<const BitsVec<T, E>*>(p), out);
   if (c + E > vocab) {
 #pragma unroll
     for (int i = 0; i < E; ++i) {
@@ -108,7 +108,6 @@ __global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const Row
   const int first = c0 + static_cast<int>(threadIdx.x) * E;  // this thread's first column; then every kStep
   constexpr int kStep = kFusedThreads * E;
   constexpr int kZBytes = E * static_cast<int>(sizeof(Tz)), kUBytes = E * static_cast<int>(sizeof(Tu));
-  const float it = args.inv_temp;
 
   // Row buffers: per stage, the slice's z words then its u words.
   MINILLM_FAST_DYNAMIC_SHARED(buffers);
@@ -154,11 +153,11 @@ __global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const Row
     const Tu* us = u_slice(stage);
 
     // 1. The row's online state: this block's, then (k > 1) the cluster's.
-    RowPairState st = RowPairState::empty();
+    RowPairState st = RowPairState::empty(args.inv_temp);
     for (int c = first; c < end_v; c += kStep) {
       float x[E], y[E];
-      shared_scaled<Tz, E>(zs + (c - c0), c, args.vocab, it, x);
-      shared_scaled<Tu, E>(us + (c - c0), c, args.vocab, it, y);
+      shared_floats<Tz, E>(zs + (c - c0), c, args.vocab, x);
+      shared_floats<Tu, E>(us + (c - c0), c, args.vocab, y);
       st.add<E>(x, y);
     }
     st = block_reduce(st, reduce_smem);
@@ -168,8 +167,8 @@ __global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const Row
       cluster_sync();
       if (threadIdx.x < 32) {  // warp 0; k <= kMaxCluster <= 32
         const int lane = static_cast<int>(threadIdx.x);
-        RowPairState merged =
-            lane < k ? RowPairState::load_cg(partials + lane * kRowStatsPartialFloats) : RowPairState::empty();
+        RowPairState merged = lane < k ? RowPairState::load_cg(partials + lane * kRowStatsPartialFloats, args.inv_temp)
+                                       : RowPairState::empty(args.inv_temp);
         merged = warp_reduce(merged);
         if (lane == 0) reduce_smem[0] = merged;
       }
@@ -191,8 +190,8 @@ __global__ void __launch_bounds__(kFusedThreads) row_stats_grad_kernel(const Row
       for (int j = 0; j < E; ++j) r[j] = 0.0f;
       if (!zero && c < args.vocab) {
         float x[E], y[E];
-        shared_scaled<Tz, E>(zs + (c - c0), c, args.vocab, it, x);
-        shared_scaled<Tu, E>(us + (c - c0), c, args.vocab, it, y);
+        shared_floats<Tz, E>(zs + (c - c0), c, args.vocab, x);
+        shared_floats<Tu, E>(us + (c - c0), c, args.vocab, y);
 #pragma unroll
         for (int j = 0; j < E; ++j) {
           if (c + j < args.vocab) r[j] = g(x[j], y[j], c + j);
@@ -214,11 +213,13 @@ __global__ void __launch_bounds__(256) scale_unless_one_kernel(const ScaleArgs a
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * E;
   for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * E; c < whole; c += stride) {
     float v[E];
-    load_scaled<T, E>(x + c, f, v);
+    load_floats<T, E>(x + c, v);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] *= f;
     store_vec<T, E>(x + c, v);
   }
   if (blockIdx.x == 0) {
-    for (int64_t c = whole + threadIdx.x; c < args.n; c += blockDim.x) store_one<T>(x + c, load_one(x + c, f));
+    for (int64_t c = whole + threadIdx.x; c < args.n; c += blockDim.x) store_one<T>(x + c, load_one(x + c) * f);
   }
 }
 

@@ -1,11 +1,12 @@
-// sample_rows: one inverse-CDF draw per row from softmax(u') where use_teacher, else softmax(z').
+// sample_rows: one inverse-CDF draw per row from softmax(u / tau) where use_teacher, else softmax(z / tau).
 //
-// One block per row, two passes over the chosen row:
-//   1. online max m and normaliser s (MaxSum, row_state.cuh), block-reduced; a row whose max is not finite
-//      (all -inf) returns -1;
+// One block per row, two passes over the chosen row x:
+//   1. online raw max m and normaliser s = sum exp(fl(fl(x - m) / tau)) (MaxSum, row_state.cuh), block-reduced; a
+//      row whose max is not finite (all -inf) returns -1;
 //   2. target = float(uniform) * s; the row is scanned tile by tile (blockDim * E columns per tile, E per
 //      thread, block-wide exclusive scan of the per-thread sums carried across tiles), and the answer is the first
-//      v with cumsum(exp(x - m))_v > target and exp(x_v - m) > 0, as torch_backend.sample_rows. The scan stops at
+//      v with cumsum(e)_v > target and e_v > 0, e = exp(fl(fl(x - m) / tau)), as torch_backend.sample_rows (the
+//      raw max subtracted before the scaling, as in every kernel: row_state.cuh centred). The scan stops at
 //      the first tile that crosses. If rounding leaves the whole row just below the target, the last entry of
 //      positive probability is returned. An entry of probability 0 is never returned.
 #include <climits>
@@ -41,10 +42,10 @@ __device__ int64_t sample_row(const T* __restrict__ x, int vocab, float it, floa
   const int step = static_cast<int>(blockDim.x) * E;
 
   // Pass 1: max and normaliser.
-  MaxSum ms = MaxSum::empty();
+  MaxSum ms = MaxSum::empty(it);
   for (int c = tid * E; c < vocab; c += step) {
     float v[E];
-    load_scaled_bounded<T, E>(x, c, vocab, it, v);
+    load_floats_bounded<T, E>(x, c, vocab, v);
     ms.add<E>(v);
   }
   ms = block_reduce(ms, sh.reduce);
@@ -63,10 +64,10 @@ __device__ int64_t sample_row(const T* __restrict__ x, int vocab, float it, floa
     float total = 0.0f;
     if (c < vocab) {
       float v[E];
-      load_scaled_bounded<T, E>(x, c, vocab, it, v);
+      load_floats_bounded<T, E>(x, c, vocab, v);
 #pragma unroll
       for (int i = 0; i < E; ++i) {
-        const float ei = fast_exp(v[i] - m);  // v = -inf (or padding) -> 0
+        const float ei = fast_exp(centred(v[i], m, it));  // v = -inf (or padding) -> 0
         e[i] = ei > 0.0f ? ei : 0.0f;
         total += e[i];
         run[i] = total;

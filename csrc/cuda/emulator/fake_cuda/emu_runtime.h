@@ -49,6 +49,7 @@ inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); r
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmul_rn(float a, float b) { return a * b; }  // -std=c++20 (ISO) builds do not contract
+inline float __fsub_rn(float a, float b) { return a - b; }
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 

@@ -1,5 +1,5 @@
 """Per-row softmax math shared by every Triton kernel: loads of raw logits, their centring and scaling, the online
-(one-pass) max / rescaled sums update, the merge of two partial states and a stable logaddexp.
+(one-pass) max / rescaled sums update, the merge of two partial states and the JSD's element terms.
 
 The logits are read raw (float32 of the input, before the temperature). Every centred logit anywhere is
 ``c = fl(fl(x - m) * inv_temp)`` (``centre``): the raw max m is subtracted first, exactly or rounded relative to
@@ -206,15 +206,6 @@ def log1p_accurate(t):
     to first order, the correction being exact enough with an approximate division."""
     w = 1.0 + t
     return tl.log(w) + tl.fdiv(t - (w - 1.0), w)
-
-
-@triton.jit
-def log_add_exp(a, b):
-    """log(exp a + exp b) = max + log1p(exp(min - max)); -inf when both are -inf (no inf - inf)."""
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    res = hi + log1p_accurate(tl.exp(lo - hi))
-    return tl.where(hi == float("-inf"), float("-inf"), res)
 
 
 @triton.jit

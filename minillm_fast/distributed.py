@@ -11,30 +11,30 @@ statistics (the backward pass needs no communication at all).
 The merge, per row (written once here, in pure functions that need no process group)
 -----------------------------------------------------------------------------------
 Rank r's statistics are relative to its local maxima m_q, m_p of the raw logits (over its columns only), with
-the centred logits taken as (z - m_q)/tau and (u - m_p)/tau (z' = z/tau, u' = u/tau below)::
+the centred logits x_q = (z - m_q)/tau and x_p = (u - m_p)/tau::
 
-    s_q = sum_v exp(z'_v - m_q/tau)   EQ_D = E_q[d]   with d = (z - m_q)/tau - (u - m_p)/tau  EQ_ZC = E_q[z' - m_q/tau]
-    s_p = sum_v exp(u'_v - m_p/tau)   EP_D = E_p[-d]                                        EP_UC = E_p[u' - m_p/tau]
-    UA = u_a (a: the shard's argmax of z)                  EQ_DA = E_q[d - d_a]  (the anchor, minillm_fast.backends)
+    s_q = sum_v exp(x_q,v)    EQ_D = E_q[d]  with d = x_q - x_p    EQ_ZC = E_q[x_q]
+    s_p = sum_v exp(x_p,v)    EP_D = E_p[-d]                        EP_UC = E_p[x_p]
+    UA = u_a (a: the shard's argmax of z)    EQ_DA = E_q[d - d_a]  (the anchor, minillm_fast.backends)
 
 1. ``all_reduce(MAX)`` of two int64 keys per row: (m_q, UA) ordered lexicographically, and m_p. Each key holds
    the float32 values' bits remapped so that integer order is float order (``_order_key``), the first one m_q's
    key in its high 32 bits and UA's in its low 32 bits. So one integer MAX gives the global maxima (M_q, M_p) and
    the global anchor's U_A = u at the global argmax of z (of all tied maxima, the largest u; any tied entry is
    a valid anchor). One collective, 2 int64 per row.
-2. Each rank re-expresses its statistics as *unnormalised* sums relative to the global maxima. With
-   delta_q = (m_q - M_q)/tau <= 0 and delta_p = (m_p - M_p)/tau <= 0 (so ``inv_temp`` = 1/tau is an argument; the
-   global centred difference is D = (z - M_q)/tau - (u - M_p)/tau = d + delta_q - delta_p, and
-   D - D_A = (d - d_a) + delta_q - (u_a - U_A)/tau)::
+2. Each rank re-expresses its statistics as *unnormalised* sums relative to the global maxima, with the globally
+   centred logits X_q = (z - M_q)/tau = x_q + delta_q and X_p = x_p + delta_p, delta_q = (m_q - M_q)/tau <= 0 and
+   delta_p = (m_p - M_p)/tau <= 0 (so ``inv_temp`` = 1/tau is an argument). The global centred difference is
+   G = X_q - X_p = d + delta_q - delta_p, and G - G_A = (d - d_a) + delta_q - (u_a - U_A)/tau::
 
-       S_q = sum exp(z' - M_q)               = exp(log s_q + delta_q)
-       A_q = sum exp(z' - M_q) D             = S_q (EQ_D + delta_q - delta_p)
-       B_q = sum exp(z' - M_q) (z' - M_q)    = S_q (EQ_ZC + delta_q)
-       N_q = sum exp(z' - M_q) (D - D_A)     = S_q (EQ_DA + delta_q - (u_a - U_A)/tau)
-       S_p = sum exp(u' - M_p)               = exp(log s_p + delta_p)
-       A_p = sum exp(u' - M_p) (-D)          = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
-       B_p = sum exp(u' - M_p) (u' - M_p)    = S_p (EP_UC + delta_p)
-       D   = sum exp(z' - M_q) - exp(u' - M_p) = S_q - S_p = S_p expm1(LOG_RATIO + delta_q - delta_p)
+       S_q = sum exp(X_q)                   = exp(log s_q + delta_q)
+       A_q = sum exp(X_q) G                 = S_q (EQ_D + delta_q - delta_p)
+       B_q = sum exp(X_q) X_q               = S_q (EQ_ZC + delta_q)
+       N_q = sum exp(X_q) (G - G_A)         = S_q (EQ_DA + delta_q - (u_a - U_A)/tau)
+       S_p = sum exp(X_p)                   = exp(log s_p + delta_p)
+       A_p = sum exp(X_p) (-G)              = S_p (EP_D + delta_p - delta_q)     (EP_D is E_p[-d]: signs swap)
+       B_p = sum exp(X_p) X_p               = S_p (EP_UC + delta_p)
+       D   = sum exp(X_q) - exp(X_p)        = S_q - S_p = S_p expm1(LOG_RATIO + delta_q - delta_p)
        ZY, UY: z_y, u_y on the rank whose shard holds the row's token y, 0 on every other rank.
 
    D is the shard's s_q - s_p (LOG_RATIO = log1p((s_q - s_p) / s_p), minillm_fast.backends) against the global
@@ -56,8 +56,8 @@ The shift conventions are the backends': a maximum that is not finite shifts by 
 0``), so delta = (shift(m) - shift(M))/tau. A shard whose row is empty (all -inf: m = -inf, log s = -inf) contributes
 exactly 0 to every sum (its expectations, 0/0 in the backends, are never read: 0 * inf and NaN are guarded); a row
 empty on every rank keeps M = -inf and LOGS = -inf (the ops treat it as masked) and gets 0 expectations. Entries of
-+inf in the sums (a student with mass where the teacher is -inf: D = +inf) stay +inf, as unsharded, unless their
-shard vanishes (its max ~104 or more below the global one: every exp(x' - M) of it is 0 in float32, as the
++inf in the sums (a student with mass where the teacher is -inf: G = +inf) stay +inf, as unsharded, unless their
+shard vanishes (its max ~104 tau or more below the global one: every exp(X) of it is 0 in float32, as the
 backends take it, so it contributes 0 to the cross sums); NaN inputs stay NaN. The conversions run in float64 and
 the wire format is float32, as the statistics are: the merged statistics equal the unsharded ones to float32
 rounding.
